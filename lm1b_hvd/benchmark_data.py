@@ -1,0 +1,47 @@
+"""`python -m lm1b_hvd.benchmark_data`: batches/s and words/s of the training input pipeline.
+
+Measures one process (one core) reading shards, mapping words to ids,
+shuffling and packing, with the default batch shape unless told otherwise.
+The trainer needs this well above its own words/s per process.
+"""
+import argparse
+import os
+import sys
+import time
+
+from lm1b_hvd import data, demo_corpus, hparams, vocab
+
+
+def measure(dataset, batch_size, num_steps, seconds, seed=0):
+    """(batches, predicted words, elapsed seconds) after about `seconds` of packing."""
+    batches = words = 0
+    start = time.perf_counter()
+    for _, _, w in dataset.iterate_forever(batch_size, num_steps, seed):
+        batches += 1
+        words += int(w.sum())
+        if time.perf_counter() - start >= seconds:
+            break
+    return batches, words, time.perf_counter() - start
+
+
+def main(argv=None):
+    defaults = hparams.PRESETS["default"]
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datadir", default=None, help="lm1b layout; default: the demo corpus")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num_steps", type=int, default=defaults.num_steps)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+
+    datadir = args.datadir or demo_corpus.ensure_demo_corpus()
+    words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
+    dataset = data.ShardedDataset.for_rank(datadir, "train", words)
+    batches, predicted, elapsed = measure(dataset, args.batch_size, args.num_steps, args.seconds)
+    print(f"pipeline: {datadir} batch {args.batch_size}x{args.num_steps}: "
+          f"{batches / elapsed:.1f} batches/s, {predicted / elapsed:,.0f} words/s "
+          f"({batches} batches in {elapsed:.1f}s, one process)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""lm1b shards -> per-rank sentence streams -> `(x, y, w)` batches.
+
+Input rules, decided once here:
+- Files are read as bytes. Tokens are separated by ASCII whitespace and looked
+  up byte for byte in the vocabulary, so invalid UTF-8 never stops a run: such
+  a token is `<UNK>` unless the vocabulary holds exactly those bytes.
+- A blank (or whitespace-only) line is not a sentence and is skipped; an empty
+  file contributes nothing. A rank left with no sentence at all is an error.
+- A sentence of n words becomes `<S> w1 .. wn <S>`: n + 1 predictions.
+
+Batches follow the original trainer: each of the `batch_size` rows is its own
+stream of sentences laid back to back, so row r of one batch continues where
+row r of the previous batch stopped, and the LSTM state of that row can be
+carried over. `y` is `x` shifted by one along the stream; `w` is 1 where a
+prediction is real and 0 in the padding after the data ran out.
+"""
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+TRAIN_PATTERN = "training-monolingual.tokenized.shuffled/news.en-*-of-*"
+HELDOUT_PATTERN = "heldout-monolingual.tokenized.shuffled/news.en.heldout-*-of-*"
+VOCAB_FILE = "1b_word_vocab.txt"
+SPLITS = {"train": TRAIN_PATTERN, "heldout": HELDOUT_PATTERN}
+
+
+class DataError(ValueError):
+    """Data files that are missing or unusable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePart:
+    """Lines `offset, offset + stride, ...` of one file (stride 1: the whole file)."""
+    path: str
+    offset: int = 0
+    stride: int = 1
+
+
+def find_files(datadir, split):
+    """The sorted shard files of `split` ('train' or 'heldout') under `datadir`."""
+    pattern = os.path.join(datadir, SPLITS[split])
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise DataError(f"{datadir}: no {split} files matching {SPLITS[split]}")
+    return paths
+
+
+def parts_for_rank(paths, rank, num_ranks):
+    """The disjoint share of `paths` that rank `rank` of `num_ranks` reads.
+
+    With at least as many files as ranks, files are dealt round-robin; with
+    fewer, every rank reads every file but only its own lines, so no sentence
+    is seen twice per epoch across ranks either way.
+    """
+    if not 0 <= rank < num_ranks:
+        raise ValueError(f"rank {rank} outside 0..{num_ranks - 1}")
+    if len(paths) >= num_ranks:
+        return [FilePart(path) for path in paths[rank::num_ranks]]
+    return [FilePart(path, offset=rank, stride=num_ranks) for path in paths]
+
+
+def read_sentences(part, vocab):
+    """The sentences of one file part as int32 arrays `<S> ids <S>`."""
+    ids, unk, mark = vocab.ids, vocab.unk_id, vocab.sentence_id
+    with open(part.path, "rb") as handle:
+        lines = handle.read().splitlines()
+    sentences = []
+    for line in lines[part.offset::part.stride]:
+        tokens = line.split()
+        if tokens:
+            sentences.append(np.array([mark, *[ids.get(t, unk) for t in tokens], mark], np.int32))
+    return sentences
+
+
+def pack_batches(sentences, batch_size, num_steps):
+    """Packs an iterator of sentences into `(x, y, w)` batches of [batch_size, num_steps].
+
+    Stops after the first batch in which no row got any data.
+    """
+    sentences = iter(sentences)
+    remaining = [None] * batch_size  # per row: the rest of its current sentence
+    while True:
+        x = np.zeros((batch_size, num_steps), np.int32)
+        y = np.zeros((batch_size, num_steps), np.int32)
+        w = np.zeros((batch_size, num_steps), np.float32)
+        for row in range(batch_size):
+            filled = 0
+            while filled < num_steps:
+                current = remaining[row]
+                if current is None or len(current) < 2:
+                    current = next(sentences, None)
+                    if current is None:
+                        break
+                take = min(len(current) - 1, num_steps - filled)
+                x[row, filled:filled + take] = current[:take]
+                y[row, filled:filled + take] = current[1:take + 1]
+                w[row, filled:filled + take] = 1.0
+                remaining[row] = current[take:]
+                filled += take
+        if not w.any():
+            return
+        yield x, y, w
+
+
+class ShardedDataset:
+    """The sentences one rank reads from a list of file parts."""
+
+    def __init__(self, parts, vocab):
+        if not parts:
+            raise DataError("no data files assigned to this rank")
+        self.parts = list(parts)
+        self.vocab = vocab
+
+    @classmethod
+    def for_rank(cls, datadir, split, vocab, rank=0, num_ranks=1):
+        return cls(parts_for_rank(find_files(datadir, split), rank, num_ranks), vocab)
+
+    def _no_sentences(self):
+        names = ", ".join(part.path for part in self.parts)
+        return DataError(f"no sentences in {names}")
+
+    def sentences_once(self):
+        """Every sentence once, in file order: deterministic, for evaluation."""
+        seen_any = False
+        for part in self.parts:
+            for sentence in read_sentences(part, self.vocab):
+                seen_any = True
+                yield sentence
+        if not seen_any:
+            raise self._no_sentences()
+
+    def sentences_forever(self, seed):
+        """Endless epochs; each shuffles the file order and the sentences within each file."""
+        rng = np.random.default_rng(seed)
+        while True:
+            seen_any = False
+            for index in rng.permutation(len(self.parts)):
+                sentences = read_sentences(self.parts[index], self.vocab)
+                seen_any = seen_any or bool(sentences)
+                for order in rng.permutation(len(sentences)):
+                    yield sentences[order]
+            if not seen_any:
+                raise self._no_sentences()
+
+    def iterate_once(self, batch_size, num_steps):
+        return pack_batches(self.sentences_once(), batch_size, num_steps)
+
+    def iterate_forever(self, batch_size, num_steps, seed):
+        return pack_batches(self.sentences_forever(seed), batch_size, num_steps)

@@ -1,0 +1,121 @@
+"""The hyper-parameter record, its presets, and the original's `k=v,k=v` overrides.
+
+Overrides are typed by the default they replace, so `keep_prob=1` becomes 1.0,
+`average_params=false` a bool, and a typo or a wrong type fails at once with
+the key named instead of silently training something else.
+"""
+import dataclasses
+
+
+class HParamsError(ValueError):
+    """A preset name or an override that cannot be applied."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    batch_size: int = 128
+    num_steps: int = 20
+    num_shards: int = 8
+    num_layers: int = 1
+    learning_rate: float = 0.2
+    max_grad_norm: float = 10.0
+    keep_prob: float = 0.9
+    emb_size: int = 512
+    state_size: int = 2048
+    projected_size: int = 512
+    num_sampled: int = 8192
+    average_params: bool = True
+    ema_decay: float = 0.999
+    seed: int = 1
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_string(self):
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+# Shapes that decide what a checkpoint holds: a resumed run must agree on them.
+MODEL_SHAPE_KEYS = ("num_shards", "num_layers", "emb_size", "state_size", "projected_size")
+
+PRESETS = {
+    # The original LSTM-2048-512 of the lm1b baseline.
+    "default": HParams(),
+    # Trains in minutes on 2 CPU cores on the built-in demo corpus.
+    "demo": HParams(
+        batch_size=32, num_steps=20, num_shards=2, emb_size=64, state_size=256,
+        projected_size=64, num_sampled=512, keep_prob=1.0, learning_rate=0.2,
+        ema_decay=0.99,
+    ),
+    # For corpora of about a million words, where the default overfits at once.
+    "small": HParams(
+        batch_size=32, num_steps=20, num_shards=2, emb_size=256, state_size=512,
+        projected_size=256, num_sampled=2048, keep_prob=0.5, learning_rate=0.2,
+        ema_decay=0.995,
+    ),
+}
+
+
+def _parse_value(key, text, default):
+    text = text.strip()
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise HParamsError(f"hparam '{key}' expects a bool (true/false), got '{text}'")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        return float(text)
+    except ValueError:
+        kind = "an int" if isinstance(default, int) else "a float"
+        raise HParamsError(f"hparam '{key}' expects {kind}, got '{text}'") from None
+
+
+def parse_overrides(hps, overrides):
+    """Applies a `k=v,k=v` string (the original's --hpconfig) on top of `hps`."""
+    if not overrides or not overrides.strip():
+        return hps
+    defaults = hps.to_dict()
+    changes = {}
+    for item in overrides.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise HParamsError(f"hparam override '{item.strip()}' is not of the form key=value")
+        key, text = (part.strip() for part in item.split("=", 1))
+        if key not in defaults:
+            known = ", ".join(sorted(defaults))
+            raise HParamsError(f"unknown hparam '{key}' (known: {known})")
+        changes[key] = _parse_value(key, text, defaults[key])
+    return validate(hps.replace(**changes))
+
+
+def validate(hps):
+    """Rejects values that would fail later with an obscure TensorFlow error."""
+    positive = ("batch_size", "num_steps", "num_shards", "num_layers", "emb_size",
+                "state_size", "projected_size")
+    for key in positive:
+        if getattr(hps, key) < 1:
+            raise HParamsError(f"hparam '{key}' must be >= 1, got {getattr(hps, key)}")
+    if not 0.0 < hps.keep_prob <= 1.0:
+        raise HParamsError(f"hparam 'keep_prob' must be in (0, 1], got {hps.keep_prob}")
+    if not 0.0 <= hps.ema_decay < 1.0:
+        raise HParamsError(f"hparam 'ema_decay' must be in [0, 1), got {hps.ema_decay}")
+    if hps.num_sampled < 0:
+        raise HParamsError(f"hparam 'num_sampled' must be >= 0 (0: full softmax), got {hps.num_sampled}")
+    if hps.learning_rate <= 0 or hps.max_grad_norm <= 0:
+        raise HParamsError("hparams 'learning_rate' and 'max_grad_norm' must be > 0")
+    return hps
+
+
+def build(preset="default", overrides=""):
+    """The record for a preset name with the override string applied."""
+    if preset not in PRESETS:
+        raise HParamsError(f"unknown preset '{preset}' (known: {', '.join(sorted(PRESETS))})")
+    return parse_overrides(PRESETS[preset], overrides)

@@ -1,0 +1,40 @@
+"""`python -m lm1b_hvd.prepare_data demo|lm1b`: make the demo corpus or fetch the real benchmark."""
+import argparse
+import sys
+
+from lm1b_hvd import demo_corpus, lm1b_download
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="generate (once) the built-in demo corpus")
+    demo.add_argument("--cache_dir", default=None, help="default: $LM1B_HVD_CACHE or ~/.cache/lm1b_hvd")
+    demo.add_argument("--seed", type=int, default=0)
+    real = commands.add_parser("lm1b", help="download and prepare the One Billion Word benchmark")
+    real.add_argument("--outdir", required=True)
+    real.add_argument("--url", default=lm1b_download.DEFAULT_URL)
+    real.add_argument("--sha256", default=None, help="expected SHA-256 of the archive")
+    real.add_argument("--min_count", type=int, default=3)
+    real.add_argument("--keep_archive", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        corpus = demo_corpus.ensure_demo_corpus(args.cache_dir, args.seed)
+        oracle = demo_corpus.read_oracle(corpus)
+        print(f"demo corpus: {corpus}")
+        print(f"oracle heldout perplexity: {oracle['oracle_perplexity']:.2f} "
+              f"over {oracle['heldout_predictions']} predictions; {oracle['train_words']} training words")
+        return 0
+    try:
+        datadir = lm1b_download.fetch_lm1b(args.outdir, args.url, args.sha256, args.min_count,
+                                           args.keep_archive)
+    except (lm1b_download.DownloadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"lm1b ready: --datadir {datadir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

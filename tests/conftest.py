@@ -1,0 +1,40 @@
+"""Shared test helpers: tiny lm1b-layout directories and the real sample's location."""
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+LM1B_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "lm1b-sample"
+
+
+def write_lm1b_dir(root, train_shards, heldout_shards, vocab_lines):
+    """Writes the lm1b layout: lists of file contents (str or bytes) and vocabulary lines."""
+    root = pathlib.Path(root)
+    train = root / "training-monolingual.tokenized.shuffled"
+    heldout = root / "heldout-monolingual.tokenized.shuffled"
+    train.mkdir(parents=True)
+    heldout.mkdir(parents=True)
+    for index, text in enumerate(train_shards, start=1):
+        _write(train / f"news.en-{index:05d}-of-00100", text)
+    for index, text in enumerate(heldout_shards):
+        _write(heldout / f"news.en.heldout-{index:05d}-of-00050", text)
+    (root / "1b_word_vocab.txt").write_text("".join(line + "\n" for line in vocab_lines))
+    return root
+
+
+def _write(path, text):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+@pytest.fixture
+def lm1b_sample():
+    if not LM1B_SAMPLE.is_dir():
+        pytest.skip(f"the shared lm1b sample is absent ({LM1B_SAMPLE.name} beside the repository)")
+    return LM1B_SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def _quiet_tensorflow(monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
