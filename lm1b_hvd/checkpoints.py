@@ -1,0 +1,100 @@
+"""The log directory as the unit of resumption: checkpoints, the best one, and the run's hparams.
+
+Layout of a log directory:
+  hparams.json          the record the run started with; a resume must agree on model shapes
+  ckpt-STEP.*, checkpoint   the latest checkpoints (weights, Adagrad slots, step, EMA)
+  best/ckpt-STEP.*, best/best.json   the checkpoint with the lowest heldout perplexity so far
+  train/, eval/         TensorBoard event files of the trainer (and eval_*/ of evaluate.py)
+"""
+import json
+import os
+
+import tensorflow as tf
+
+from lm1b_hvd import hparams as hparams_lib
+
+HPARAMS_FILE = "hparams.json"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+
+
+class CheckpointError(RuntimeError):
+    """A log directory that cannot be resumed with the requested settings."""
+
+
+def make_checkpoint(trainer):
+    return tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                               ema_shadows=trainer.ema.shadows)
+
+
+def check_or_write_hparams(logdir, hps, vocab_size, write):
+    """On a fresh log directory writes hparams.json; on an old one checks the model shapes agree."""
+    path = os.path.join(logdir, HPARAMS_FILE)
+    record = {**hps.to_dict(), "vocab_size": vocab_size}
+    if os.path.exists(path):
+        try:
+            with open(path) as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: unreadable: {err}") from None
+        for key in (*hparams_lib.MODEL_SHAPE_KEYS, "vocab_size"):
+            if key in saved and saved[key] != record[key]:
+                raise CheckpointError(
+                    f"{path}: '{key}' is {saved[key]} in this log directory but {record[key]} now; "
+                    "use a new --logdir or the same settings")
+        return
+    if write:
+        os.makedirs(logdir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(tmp, path)
+
+
+class CheckpointKeeper:
+    """Latest-N checkpoints plus the best-by-heldout one; only the writer (rank 0) saves."""
+
+    def __init__(self, logdir, checkpoint, max_to_keep, writer):
+        self.logdir = logdir
+        self.checkpoint = checkpoint
+        self.writer = writer
+        self.latest = tf.train.CheckpointManager(checkpoint, logdir, max_to_keep=max_to_keep)
+        self.best = tf.train.CheckpointManager(checkpoint, os.path.join(logdir, BEST_DIR), max_to_keep=1)
+
+    def restore_latest(self):
+        """Restores the newest checkpoint if there is one; returns its path or None."""
+        path = self.latest.latest_checkpoint
+        if path:
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (tf.errors.OpError, AssertionError, ValueError) as err:
+                first_line = str(err).strip().splitlines()[0]
+                raise CheckpointError(f"{path}: cannot restore: {first_line}") from None
+        return path
+
+    def save(self, step):
+        if self.writer:
+            self.latest.save(checkpoint_number=step)
+
+    def best_perplexity(self):
+        info = read_best(self.logdir)
+        return info["perplexity"] if info else float("inf")
+
+    def save_if_best(self, step, perplexity):
+        """Keeps this step under best/ when its heldout perplexity beats the best so far."""
+        if not self.writer or perplexity >= self.best_perplexity():
+            return False
+        self.best.save(checkpoint_number=step)
+        path = os.path.join(self.logdir, BEST_DIR, BEST_FILE)
+        with open(path + ".tmp", "w") as handle:
+            json.dump({"step": step, "perplexity": perplexity}, handle)
+        os.replace(path + ".tmp", path)
+        return True
+
+
+def read_best(logdir):
+    path = os.path.join(logdir, BEST_DIR, BEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)

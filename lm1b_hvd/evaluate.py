@@ -1,0 +1,104 @@
+"""`python -m lm1b_hvd.evaluate --logdir L --datadir D --mode eval_test_ave|eval_train`
+
+The original's separate evaluation job: one process that waits for each new
+checkpoint in the log directory, evaluates it with the full softmax (the EMA
+weights when the run averages them), and writes `eval/perplexity` and
+`eval/log_perplexity` to L/<mode>/ for TensorBoard. `--once` evaluates the
+latest checkpoint and exits.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import tensorflow as tf
+
+from lm1b_hvd import checkpoints, data, demo_corpus, evaluation, hparams, vocab
+from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.training import Trainer
+
+MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
+
+
+def load_run_hparams(logdir):
+    """The hparams the run in `logdir` was started with."""
+    path = os.path.join(logdir, checkpoints.HPARAMS_FILE)
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        raise checkpoints.CheckpointError(f"{path}: not found; is {logdir} a training log directory?") from None
+    except ValueError as err:
+        raise checkpoints.CheckpointError(f"{path}: unreadable: {err}") from None
+    record.pop("vocab_size", None)
+    unknown = sorted(set(record) - set(hparams.HParams.__dataclass_fields__))
+    if unknown:
+        raise checkpoints.CheckpointError(f"{path}: unknown hparam(s) {', '.join(unknown)}")
+    return hparams.validate(hparams.HParams(**record))
+
+
+class CheckpointEvaluator:
+    def __init__(self, logdir, datadir, mode, eval_steps):
+        self.logdir, self.mode, self.eval_steps = logdir, mode, eval_steps
+        self.hps = load_run_hparams(logdir)
+        words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
+        checkpoints.check_or_write_hparams(logdir, self.hps, len(words), write=False)
+        self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], words)
+        self.trainer = Trainer(LSTMPLanguageModel(self.hps, len(words)))
+        self.checkpoint = checkpoints.make_checkpoint(self.trainer)
+        self.evaluator = evaluation.Evaluator(self.trainer.model)
+        self.writer = tf.summary.create_file_writer(os.path.join(logdir, mode))
+
+    def evaluate(self, path):
+        """Perplexity of checkpoint `path`; writes its summaries at the checkpoint's step."""
+        self.checkpoint.restore(path).expect_partial()
+        step = int(self.trainer.global_step)
+        batches = self.dataset.iterate_once(self.hps.batch_size, self.hps.num_steps)
+        if self.hps.average_params:
+            with self.trainer.ema.swapped_in():
+                sums = self.evaluator.sums(batches, self.eval_steps)
+        else:
+            sums = self.evaluator.sums(batches, self.eval_steps)
+        value = evaluation.perplexity(*sums)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("eval/perplexity", value)
+            tf.summary.scalar("eval/log_perplexity", math.log(value))
+        self.writer.flush()
+        print(f"{self.mode} step {step} | perplexity {value:.2f} | log perplexity {math.log(value):.4f} "
+              f"| {int(sums[1])} words | {path}", flush=True)
+        return step, value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--logdir", required=True)
+    parser.add_argument("--datadir", default="", help="default: the demo corpus")
+    parser.add_argument("--mode", default="eval_test_ave", choices=sorted(MODES))
+    parser.add_argument("--eval_steps", type=int, default=0, help="batches per checkpoint; 0: all")
+    parser.add_argument("--once", action="store_true", help="evaluate the latest checkpoint and exit")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop after this many seconds without a new checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        evaluator = CheckpointEvaluator(args.logdir, args.datadir or demo_corpus.ensure_demo_corpus(),
+                                        args.mode, args.eval_steps)
+        if args.once:
+            latest = tf.train.latest_checkpoint(args.logdir)
+            if latest is None:
+                raise checkpoints.CheckpointError(f"{args.logdir}: no checkpoint to evaluate")
+            evaluator.evaluate(latest)
+            return 0
+        for path in tf.train.checkpoints_iterator(args.logdir, timeout=args.timeout):
+            try:
+                evaluator.evaluate(path)
+            except tf.errors.NotFoundError:
+                print(f"skipped {path}: removed before it could be read", flush=True)
+    except (checkpoints.CheckpointError, vocab.VocabError, data.DataError, hparams.HParamsError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

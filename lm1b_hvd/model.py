@@ -1,0 +1,130 @@
+"""The LSTMP language model of the lm1b baseline and its two losses.
+
+Embedding and softmax matrices are lists of `num_shards` equal row blocks
+(the last padded), which TensorFlow's embedding lookup and sampled softmax
+partition with the "div" strategy: word k lives in block k // rows_per_shard.
+The full softmax used for evaluation concatenates the blocks in the same
+order and trims the padding, so both losses see the same logit for a word.
+"""
+import math
+
+import tensorflow as tf
+
+FORGET_BIAS = 1.0
+
+
+def _uniform(shape, fan_in, seed):
+    """Unit-scaling uniform initial values (variance 1 / fan_in), seeded so ranks agree."""
+    limit = math.sqrt(3.0 / fan_in)
+    return tf.keras.initializers.RandomUniform(-limit, limit, seed=seed)(shape)
+
+
+class LSTMPLanguageModel(tf.Module):
+    """Embedding -> `num_layers` LSTM-with-projection layers -> softmax over the vocabulary."""
+
+    def __init__(self, hps, vocab_size, candidate_sampler=None, name="lm"):
+        super().__init__(name=name)
+        self.hps = hps
+        self.vocab_size = vocab_size
+        self.rows_per_shard = -(-vocab_size // hps.num_shards)
+        # Tests may fix the sampled candidates; by default TensorFlow's log-uniform sampler draws them.
+        self.candidate_sampler = candidate_sampler
+        seed = iter(range(hps.seed * 1000, hps.seed * 1000 + 1000))
+        shard_shape = [self.rows_per_shard, hps.emb_size]
+        self.embedding = [tf.Variable(_uniform(shard_shape, hps.emb_size, next(seed)), name=f"emb_{i}")
+                          for i in range(hps.num_shards)]
+        self.lstm_weights, self.lstm_biases, self.lstm_projections = [], [], []
+        for layer in range(hps.num_layers):
+            inputs = hps.emb_size if layer == 0 else hps.projected_size
+            fan_in = inputs + hps.projected_size
+            self.lstm_weights.append(tf.Variable(
+                _uniform([fan_in, 4 * hps.state_size], fan_in, next(seed)), name=f"lstm_{layer}_w"))
+            self.lstm_biases.append(tf.Variable(tf.zeros([4 * hps.state_size]), name=f"lstm_{layer}_b"))
+            self.lstm_projections.append(tf.Variable(
+                _uniform([hps.state_size, hps.projected_size], hps.state_size, next(seed)),
+                name=f"lstm_{layer}_proj"))
+        softmax_shape = [self.rows_per_shard, hps.projected_size]
+        self.softmax_w = [tf.Variable(_uniform(softmax_shape, hps.projected_size, next(seed)),
+                                      name=f"softmax_w_{i}") for i in range(hps.num_shards)]
+        self.softmax_b = tf.Variable(tf.zeros([vocab_size]), name="softmax_b")
+
+    @property
+    def lstm_variables(self):
+        return self.lstm_weights + self.lstm_biases + self.lstm_projections
+
+    @property
+    def softmax_variables(self):
+        return self.softmax_w + [self.softmax_b]
+
+    @property
+    def all_variables(self):
+        """Embedding, LSTM, softmax: the order the training step groups gradients in."""
+        return self.embedding + self.lstm_variables + self.softmax_variables
+
+    def zero_state(self, batch_size):
+        """Per layer (c, h): the per-row state carried from batch to batch."""
+        return [(tf.zeros([batch_size, self.hps.state_size]), tf.zeros([batch_size, self.hps.projected_size]))
+                for _ in range(self.hps.num_layers)]
+
+    def _dropout(self, values, training):
+        if training and self.hps.keep_prob < 1.0:
+            return tf.nn.dropout(values, rate=1.0 - self.hps.keep_prob)
+        return values
+
+    def _cell(self, layer, inputs, c, h):
+        gates = tf.matmul(tf.concat([inputs, h], axis=1), self.lstm_weights[layer]) + self.lstm_biases[layer]
+        i, j, f, o = tf.split(gates, 4, axis=1)
+        c = tf.sigmoid(f + FORGET_BIAS) * c + tf.sigmoid(i) * tf.tanh(j)
+        h = tf.matmul(tf.sigmoid(o) * tf.tanh(c), self.lstm_projections[layer])
+        return c, h
+
+    def forward(self, x, state, training):
+        """LSTM outputs [batch, steps, projected_size] and the state after the last step."""
+        inputs = self._dropout(tf.nn.embedding_lookup(self.embedding, x), training)
+        new_state = []
+        for layer, (c, h) in enumerate(state):
+            outputs = []
+            for step in range(x.shape[1]):
+                c, h = self._cell(layer, inputs[:, step], c, h)
+                outputs.append(h)
+            inputs = self._dropout(tf.stack(outputs, axis=1), training)
+            new_state.append((c, h))
+        return inputs, new_state
+
+    def softmax_matrix(self):
+        """The shards concatenated in "div" order, padding trimmed: [vocab_size, projected_size]."""
+        return tf.concat(self.softmax_w, axis=0)[:self.vocab_size]
+
+    def full_softmax_losses(self, outputs, y):
+        """Per-token cross-entropy [batch, steps] over the whole vocabulary, one step at a time
+        so the logits never exceed [batch, vocab_size]."""
+        weights = self.softmax_matrix()
+        losses = []
+        for step in range(y.shape[1]):
+            logits = tf.matmul(outputs[:, step], weights, transpose_b=True) + self.softmax_b
+            losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y[:, step], logits=logits))
+        return tf.stack(losses, axis=1)
+
+    def uses_sampled_softmax(self):
+        return 0 < self.hps.num_sampled < self.vocab_size
+
+    def sampled_softmax_losses(self, outputs, y):
+        """Per-token sampled-softmax loss [batch, steps] (log-uniform candidates, accidental hits removed)."""
+        labels = tf.reshape(tf.cast(y, tf.int64), [-1, 1])
+        sampled = self.candidate_sampler(labels) if self.candidate_sampler else None
+        losses = tf.nn.sampled_softmax_loss(
+            weights=self.softmax_w, biases=self.softmax_b, labels=labels,
+            inputs=tf.reshape(outputs, [-1, self.hps.projected_size]),
+            num_sampled=self.hps.num_sampled, num_classes=self.vocab_size,
+            sampled_values=sampled, remove_accidental_hits=True)
+        return tf.reshape(losses, tf.shape(y))
+
+    def training_losses(self, outputs, y):
+        if self.uses_sampled_softmax():
+            return self.sampled_softmax_losses(outputs, y)
+        return self.full_softmax_losses(outputs, y)
+
+    def true_logits(self, outputs, y):
+        """The logit the sampled softmax gives each target word: row y of the sharded weights."""
+        rows = tf.nn.embedding_lookup(self.softmax_w, y)
+        return tf.reduce_sum(outputs * rows, axis=-1) + tf.gather(self.softmax_b, y)
