@@ -123,15 +123,16 @@ class Run:
         else:
             sums = self.evaluator.sums(batches, self.config.eval_steps)
         loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
-        return evaluation.perplexity(loss_sum, words)
+        return evaluation.perplexity(loss_sum, words), int(words)
 
     def evaluate_and_keep_best(self, step):
-        value = self.heldout_perplexity()
+        value, words = self.heldout_perplexity()
         with self.eval_writer.as_default(step=step):
             tf.summary.scalar("eval/perplexity", value)
             tf.summary.scalar("eval/log_perplexity", math.log(value))
         best = self.keeper.save_if_best(step, value)
-        self.log(f"step {step} | heldout perplexity {value:.2f}{' (best so far)' if best else ''}")
+        self.log(f"step {step} | heldout perplexity {value:.2f} over {words} words"
+                 f"{' (best so far)' if best else ''}")
         return value
 
     def write_summaries(self, step, loss, words_per_sec, lstm_norm):

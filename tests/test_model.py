@@ -1,0 +1,98 @@
+import numpy as np
+import tensorflow as tf
+
+from lm1b_hvd import hparams
+from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.training import sum_duplicates
+
+VOCAB = 31  # not a multiple of num_shards: the last shard is padded
+
+
+def tiny(**changes):
+    base = dict(batch_size=3, num_steps=4, num_shards=3, num_layers=2, emb_size=8, state_size=12,
+                projected_size=6, num_sampled=5, keep_prob=1.0)
+    base.update(changes)
+    return hparams.validate(hparams.HParams(**base))
+
+
+def batch(seed, hps):
+    rng = np.random.default_rng(seed)
+    shape = (hps.batch_size, hps.num_steps)
+    return rng.integers(0, VOCAB, shape).astype(np.int32), rng.integers(0, VOCAB, shape).astype(np.int32)
+
+
+def test_shapes_and_div_sharding():
+    hps = tiny()
+    model = LSTMPLanguageModel(hps, VOCAB)
+    assert model.rows_per_shard == 11
+    assert [v.shape.as_list() for v in model.embedding] == [[11, 8]] * 3
+    assert model.softmax_matrix().shape == (VOCAB, 6)
+    # "div" strategy: word k is row k % 11 of shard k // 11, for the lookup the model uses.
+    for k in (0, 10, 11, 21, 30):
+        looked_up = tf.nn.embedding_lookup(model.embedding, tf.constant([k])).numpy()[0]
+        np.testing.assert_array_equal(looked_up, model.embedding[k // 11].numpy()[k % 11])
+    x, _ = batch(0, hps)
+    outputs, state = model.forward(x, model.zero_state(3), training=False)
+    assert outputs.shape == (3, 4, 6) and len(state) == 2 and state[1][0].shape == (3, 12)
+
+
+def test_full_softmax_logit_equals_sampled_softmax_true_logit():
+    hps = tiny()
+    model = LSTMPLanguageModel(hps, VOCAB)
+    x, y = batch(1, hps)
+    outputs, _ = model.forward(x, model.zero_state(3), training=False)
+    full_logits = tf.matmul(tf.reshape(outputs, [-1, 6]), model.softmax_matrix(), transpose_b=True) + model.softmax_b
+    picked = tf.gather(full_logits, tf.reshape(y, [-1]), batch_dims=1).numpy()
+    np.testing.assert_allclose(tf.reshape(model.true_logits(outputs, y), [-1]).numpy(), picked, atol=1e-5)
+
+
+def test_sampled_softmax_over_every_word_is_the_full_softmax():
+    """With every word as a candidate and expected counts 1, removing the accidental hit of the
+    target leaves exactly the full softmax: same shards, same order, same loss."""
+    every_word = tf.range(VOCAB, dtype=tf.int64)
+
+    def all_candidates(labels):
+        return every_word, tf.ones(tf.shape(labels), tf.float32), tf.ones([VOCAB], tf.float32)
+
+    hps = tiny(num_sampled=VOCAB)
+    model = LSTMPLanguageModel(hps, VOCAB, candidate_sampler=all_candidates)
+    x, y = batch(2, hps)
+    outputs, _ = model.forward(x, model.zero_state(3), training=False)
+    np.testing.assert_allclose(model.sampled_softmax_losses(outputs, y).numpy(),
+                               model.full_softmax_losses(outputs, y).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training_and_state_is_carried():
+    hps = tiny(keep_prob=0.5)
+    model = LSTMPLanguageModel(hps, VOCAB)
+    x, _ = batch(3, hps)
+    a, _ = model.forward(x, model.zero_state(3), training=False)
+    b, _ = model.forward(x, model.zero_state(3), training=False)
+    c, _ = model.forward(x, model.zero_state(3), training=True)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(a.numpy(), c.numpy())
+    _, state = model.forward(x, model.zero_state(3), training=False)
+    d, _ = model.forward(x, state, training=False)
+    assert not np.allclose(a.numpy(), d.numpy())
+
+
+def test_same_seed_same_weights_on_every_process():
+    one, two = LSTMPLanguageModel(tiny(), VOCAB), LSTMPLanguageModel(tiny(), VOCAB)
+    for a, b in zip(one.all_variables, two.all_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_duplicate_rows_are_summed_before_adagrad():
+    gradient = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), tf.constant([4, 1, 4]),
+                                tf.constant([6, 2]))
+    merged = sum_duplicates(gradient)
+    assert sorted(merged.indices.numpy().tolist()) == [1, 4]
+    dense = tf.convert_to_tensor(merged).numpy()
+    np.testing.assert_array_equal(dense, tf.convert_to_tensor(gradient).numpy())
+    np.testing.assert_array_equal(dense[4], [6.0, 8.0])
+    # Adagrad on the merged slices equals Adagrad on the dense sum: (1+5)^2, not 1^2 + 5^2.
+    var = tf.Variable(tf.zeros([6, 2]))
+    opt = tf.keras.optimizers.Adagrad(learning_rate=0.2, initial_accumulator_value=1.0, epsilon=0.0)
+    opt.apply_gradients([(merged, var)])
+    expected = -0.2 * dense / np.sqrt(1.0 + dense ** 2)
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-6)

@@ -1,0 +1,61 @@
+"""Run under `horovodrun -np N`: a few training steps on fixed data, weights saved per rank.
+
+Shared with tests/test_multiprocess.py, which replays the same steps as the
+original's N-tower update in one process and compares.
+"""
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from lm1b_hvd import distributed, hparams
+from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.training import Trainer
+
+VOCAB = 31
+STEPS = 4
+HPS = hparams.validate(hparams.HParams(
+    batch_size=3, num_steps=4, num_shards=3, num_layers=1, emb_size=8, state_size=12,
+    projected_size=6, num_sampled=5, keep_prob=1.0, max_grad_norm=0.05, learning_rate=0.2,
+    ema_decay=0.9))
+
+
+def fixed_sampler(tower):
+    """Candidates fixed per tower (rank), so the one-process reference can use the same ones."""
+    rng = np.random.default_rng(1000 + tower)
+    candidates = tf.constant(rng.choice(VOCAB, HPS.num_sampled, replace=False), tf.int64)
+    sampled_expected = tf.constant(rng.uniform(0.1, 0.9, HPS.num_sampled), tf.float32)
+
+    def sampler(labels):
+        return candidates, tf.fill(tf.shape(labels), 0.5), sampled_expected
+    return sampler
+
+
+def tower_batches(tower):
+    rng = np.random.default_rng(2000 + tower)
+    shape = (HPS.batch_size, HPS.num_steps)
+    out = []
+    for _ in range(STEPS):
+        w = np.ones(shape, np.float32)
+        w[0, rng.integers(0, HPS.num_steps):] = 0.0
+        out.append((rng.integers(0, VOCAB, shape).astype(np.int32),
+                    rng.integers(0, VOCAB, shape).astype(np.int32), w))
+    return out
+
+
+def main(outdir):
+    distributed.init()
+    rank = distributed.rank()
+    trainer = Trainer(LSTMPLanguageModel(HPS, VOCAB, candidate_sampler=fixed_sampler(rank)))
+    state = trainer.model.zero_state(HPS.batch_size)
+    for step, (x, y, w) in enumerate(tower_batches(rank)):
+        state, stats = trainer.step(x, y, w, state, tf.constant(0.0))
+        if step == 0:
+            distributed.broadcast_from_root(trainer.state_variables())
+    np.savez(f"{outdir}/rank{rank}.npz",
+             *[v.numpy() for v in trainer.model.all_variables + trainer.ema.shadows],
+             stats=stats.numpy(), step=int(trainer.global_step))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
