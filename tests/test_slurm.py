@@ -1,0 +1,108 @@
+"""slurm/train.sh and slurm/eval.sh submitted to a real one-node Slurm on this machine.
+
+.ci/run installs Slurm and munge and sets LM1B_REQUIRE_SLURM=1, so there a
+missing Slurm fails instead of skipping.
+"""
+import os
+import re
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from lm1b_hvd import demo_corpus
+from tests import slurm_cluster
+from tests.conftest import REPO_ROOT
+
+TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
+JOB_ENV = {"LM1B_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = slurm_cluster.missing_binaries()
+    if missing:
+        message = f"Slurm not installed here (missing: {', '.join(missing)}); .ci/run installs it"
+        if os.environ.get("LM1B_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("slurm")
+    slurm = slurm_cluster.SlurmCluster(str(root), cpus=max(os.cpu_count(), 2))
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm-corpus") / "demo"
+    spec = demo_corpus.LanguageSpec(num_words=40, num_classes=4, successors=2, start_classes=2)
+    demo_corpus.write_corpus(str(root), spec, train_sentences=400, heldout_sentences=40, train_files=3)
+    return root
+
+
+def submit(cluster, tmp_path, script, sbatch_args, script_args, env_extra=None):
+    out = cluster.run("sbatch", "--parsable", f"--chdir={REPO_ROOT}", f"--output={tmp_path}/%x-%j.out",
+                      *sbatch_args, str(REPO_ROOT / "slurm" / script), *script_args,
+                      env_extra={**JOB_ENV, **(env_extra or {})})
+    return out.stdout.strip().split(";")[0]
+
+
+def job_output(tmp_path, job_id):
+    (path,) = [p for p in tmp_path.iterdir() if p.name.endswith(f"-{job_id}.out")]
+    return path.read_text()
+
+
+TRAIN_RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                   "--time=10"]
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_train_then_eval_jobs(cluster, corpus, tmp_path, launcher):
+    logdir = tmp_path / "log"
+    train_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
+                      ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
+                       "--hpconfig", TINY, "--max_steps", "12", "--log_every", "4"],
+                      env_extra={"LM1B_LAUNCHER": launcher, "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    assert cluster.wait_for(train_id) == "COMPLETED", job_output(tmp_path, train_id)
+    log = job_output(tmp_path, train_id)
+    assert f"launcher {launcher}" in log and "2 rank(s)" in log
+    assert "stopped at step 12 (max_steps)" in log
+    assert tf.train.latest_checkpoint(str(logdir)).endswith("ckpt-12")
+    train_eval = float(re.search(r"step 12 \| heldout perplexity ([\d.]+)", log).group(1))
+
+    eval_id = submit(cluster, tmp_path, "eval.sh", ["--gpus=0", "--time=10"],
+                     ["--logdir", str(logdir), "--datadir", str(corpus), "--once"])
+    assert cluster.wait_for(eval_id) == "COMPLETED", job_output(tmp_path, eval_id)
+    evaluated = float(re.search(r"eval_test_ave step 12 \| perplexity ([\d.]+)",
+                                job_output(tmp_path, eval_id)).group(1))
+    assert evaluated == pytest.approx(train_eval, rel=2e-2)
+    assert os.listdir(logdir / "eval_test_ave")
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):
+    logdir = tmp_path / "log"
+    job_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
+                    ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
+                     "--hpconfig", TINY, "--max_steps", "4000", "--log_every", "50",
+                     "--checkpoint_secs", "100000"])
+    cluster.wait_for(job_id, states=("RUNNING",), timeout=120)
+    deadline = time.monotonic() + 180
+    while "step 50 |" not in (job_output(tmp_path, job_id) if list(tmp_path.glob("*.out")) else ""):
+        assert time.monotonic() < deadline, "training never reported step 50"
+        time.sleep(0.5)
+    # What Slurm's --signal=B:USR1@300 does before the limit: USR1 to the batch script.
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    assert cluster.wait_for(job_id, states=("COMPLETED", "FAILED"), timeout=400) == "COMPLETED"
+    log = job_output(tmp_path, job_id)
+    stopped = int(re.search(r"stopped at step (\d+) \(SIGUSR1\)", log).group(1))
+    assert 50 <= stopped < 4000
+    assert "requeueing job" in log
+    assert f"resumed from {logdir}/ckpt-{stopped} at step {stopped}" in log
+    assert "stopped at step 4000 (max_steps)" in log
+    assert cluster.job_field(job_id, "Restarts") == "1"
