@@ -48,7 +48,8 @@ def corpus(tmp_path_factory):
 def submit(cluster, tmp_path, script, sbatch_args, script_args, env_extra=None):
     out = cluster.run("sbatch", "--parsable", f"--chdir={REPO_ROOT}", f"--output={tmp_path}/%x-%j.out",
                       *sbatch_args, str(REPO_ROOT / "slurm" / script), *script_args,
-                      env_extra={**JOB_ENV, **(env_extra or {})})
+                      env_extra={**JOB_ENV, **(env_extra or {})}, check=False)
+    assert out.returncode == 0, f"sbatch {script}: {out.stderr.strip()}"
     return out.stdout.strip().split(";")[0]
 
 
@@ -76,7 +77,7 @@ def test_train_then_eval_jobs(cluster, corpus, tmp_path, launcher):
     assert tf.train.latest_checkpoint(str(logdir)).endswith("ckpt-12")
     train_eval = float(re.search(r"step 12 \| heldout perplexity ([\d.]+)", log).group(1))
 
-    eval_id = submit(cluster, tmp_path, "eval.sh", ["--gpus=0", "--time=10"],
+    eval_id = submit(cluster, tmp_path, "eval.sh", ["--gpus=0", "--cpus-per-task=1", "--time=10"],
                      ["--logdir", str(logdir), "--datadir", str(corpus), "--once"])
     assert cluster.wait_for(eval_id) == "COMPLETED", job_output(tmp_path, eval_id)
     evaluated = float(re.search(r"eval_test_ave step 12 \| perplexity ([\d.]+)",
