@@ -1,0 +1,119 @@
+"""docker/Dockerfile.cpu really built with podman and the demo really run in it.
+
+No registry is reachable here, so the bookworm base is made with debootstrap
+and imported; the host's CA certificates go into it so that pip inside the
+build reaches the package index. .ci/run sets LM1B_REQUIRE_PODMAN=1, so there
+a podman that cannot run fails instead of skipping.
+"""
+import os
+import re
+import resource
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+BASE_IMAGE = "localhost/lm1b-bookworm-base:latest"
+IMAGE = "localhost/lm1b_hvd:cpu-test"
+DEBIAN_MIRROR = os.environ.get("LM1B_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def podman(*args, timeout=600, check=True):
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args[:3])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def podman_problem():
+    if not shutil.which("podman"):
+        return "podman is not installed (install.sh --with-test-tools installs it)"
+    info = subprocess.run(["podman", "info"], capture_output=True, text=True)
+    if info.returncode != 0:
+        return f"podman cannot run here: {info.stderr.strip().splitlines()[-1] if info.stderr.strip() else '?'}"
+    return None
+
+
+def capped_ulimits():
+    """Container ulimits no higher than this host's hard limits (runc refuses more)."""
+    flags = []
+    for name, limit in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
+        hard = resource.getrlimit(limit)[1]
+        value = 32768 if hard == resource.RLIM_INFINITY else min(hard, 32768)
+        flags += ["--ulimit", f"{name}={value}:{value}"]
+    return flags
+
+
+def ensure_base_image(workdir):
+    if podman("image", "exists", BASE_IMAGE, check=False).returncode == 0:
+        return
+    if not shutil.which("debootstrap"):
+        pytest.fail("debootstrap is needed to make the bookworm base image (install.sh --with-test-tools)")
+    rootfs = workdir / "rootfs"
+    subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR],
+                   check=True, capture_output=True, timeout=900)
+    extra = rootfs / "usr/local/share/ca-certificates"
+    extra.mkdir(parents=True, exist_ok=True)
+    for cert in os.listdir("/usr/local/share/ca-certificates"):
+        shutil.copy(os.path.join("/usr/local/share/ca-certificates", cert), extra)
+    (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/ca-certificates.crt")
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True, capture_output=True)
+    tar.wait()
+
+
+def build(context):
+    return podman("build", "--runtime", "runc", "--network", "host", *capped_ulimits(),
+                  "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-f", "docker/Dockerfile.cpu", "-t", IMAGE,
+                  str(context), timeout=1800)
+
+
+def copy_tracked_files(destination):
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO_ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, destination / name)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    problem = podman_problem()
+    if problem:
+        if os.environ.get("LM1B_REQUIRE_PODMAN") == "1":
+            pytest.fail(problem)
+        print(f"SKIPPED container tests: {problem}")
+        pytest.skip(problem)
+    workdir = tmp_path_factory.mktemp("podman")
+    ensure_base_image(workdir)
+    context = workdir / "context"
+    copy_tracked_files(context)
+    build(context)
+    return context
+
+
+def test_cpu_image_runs_the_demo_as_non_root(image):
+    assert podman("run", "--rm", "--runtime", "runc", IMAGE, "id", "-u").stdout.strip() != "0"
+    result = podman("run", "--rm", "--runtime", "runc", *capped_ulimits(), IMAGE,
+                    "horovodrun", "-np", "2", "python", "-m", "lm1b_hvd.train", "--max_time", "20",
+                    "--log_every", "200", timeout=900)
+    out = result.stdout
+    assert "2 rank(s)" in out and "stopped at step" in out
+    match = re.search(r"eval perplexity ([\d.]+) \| oracle perplexity ([\d.]+)", out)
+    assert match, out[-3000:]
+    model, oracle = (float(v) for v in match.groups())
+    assert oracle < model < 3 * oracle
+
+
+def test_source_change_keeps_the_dependency_layer_cached(image):
+    (image / "lm1b_hvd" / "__init__.py").write_text(
+        (image / "lm1b_hvd" / "__init__.py").read_text() + "# touched by the cache test\n")
+    log = build(image).stdout
+    install_step = log.split("RUN bash install.sh --stack-only", 1)[1].split("STEP", 1)[0]
+    assert "Using cache" in install_step, log[-3000:]
+    after_source = log.split("COPY lm1b_hvd", 1)[1]
+    assert "Using cache" not in after_source.split("STEP", 1)[0]
