@@ -168,15 +168,16 @@ def run(config):
     window_start, window_words, window_loss = started, 0.0, 0.0
     step = start_step
     stop_reason = "max_steps" if config.max_steps and step >= config.max_steps else None
+    signal_votes = 0.0
     while stop_reason is None:
         if config.profile_steps and step == config.profile_steps[0] and r.is_root:
             tf.profiler.experimental.start(os.path.join(config.logdir, "profile"))
-        elapsed = time.monotonic() - started
-        local_stop = stops.received is not None or (config.max_time and elapsed >= config.max_time)
+        out_of_time = bool(config.max_time) and time.monotonic() - started >= config.max_time
+        stop_votes = tf.constant([float(stops.received is not None), float(out_of_time)])
         x, y, w = next(batches)
-        state, stats = trainer.step(x, y, w, state, tf.constant(1.0 if local_stop else 0.0))
+        state, stats = trainer.step(x, y, w, state, stop_votes)
         step += 1
-        loss_sum, words, norm_sum, stop_votes = stats.numpy()
+        loss_sum, words, norm_sum, signal_votes, time_votes = stats.numpy()
         loss = loss_sum / words
         if not math.isfinite(loss):
             raise TrainingError(f"training loss is {loss} at step {step}; last checkpoint kept")
@@ -184,8 +185,10 @@ def run(config):
         window_loss += loss_sum
         if config.profile_steps and step == config.profile_steps[1] and r.is_root:
             tf.profiler.experimental.stop()
-        if stop_votes > 0:
-            stop_reason = stops.received or "max_time"
+        if signal_votes > 0:  # every rank takes this branch at the same step
+            stop_reason = stops.received or "signal on another rank"
+        elif time_votes > 0:
+            stop_reason = "max_time"
         elif config.max_steps and step >= config.max_steps:
             stop_reason = "max_steps"
         if summary_every.due(step):
@@ -211,8 +214,8 @@ def run(config):
 
     r.keeper.save(step)
     r.log(f"stopped at step {step} ({stop_reason}); checkpoint saved in {config.logdir}")
-    if stops.received:
-        return None
+    if signal_votes > 0:
+        return None  # the scheduler's deadline is near: no final evaluation
     final = r.evaluate_and_keep_best(step)
     oracle = demo_corpus.read_oracle(r.datadir)
     if oracle:

@@ -75,8 +75,9 @@ class Trainer:
         """What rank 0 broadcasts: weights, optimizer slots and step, EMA shadows (not row states)."""
         return self.model.all_variables + list(self.optimizer.variables) + self.ema.shadows
 
-    def _step(self, x, y, w, state, stop_request):
-        """Returns the new row state and, summed over ranks: [loss sum, words, LSTM grad norm, stops]."""
+    def _step(self, x, y, w, state, stop_votes):
+        """Returns the new row state and, summed over ranks:
+        [loss sum, words, LSTM grad norm, signal stop votes, time-limit stop votes]."""
         model, hps = self.model, self.model.hps
         with tf.GradientTape() as tape:
             outputs, new_state = model.forward(x, state, training=True)
@@ -90,5 +91,5 @@ class Trainer:
         combined = distributed.combine_gradients(embedding + lstm + gradients[n_emb + n_lstm:])
         self.optimizer.apply_gradients(zip([sum_duplicates(g) for g in combined], variables))
         self.ema.update()
-        stats = tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm, stop_request])
+        stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), stop_votes], 0)
         return new_state, distributed.sum_over_ranks(stats)

@@ -96,12 +96,14 @@ def image(tmp_path_factory):
     return context
 
 
+def run_in_image(*command):
+    return podman("run", "--rm", "--runtime", "runc", *capped_ulimits(), IMAGE, *command, timeout=900)
+
+
 def test_cpu_image_runs_the_demo_as_non_root(image):
-    assert podman("run", "--rm", "--runtime", "runc", IMAGE, "id", "-u").stdout.strip() != "0"
-    result = podman("run", "--rm", "--runtime", "runc", *capped_ulimits(), IMAGE,
-                    "horovodrun", "-np", "2", "python", "-m", "lm1b_hvd.train", "--max_time", "20",
-                    "--log_every", "200", timeout=900)
-    out = result.stdout
+    assert run_in_image("id", "-u").stdout.strip() != "0"
+    out = run_in_image("horovodrun", "-np", "2", "python", "-m", "lm1b_hvd.train", "--max_time", "20",
+                       "--log_every", "200").stdout
     assert "2 rank(s)" in out and "stopped at step" in out
     match = re.search(r"eval perplexity ([\d.]+) \| oracle perplexity ([\d.]+)", out)
     assert match, out[-3000:]
