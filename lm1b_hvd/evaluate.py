@@ -55,11 +55,8 @@ class CheckpointEvaluator:
         self.checkpoint.restore(path).expect_partial()
         step = int(self.trainer.global_step)
         batches = self.dataset.iterate_once(self.hps.batch_size, self.hps.num_steps)
-        if self.hps.average_params:
-            with self.trainer.ema.swapped_in():
-                sums = self.evaluator.sums(batches, self.eval_steps)
-        else:
-            sums = self.evaluator.sums(batches, self.eval_steps)
+        ema = self.trainer.ema if self.hps.average_params else None
+        sums = self.evaluator.sums(batches, self.eval_steps, ema)
         value = evaluation.perplexity(*sums)
         with self.writer.as_default(step=step):
             tf.summary.scalar("eval/perplexity", value)

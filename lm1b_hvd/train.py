@@ -117,11 +117,8 @@ class Run:
     def heldout_perplexity(self):
         """Full-softmax heldout perplexity with the EMA weights (if averaging), summed over ranks."""
         batches = self.heldout.iterate_once(self.hps.batch_size, self.hps.num_steps)
-        if self.hps.average_params:
-            with self.trainer.ema.swapped_in():
-                sums = self.evaluator.sums(batches, self.config.eval_steps)
-        else:
-            sums = self.evaluator.sums(batches, self.config.eval_steps)
+        ema = self.trainer.ema if self.hps.average_params else None
+        sums = self.evaluator.sums(batches, self.config.eval_steps, ema)
         loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
         return evaluation.perplexity(loss_sum, words), int(words)
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from lm1b_hvd import demo_corpus
 from lm1b_hvd.model import LSTMPLanguageModel
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
 from tests.workers import equivalence as eq
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
@@ -88,10 +88,7 @@ TINY_RUN = ["--preset", "demo", "--hpconfig",
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus") / "demo"
-    spec = demo_corpus.LanguageSpec(num_words=40, num_classes=4, successors=2, start_classes=2)
-    demo_corpus.write_corpus(str(root), spec, train_sentences=400, heldout_sentences=40, train_files=3)
-    return root
+    return write_tiny_demo_corpus(tmp_path_factory.mktemp("corpus") / "demo")
 
 
 def scalars(event_dir):
@@ -108,7 +105,7 @@ def scalars(event_dir):
 def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
     common = ["-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir), *TINY_RUN]
-    first = horovodrun([*common, "--max_steps", "6"], controller="--mpi")
+    first = horovodrun([*common, "--max_steps", "6", "--profile_steps", "2,4"], controller="--mpi")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 rank(s)" in first.stdout and "starting from scratch" in first.stdout
     progress = re.findall(r"step (\d+) \| loss ([\d.]+) \| ([\d,]+) words/s \| elapsed", first.stdout)
@@ -118,6 +115,8 @@ def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     assert 1.0 < first_eval < 60.0
     assert tf.train.latest_checkpoint(str(logdir)).endswith("ckpt-6")
     assert json.loads((logdir / "hparams.json").read_text())["state_size"] == 16
+    traces = [name for _, _, files in os.walk(logdir / "profile") for name in files]
+    assert any(name.endswith(".xplane.pb") for name in traces), "profiler trace of steps 2-4"
     train_scalars = scalars(logdir / "train")
     for tag in ("loss", "perplexity", "words_per_sec", "lstm_grad_norm", "clip_scale", "weight_norm",
                 "learning_rate"):

@@ -11,9 +11,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import demo_corpus
 from tests import slurm_cluster
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
 
 TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
 JOB_ENV = {"LM1B_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -39,10 +38,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm-corpus") / "demo"
-    spec = demo_corpus.LanguageSpec(num_words=40, num_classes=4, successors=2, start_classes=2)
-    demo_corpus.write_corpus(str(root), spec, train_sentences=400, heldout_sentences=40, train_files=3)
-    return root
+    return write_tiny_demo_corpus(tmp_path_factory.mktemp("slurm-corpus") / "demo")
 
 
 def submit(cluster, tmp_path, script, sbatch_args, script_args, env_extra=None):
