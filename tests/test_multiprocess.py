@@ -171,3 +171,27 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
     result = run([sys.executable, "-m", "lm1b_hvd.train", "--logdir", str(tmp_path / "log"), *args])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_default_preset_the_original_lstm_2048_512_trains_and_evaluates(tmp_path, tiny_corpus):
+    result = run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus),
+                  "--logdir", str(tmp_path / "log"), "--hpconfig", "batch_size=8",
+                  "--max_steps", "2", "--log_every", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_shards=8,num_layers=1" in result.stdout and "state_size=2048,projected_size=512" in result.stdout
+    assert [int(s) for s in re.findall(r"step (\d+) \| loss", result.stdout)] == [1, 2]
+    assert re.search(r"step 2 \| heldout perplexity [\d.]+ over \d+ words", result.stdout)
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, tiny_corpus):
+    logdir = tmp_path / "log"
+    result = run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir),
+                  *TINY_RUN[:2], "--hpconfig", TINY_RUN[3] + ",learning_rate=1e30", "--max_steps", "20",
+                  "--checkpoint_steps", "1"])
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: training loss is nan at step (\d+); last checkpoint kept", last)
+    assert match, last
+    nan_step = int(match.group(1))
+    assert nan_step > 1, "the first step is finite; the huge learning rate breaks the weights"
+    assert tf.train.latest_checkpoint(str(logdir)).endswith(f"ckpt-{nan_step - 1}")
