@@ -17,6 +17,8 @@ prediction is real and 0 in the padding after the data ran out.
 import dataclasses
 import glob
 import os
+import queue
+import threading
 
 import numpy as np
 
@@ -149,3 +151,27 @@ class ShardedDataset:
 
     def iterate_forever(self, batch_size, num_steps, seed):
         return pack_batches(self.sentences_forever(seed), batch_size, num_steps)
+
+
+def prefetch(iterator, depth=4):
+    """Runs `iterator` on a background thread, `depth` items ahead, so shard reading and packing
+    overlap the training step. Its exceptions (a DataError, say) are raised here, unchanged."""
+    items = queue.Queue(maxsize=depth)
+    done = object()
+
+    def fill():
+        try:
+            for item in iterator:
+                items.put((item, None))
+            items.put((done, None))
+        except Exception as err:  # handed to the consumer, which raises it
+            items.put((done, err))
+
+    threading.Thread(target=fill, daemon=True, name="batch-prefetch").start()
+    while True:
+        item, error = items.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item

@@ -77,15 +77,6 @@ def _format_seconds(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _batches(dataset, hps, seed):
-    """The rank's endless shuffled batches, packed on a tf.data thread ahead of the step."""
-    spec = (tf.TensorSpec([hps.batch_size, hps.num_steps], tf.int32),
-            tf.TensorSpec([hps.batch_size, hps.num_steps], tf.int32),
-            tf.TensorSpec([hps.batch_size, hps.num_steps], tf.float32))
-    generator = lambda: dataset.iterate_forever(hps.batch_size, hps.num_steps, seed)  # noqa: E731
-    return iter(tf.data.Dataset.from_generator(generator, output_signature=spec).prefetch(4))
-
-
 class Run:
     """One training run: everything `run()` sets up, so the loop itself stays short."""
 
@@ -155,7 +146,8 @@ def run(config):
     r.log(f"resumed from {restored} at step {start_step}" if restored else "starting from scratch")
 
     stops = StopSignals()
-    batches = _batches(r.train_data, hps, seed=[hps.seed, r.rank, start_step])
+    batches = data.prefetch(r.train_data.iterate_forever(hps.batch_size, hps.num_steps,
+                                                         seed=[hps.seed, r.rank, start_step]))
     state = r.model.zero_state(hps.batch_size)
     log_every = Every(steps=config.log_every)
     summary_every = Every(steps=config.summary_every)

@@ -1,10 +1,13 @@
 import collections
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from lm1b_hvd import data, vocab
-from tests.conftest import write_lm1b_dir
+from tests.conftest import REPO_ROOT, write_lm1b_dir
 
 VOCAB = ["<S> 0", "<UNK> 0"] + [f"w{i} 1" for i in range(50)]
 
@@ -141,3 +144,27 @@ def test_reads_the_real_lm1b_sample(lm1b_sample):
     assert 0.005 < unk_rate < 0.2
     train = [data.ShardedDataset.for_rank(str(lm1b_sample), "train", v, r, 3) for r in range(3)]
     assert sum(len(list(t.sentences_once())) for t in train) == 11_000
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error():
+    assert list(data.prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise data.DataError("no sentences in shard-7")
+
+    got = data.prefetch(failing())
+    assert next(got) == 1
+    with pytest.raises(data.DataError, match="no sentences in shard-7"):
+        next(got)
+
+
+def test_training_on_a_rank_without_sentences_is_a_one_line_error(tmp_path):
+    root = write_lm1b_dir(tmp_path / "d", [b"\n\n"], ["w1 w2\n"], VOCAB)
+    result = subprocess.run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(root), "--logdir",
+                             str(tmp_path / "log"), "--preset", "demo", "--max_steps", "2"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no sentences in {root}/training-monolingual.tokenized.shuffled/news.en-00001-of-00100")
