@@ -58,4 +58,3 @@ def broadcast_from_root(variables):
     """Makes every rank hold rank 0's values of `variables`."""
     if hvd.size() > 1:
         hvd.broadcast_variables(variables, root_rank=0)
-

@@ -58,10 +58,7 @@ class CheckpointEvaluator:
         ema = self.trainer.ema if self.hps.average_params else None
         sums = self.evaluator.sums(batches, self.eval_steps, ema)
         value = evaluation.perplexity(*sums)
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("eval/perplexity", value)
-            tf.summary.scalar("eval/log_perplexity", math.log(value))
-        self.writer.flush()
+        evaluation.write_summaries(self.writer, step, value)
         print(f"{self.mode} step {step} | perplexity {value:.2f} | log perplexity {math.log(value):.4f} "
               f"| {int(sums[1])} words | {path}", flush=True)
         return step, value

@@ -34,6 +34,14 @@ class Evaluator:
         return loss_sum, words
 
 
+def write_summaries(writer, step, value):
+    """The eval/ scalars both the in-loop evaluation and evaluate.py write, under the same tags."""
+    with writer.as_default(step=step):
+        tf.summary.scalar("eval/perplexity", value)
+        tf.summary.scalar("eval/log_perplexity", math.log(value))
+    writer.flush()
+
+
 def perplexity(loss_sum, words):
     if words <= 0:
         raise ValueError("no words were evaluated")

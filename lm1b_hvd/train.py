@@ -115,15 +115,15 @@ class Run:
 
     def evaluate_and_keep_best(self, step):
         value, words = self.heldout_perplexity()
-        with self.eval_writer.as_default(step=step):
-            tf.summary.scalar("eval/perplexity", value)
-            tf.summary.scalar("eval/log_perplexity", math.log(value))
+        evaluation.write_summaries(self.eval_writer, step, value)
         best = self.keeper.save_if_best(step, value)
         self.log(f"step {step} | heldout perplexity {value:.2f} over {words} words"
                  f"{' (best so far)' if best else ''}")
         return value
 
     def write_summaries(self, step, loss, words_per_sec, lstm_norm):
+        if not self.is_root:
+            return  # the weight norm is a pass over every weight: only the writing rank pays for it
         weight_norm = float(tf.linalg.global_norm(self.model.all_variables))
         with self.writer.as_default(step=step):
             tf.summary.scalar("loss", loss)
