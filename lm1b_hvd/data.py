@@ -5,7 +5,8 @@ Input rules, decided once here:
   up byte for byte in the vocabulary, so invalid UTF-8 never stops a run: such
   a token is `<UNK>` unless the vocabulary holds exactly those bytes.
 - A blank (or whitespace-only) line is not a sentence and is skipped; an empty
-  file contributes nothing. A rank left with no sentence at all is an error.
+  file contributes nothing. A rank left with no training sentence is an error;
+  a rank's empty share of the heldout shard is not, as long as some rank has one.
 - A sentence of n words becomes `<S> w1 .. wn <S>`: n + 1 predictions.
 
 Batches follow the original trainer: each of the `batch_size` rows is its own
@@ -123,14 +124,17 @@ class ShardedDataset:
         names = ", ".join(part.path for part in self.parts)
         return DataError(f"no sentences in {names}")
 
-    def sentences_once(self):
-        """Every sentence once, in file order: deterministic, for evaluation."""
+    def sentences_once(self, allow_empty=False):
+        """Every sentence once, in file order: deterministic, for evaluation.
+
+        `allow_empty` is for a rank's share of a shard summed over ranks, where
+        another rank may hold the only lines."""
         seen_any = False
         for part in self.parts:
             for sentence in read_sentences(part, self.vocab):
                 seen_any = True
                 yield sentence
-        if not seen_any:
+        if not seen_any and not allow_empty:
             raise self._no_sentences()
 
     def sentences_forever(self, seed):
@@ -146,8 +150,8 @@ class ShardedDataset:
             if not seen_any:
                 raise self._no_sentences()
 
-    def iterate_once(self, batch_size, num_steps):
-        return pack_batches(self.sentences_once(), batch_size, num_steps)
+    def iterate_once(self, batch_size, num_steps, allow_empty=False):
+        return pack_batches(self.sentences_once(allow_empty), batch_size, num_steps)
 
     def iterate_forever(self, batch_size, num_steps, seed):
         return pack_batches(self.sentences_forever(seed), batch_size, num_steps)

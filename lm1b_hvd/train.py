@@ -106,11 +106,15 @@ class Run:
             print(message, flush=True)
 
     def heldout_perplexity(self):
-        """Full-softmax heldout perplexity with the EMA weights (if averaging), summed over ranks."""
-        batches = self.heldout.iterate_once(self.hps.batch_size, self.hps.num_steps)
+        """Full-softmax heldout perplexity with the EMA weights (if averaging), summed over ranks.
+
+        A rank whose share holds no sentence adds zeros; only no heldout word at all is an error."""
+        batches = self.heldout.iterate_once(self.hps.batch_size, self.hps.num_steps, allow_empty=True)
         ema = self.trainer.ema if self.hps.average_params else None
         sums = self.evaluator.sums(batches, self.config.eval_steps, ema)
         loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
+        if words <= 0:
+            raise data.DataError(f"{self.datadir}: no sentences in the heldout files ({data.HELDOUT_PATTERN})")
         return evaluation.perplexity(loss_sum, words), int(words)
 
     def evaluate_and_keep_best(self, step):

@@ -195,3 +195,34 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, tiny_corpus)
     nan_step = int(match.group(1))
     assert nan_step > 1, "the first step is finite; the huge learning rate breaks the weights"
     assert tf.train.latest_checkpoint(str(logdir)).endswith(f"ckpt-{nan_step - 1}")
+
+
+def corpus_with_heldout(tiny_corpus, destination, heldout_text):
+    """A copy of the tiny corpus whose heldout shard is one file holding `heldout_text`."""
+    shutil.copytree(tiny_corpus, destination)
+    heldout_dir = destination / "heldout-monolingual.tokenized.shuffled"
+    shutil.rmtree(heldout_dir)
+    heldout_dir.mkdir()
+    (heldout_dir / "news.en.heldout-00000-of-00050").write_text(heldout_text)
+    return destination
+
+
+def test_a_rank_without_heldout_lines_adds_nothing_and_no_heldout_at_all_is_an_error(tmp_path, tiny_corpus):
+    words = [line.split()[0] for line in (tiny_corpus / "1b_word_vocab.txt").read_text().splitlines()]
+    sentence = " ".join(w for w in words if not w.startswith("<"))[:5 * 8]
+    one_line = corpus_with_heldout(tiny_corpus, tmp_path / "one", sentence + "\n")
+    result = horovodrun(["-m", "lm1b_hvd.train", "--datadir", str(one_line), "--logdir", str(tmp_path / "a"),
+                         *TINY_RUN, "--max_steps", "2"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Rank 0 holds the one line (its n words make n + 1 predictions); rank 1's share is empty.
+    assert "step 2 | heldout perplexity" in result.stdout
+    assert f"over {len(sentence.split()) + 1} words" in result.stdout
+
+    blank = corpus_with_heldout(tiny_corpus, tmp_path / "blank", "\n  \n")
+    logdir = tmp_path / "b"
+    result = horovodrun(["-m", "lm1b_hvd.train", "--datadir", str(blank), "--logdir", str(logdir),
+                         *TINY_RUN, "--max_steps", "2"])
+    assert result.returncode != 0
+    assert (f"error: {blank}: no sentences in the heldout files "
+            f"(heldout-monolingual.tokenized.shuffled/news.en.heldout-*-of-*)") in result.stdout + result.stderr
+    assert tf.train.latest_checkpoint(str(logdir)).endswith("ckpt-2"), "the final step is saved before evaluating"
