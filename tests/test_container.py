@@ -101,7 +101,7 @@ def run_in_image(*command):
     return podman("run", "--rm", "--runtime", "runc", *capped_ulimits(), IMAGE, *command, timeout=900)
 
 
-def test_cpu_image_runs_the_demo_as_non_root(image):
+def test_podman_built_cpu_image_runs_the_demo_as_non_root(image):
     assert run_in_image("id", "-u").stdout.strip() != "0"
     out = run_in_image("horovodrun", "-np", "2", "python", "-m", "lm1b_hvd.train", "--max_time", "20",
                        "--log_every", "200").stdout

@@ -59,7 +59,7 @@ TRAIN_RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--c
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_train_then_eval_jobs(cluster, corpus, tmp_path, launcher):
+def test_sbatch_train_sh_then_eval_sh(cluster, corpus, tmp_path, launcher):
     logdir = tmp_path / "log"
     train_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
                       ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
