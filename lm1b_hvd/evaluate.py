@@ -47,16 +47,14 @@ class CheckpointEvaluator:
         self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], words)
         self.trainer = Trainer(LSTMPLanguageModel(self.hps, len(words)))
         self.checkpoint = checkpoints.make_checkpoint(self.trainer)
-        self.evaluator = evaluation.Evaluator(self.trainer.model)
+        self.evaluator = evaluation.Evaluator(self.trainer)
         self.writer = tf.summary.create_file_writer(os.path.join(logdir, mode))
 
     def evaluate(self, path):
         """Perplexity of checkpoint `path`; writes its summaries at the checkpoint's step."""
         self.checkpoint.restore(path).expect_partial()
         step = int(self.trainer.global_step)
-        batches = self.dataset.iterate_once(self.hps.batch_size, self.hps.num_steps)
-        ema = self.trainer.ema if self.hps.average_params else None
-        sums = self.evaluator.sums(batches, self.eval_steps, ema)
+        sums = self.evaluator.sums(self.dataset, self.eval_steps)
         value = evaluation.perplexity(*sums)
         evaluation.write_summaries(self.writer, step, value)
         print(f"{self.mode} step {step} | perplexity {value:.2f} | log perplexity {math.log(value):.4f} "

@@ -10,8 +10,11 @@ import tensorflow as tf
 
 
 class Evaluator:
-    def __init__(self, model):
-        self.model = model
+    """Full-softmax loss sums of a trained model, with the EMA weights when the run averages them."""
+
+    def __init__(self, trainer):
+        self.model = trainer.model
+        self.ema = trainer.ema if self.model.hps.average_params else None
         self.step = tf.function(self._step)
 
     def _step(self, x, y, w, state):
@@ -19,12 +22,14 @@ class Evaluator:
         losses = self.model.full_softmax_losses(outputs, y) * w
         return new_state, tf.reduce_sum(losses), tf.reduce_sum(w)
 
-    def sums(self, batches, max_batches=0, ema=None):
-        """(loss sum, word count) over `batches` (at most `max_batches` when > 0), row state carried;
-        with the EMA's averages swapped into the weights when `ema` is given."""
-        state = self.model.zero_state(self.model.hps.batch_size)
+    def sums(self, dataset, max_batches=0, allow_empty=False):
+        """(loss sum, word count) over every sentence of `dataset` once (at most `max_batches`
+        batches when > 0), row state carried; `allow_empty` as in ShardedDataset.iterate_once."""
+        hps = self.model.hps
+        batches = dataset.iterate_once(hps.batch_size, hps.num_steps, allow_empty)
+        state = self.model.zero_state(hps.batch_size)
         loss_sum, words = 0.0, 0.0
-        with ema.swapped_in() if ema else contextlib.nullcontext():
+        with self.ema.swapped_in() if self.ema else contextlib.nullcontext():
             for index, (x, y, w) in enumerate(batches):
                 if max_batches and index >= max_batches:
                     break

@@ -93,7 +93,7 @@ class Run:
         self.heldout = data.ShardedDataset.for_rank(self.datadir, "heldout", self.vocab, self.rank, self.size)
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab))
         self.trainer = Trainer(self.model)
-        self.evaluator = evaluation.Evaluator(self.model)
+        self.evaluator = evaluation.Evaluator(self.trainer)
         self.keeper = checkpoints.CheckpointKeeper(
             config.logdir, checkpoints.make_checkpoint(self.trainer), config.keep_checkpoints, self.is_root)
         self.writer = (tf.summary.create_file_writer(os.path.join(config.logdir, "train"))
@@ -109,9 +109,7 @@ class Run:
         """Full-softmax heldout perplexity with the EMA weights (if averaging), summed over ranks.
 
         A rank whose share holds no sentence adds zeros; only no heldout word at all is an error."""
-        batches = self.heldout.iterate_once(self.hps.batch_size, self.hps.num_steps, allow_empty=True)
-        ema = self.trainer.ema if self.hps.average_params else None
-        sums = self.evaluator.sums(batches, self.config.eval_steps, ema)
+        sums = self.evaluator.sums(self.heldout, self.config.eval_steps, allow_empty=True)
         loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
         if words <= 0:
             raise data.DataError(f"{self.datadir}: no sentences in the heldout files ({data.HELDOUT_PATTERN})")
