@@ -1,13 +1,11 @@
 import collections
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from lm1b_hvd import data, vocab
-from tests.conftest import REPO_ROOT, write_lm1b_dir
+from tests.conftest import run, write_lm1b_dir
 
 VOCAB = ["<S> 0", "<UNK> 0"] + [f"w{i} 1" for i in range(50)]
 
@@ -161,10 +159,8 @@ def test_prefetch_keeps_order_and_raises_the_producers_error():
 
 def test_training_on_a_rank_without_sentences_is_a_one_line_error(tmp_path):
     root = write_lm1b_dir(tmp_path / "d", [b"\n\n"], ["w1 w2\n"], VOCAB)
-    result = subprocess.run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(root), "--logdir",
-                             str(tmp_path / "log"), "--preset", "demo", "--max_steps", "2"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    result = run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(root), "--logdir",
+                  str(tmp_path / "log"), "--preset", "demo", "--max_steps", "2"])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: no sentences in {root}/training-monolingual.tokenized.shuffled/news.en-00001-of-00100")

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -13,15 +12,10 @@ import tensorflow as tf
 
 from lm1b_hvd import demo_corpus
 from lm1b_hvd.model import LSTMPLanguageModel
-from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
+from tests.conftest import run, write_tiny_demo_corpus
 from tests.workers import equivalence as eq
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
-
-
-def run(cmd, timeout=300, env_extra=None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def horovodrun(args, np_=2, controller="--gloo", **kwargs):
