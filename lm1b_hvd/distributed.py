@@ -5,18 +5,41 @@ gradients are averaged over ranks, sparse (embedding and sampled-softmax)
 gradients are summed, which for IndexedSlices is an allgather of indices and
 values. Per-row LSTM states are never communicated.
 """
+import os
+
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
 
 def init():
-    """Starts Horovod and gives each process its own GPU (if any) by local rank."""
+    """Starts Horovod, gives each process its own GPU (if any) by local rank, and sizes
+    TensorFlow's thread pools to the cores this rank owns (before TensorFlow makes them)."""
     hvd.init()
+    _set_threads_per_rank()
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
     if gpus:
         tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+
+
+def cores_per_rank():
+    """The cores this rank may use: its CPU affinity when a launcher bound it (Slurm, mpirun
+    --bind-to), else the machine's cores shared out among the ranks on this node."""
+    allowed = len(os.sched_getaffinity(0))
+    if allowed < (os.cpu_count() or allowed):
+        return allowed
+    return max(1, allowed // hvd.local_size())
+
+
+def _set_threads_per_rank():
+    """Without this every rank starts one thread per core of the machine, and N ranks on a node
+    oversubscribe it N times. TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS still win."""
+    cores = cores_per_rank()
+    if "TF_NUM_INTRAOP_THREADS" not in os.environ:
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+    if "TF_NUM_INTEROP_THREADS" not in os.environ:
+        tf.config.threading.set_inter_op_parallelism_threads(min(cores, 2))
 
 
 def rank():
@@ -31,20 +54,40 @@ def is_root():
     return hvd.rank() == 0
 
 
-def combine_gradients(gradients):
-    """Averages dense gradients and sums IndexedSlices over ranks; order is kept."""
+def _compression(hps):
+    return hvd.Compression.fp16 if hps.fp16_allreduce else hvd.Compression.none
+
+
+def combine_gradients(gradients, hps):
+    """Averages dense gradients and sums IndexedSlices over ranks; order is kept.
+
+    `hps.fp16_allreduce` sends the dense ones as fp16; `hps.sparse_as_dense` allreduces the
+    sparse ones as dense matrices (what Horovod's own option does) instead of allgathering rows."""
     if hvd.size() == 1:
         return list(gradients)
-    dense_at = [i for i, g in enumerate(gradients) if not isinstance(g, tf.IndexedSlices)]
     combined = list(gradients)
+    sparse_at = [i for i, g in enumerate(gradients) if isinstance(g, tf.IndexedSlices)]
+    dense_at = [i for i in range(len(gradients)) if i not in sparse_at]
     if dense_at:
-        averaged = hvd.grouped_allreduce([gradients[i] for i in dense_at], op=hvd.Average)
+        averaged = hvd.grouped_allreduce([gradients[i] for i in dense_at], op=hvd.Average,
+                                         compression=_compression(hps))
         for i, value in zip(dense_at, averaged):
             combined[i] = value
-    for i, gradient in enumerate(gradients):
-        if isinstance(gradient, tf.IndexedSlices):
-            combined[i] = hvd.allreduce(gradient, op=hvd.Sum)
+    if hps.sparse_as_dense and sparse_at:
+        summed = hvd.grouped_allreduce([tf.convert_to_tensor(gradients[i]) for i in sparse_at], op=hvd.Sum)
+        for i, value in zip(sparse_at, summed):
+            combined[i] = value
+    else:
+        for i in sparse_at:
+            combined[i] = hvd.allreduce(gradients[i], op=hvd.Sum)
     return combined
+
+
+def gradient_tape(tape, hps):
+    """Horovod's DistributedGradientTape around `tape`: everything averaged, as Horovod users expect."""
+    if hvd.size() == 1:
+        return tape
+    return hvd.DistributedGradientTape(tape, compression=_compression(hps), sparse_as_dense=hps.sparse_as_dense)
 
 
 def sum_over_ranks(tensor):
@@ -52,6 +95,14 @@ def sum_over_ranks(tensor):
     if hvd.size() == 1:
         return tensor
     return hvd.allreduce(tensor, op=hvd.Sum)
+
+
+def gather_numbers(numbers):
+    """Every rank's list of numbers, rank by rank, on every rank (a host-side allgather)."""
+    values = tf.constant([numbers], tf.float64)
+    if hvd.size() > 1:
+        values = hvd.allgather(values)
+    return [float(v) for v in tf.reshape(values, [-1]).numpy()]
 
 
 def broadcast_from_root(variables):

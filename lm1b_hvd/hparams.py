@@ -27,6 +27,12 @@ class HParams:
     average_params: bool = True
     ema_decay: float = 0.999
     seed: int = 1
+    # How the step runs, not what it computes (see README "Speed"): a checkpoint resumes under any.
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
+    xla: bool = False  # compile forward and backward with XLA
+    grad_combine: str = "rank_clip"  # rank_clip: the original's per-rank clip | tape: DistributedGradientTape
+    sparse_as_dense: bool = False  # allreduce embedding/softmax gradients as dense matrices
+    fp16_allreduce: bool = False  # send the dense LSTM gradients as fp16 (hvd.Compression.fp16)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -37,6 +43,11 @@ class HParams:
     def to_string(self):
         return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
 
+
+CHOICES = {
+    "precision": ("fp32", "bf16", "fp16"),
+    "grad_combine": ("rank_clip", "tape"),
+}
 
 # Shapes that decide what a checkpoint holds: a resumed run must agree on them.
 MODEL_SHAPE_KEYS = ("num_shards", "num_layers", "emb_size", "state_size", "projected_size")
@@ -61,6 +72,10 @@ PRESETS = {
 
 def _parse_value(key, text, default):
     text = text.strip()
+    if isinstance(default, str):
+        if text not in CHOICES[key]:
+            raise HParamsError(f"hparam '{key}' expects one of {', '.join(CHOICES[key])}, got '{text}'")
+        return text
     if isinstance(default, bool):
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):
@@ -109,6 +124,9 @@ def validate(hps):
         raise HParamsError(f"hparam 'ema_decay' must be in [0, 1), got {hps.ema_decay}")
     if hps.num_sampled < 0:
         raise HParamsError(f"hparam 'num_sampled' must be >= 0 (0: full softmax), got {hps.num_sampled}")
+    for key, choices in CHOICES.items():
+        if getattr(hps, key) not in choices:
+            raise HParamsError(f"hparam '{key}' expects one of {', '.join(choices)}, got '{getattr(hps, key)}'")
     if hps.learning_rate <= 0 or hps.max_grad_norm <= 0:
         raise HParamsError("hparams 'learning_rate' and 'max_grad_norm' must be > 0")
     return hps

@@ -10,13 +10,27 @@ import math
 
 import tensorflow as tf
 
-FORGET_BIAS = 1.0
+from lm1b_hvd import ops
 
 
 def _uniform(shape, fan_in, seed):
     """Unit-scaling uniform initial values (variance 1 / fan_in), seeded so ranks agree."""
     limit = math.sqrt(3.0 / fan_in)
     return tf.keras.initializers.RandomUniform(-limit, limit, seed=seed)(shape)
+
+
+def training_flops_per_word(hps, vocab_size):
+    """Model FLOPs of one trained word, counted from the shapes: per LSTMP layer the gates
+    ((inputs + projected) x 4 state) and the projection (state x projected), then the softmax
+    (sampled candidates plus the true word, or the whole vocabulary); x2 for multiply-adds, x3
+    for the backward's two matmuls per forward one."""
+    multiply_adds = 0
+    for layer in range(hps.num_layers):
+        inputs = hps.emb_size if layer == 0 else hps.projected_size
+        multiply_adds += (inputs + hps.projected_size) * 4 * hps.state_size + hps.state_size * hps.projected_size
+    sampled = 0 < hps.num_sampled < vocab_size
+    multiply_adds += (hps.num_sampled + 1 if sampled else vocab_size) * hps.projected_size
+    return 2 * 3 * multiply_adds
 
 
 class LSTMPLanguageModel(tf.Module):
@@ -71,25 +85,18 @@ class LSTMPLanguageModel(tf.Module):
             return tf.nn.dropout(values, rate=1.0 - self.hps.keep_prob)
         return values
 
-    def _cell(self, layer, inputs, c, h):
-        gates = tf.matmul(tf.concat([inputs, h], axis=1), self.lstm_weights[layer]) + self.lstm_biases[layer]
-        i, j, f, o = tf.split(gates, 4, axis=1)
-        c = tf.sigmoid(f + FORGET_BIAS) * c + tf.sigmoid(i) * tf.tanh(j)
-        h = tf.matmul(tf.sigmoid(o) * tf.tanh(c), self.lstm_projections[layer])
-        return c, h
-
     def forward(self, x, state, training):
-        """LSTM outputs [batch, steps, projected_size] and the state after the last step."""
-        inputs = self._dropout(tf.nn.embedding_lookup(self.embedding, x), training)
+        """LSTM outputs [batch, steps, projected_size] and the state after the last step.
+
+        The layers run time-major ([steps, batch, ...]): each step's rows are contiguous."""
+        inputs = self._dropout(tf.nn.embedding_lookup(self.embedding, tf.transpose(x)), training)
         new_state = []
         for layer, (c, h) in enumerate(state):
-            outputs = []
-            for step in range(x.shape[1]):
-                c, h = self._cell(layer, inputs[:, step], c, h)
-                outputs.append(h)
-            inputs = self._dropout(tf.stack(outputs, axis=1), training)
+            outputs, c, h = ops.lstmp_layer(inputs, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
+                                        self.lstm_projections[layer])
+            inputs = self._dropout(outputs, training)
             new_state.append((c, h))
-        return inputs, new_state
+        return tf.transpose(inputs, [1, 0, 2]), new_state
 
     def softmax_matrix(self):
         """The shards concatenated in "div" order, padding trimmed: [vocab_size, projected_size]."""
@@ -108,16 +115,34 @@ class LSTMPLanguageModel(tf.Module):
     def uses_sampled_softmax(self):
         return 0 < self.hps.num_sampled < self.vocab_size
 
+    def sample_candidates(self, labels):
+        """(candidates [num_sampled], expected count of each label, of each candidate): unique
+        log-uniform draws (ids sorted by frequency make this the right proposal)."""
+        if self.candidate_sampler:
+            return self.candidate_sampler(labels)
+        return tf.random.log_uniform_candidate_sampler(
+            true_classes=labels, num_true=1, num_sampled=self.hps.num_sampled, unique=True,
+            range_max=self.vocab_size)
+
     def sampled_softmax_losses(self, outputs, y):
-        """Per-token sampled-softmax loss [batch, steps] (log-uniform candidates, accidental hits removed)."""
+        """Per-token sampled-softmax loss [batch, steps]: tf.nn.sampled_softmax_loss's math
+        (log-uniform candidates shared by all tokens, logits corrected by log expected counts,
+        accidental hits removed), computed with the hand-written pieces of `ops`."""
         labels = tf.reshape(tf.cast(y, tf.int64), [-1, 1])
-        sampled = self.candidate_sampler(labels) if self.candidate_sampler else None
-        losses = tf.nn.sampled_softmax_loss(
-            weights=self.softmax_w, biases=self.softmax_b, labels=labels,
-            inputs=tf.reshape(outputs, [-1, self.hps.projected_size]),
-            num_sampled=self.hps.num_sampled, num_classes=self.vocab_size,
-            sampled_values=sampled, remove_accidental_hits=True)
-        return tf.reshape(losses, tf.shape(y))
+        candidates, true_expected, candidate_expected = (
+            tf.stop_gradient(v) for v in self.sample_candidates(labels))
+        candidates = tf.cast(candidates, tf.int64)
+        inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
+        true_ids = tf.reshape(labels, [-1])
+        true_logits = (tf.reduce_sum(inputs * tf.nn.embedding_lookup(self.softmax_w, true_ids), axis=1)
+                       + tf.gather(self.softmax_b, true_ids) - tf.math.log(tf.reshape(true_expected, [-1])))
+        logits = ops.candidate_logits(
+            inputs, tf.nn.embedding_lookup(self.softmax_w, candidates),
+            tf.gather(self.softmax_b, candidates) - tf.math.log(candidate_expected))
+        rows, columns, _ = tf.nn.compute_accidental_hits(labels, candidates, num_true=1)
+        hits = tf.stack([tf.cast(rows, tf.int64), columns], axis=1)
+        logits = tf.tensor_scatter_nd_update(logits, hits, tf.fill(tf.shape(rows), logits.dtype.min))
+        return tf.reshape(ops.true_first_cross_entropy(true_logits, logits), tf.shape(y))
 
     def training_losses(self, outputs, y):
         if self.uses_sampled_softmax():

@@ -168,7 +168,8 @@ def run(config):
         x, y, w = next(batches)
         state, stats = trainer.step(x, y, w, state, stop_votes)
         step += 1
-        loss_sum, words, norm_sum, signal_votes, time_votes = stats.numpy()
+        loss_sum, words, norm_sum = stats.loss_sum, stats.words, stats.lstm_norm
+        signal_votes, time_votes = stats.signal_votes, stats.time_votes
         loss = loss_sum / words
         if not math.isfinite(loss):
             raise TrainingError(f"training loss is {loss} at step {step}; last checkpoint kept")

@@ -8,6 +8,7 @@ norm. Across ranks: dense gradients averaged, sparse ones summed
 summed before Adagrad sees them, since Adagrad squares what it is given.
 """
 import contextlib
+import dataclasses
 
 import tensorflow as tf
 
@@ -55,17 +56,46 @@ class ExponentialMovingAverage:
                 target.assign(value)
 
 
-class Trainer:
-    """The model, its Adagrad optimizer and EMA, and the compiled training step."""
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """What one step reports, each summed over ranks."""
+    loss_sum: float  # weighted token losses
+    words: float  # sum of the weights: real predictions
+    lstm_norm: float  # LSTM gradient global norm before clipping (sum of the ranks' norms)
+    signal_votes: float  # ranks that received SIGUSR1/SIGTERM
+    time_votes: float  # ranks past --max_time
+    exchange_bytes: float  # bytes of gradients handed to Horovod
 
-    def __init__(self, model):
+
+STAT_FIELDS = [field.name for field in dataclasses.fields(StepStats)]
+
+
+def payload_bytes(gradients):
+    """Bytes of a list of gradients as handed to Horovod: dense tensors whole, IndexedSlices as
+    their values and indices."""
+    total = tf.constant(0.0)
+    for g in gradients:
+        parts = [g.values, g.indices] if isinstance(g, tf.IndexedSlices) else [g]
+        for part in parts:
+            total += tf.cast(tf.size(part), tf.float32) * part.dtype.size
+    return total
+
+
+class Trainer:
+    """The model, its Adagrad optimizer and EMA, and the compiled training step.
+
+    `exchange=False` skips the gradient exchange (each rank applies its own gradients): the
+    bench's baseline for what the exchange costs, never a way to train."""
+
+    def __init__(self, model, exchange=True):
         hps = model.hps
         self.model = model
+        self.exchange = exchange
         self.optimizer = tf.keras.optimizers.Adagrad(
             learning_rate=hps.learning_rate, initial_accumulator_value=1.0)
         self.optimizer.build(model.all_variables)
         self.ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
-        self.step = tf.function(self._step)
+        self._compiled_step = tf.function(self._step)
 
     @property
     def global_step(self):
@@ -75,21 +105,41 @@ class Trainer:
         """What rank 0 broadcasts: weights, optimizer slots and step, EMA shadows (not row states)."""
         return self.model.all_variables + list(self.optimizer.variables) + self.ema.shadows
 
+    def step(self, x, y, w, state, stop_votes):
+        """One training step; returns the new row state and the StepStats (host numbers)."""
+        state, stats = self._compiled_step(x, y, w, state, stop_votes)
+        return state, StepStats(*(float(v) for v in stats.numpy()))
+
     def _step(self, x, y, w, state, stop_votes):
-        """Returns the new row state and, summed over ranks:
-        [loss sum, words, LSTM grad norm, signal stop votes, time-limit stop votes]."""
         model, hps = self.model, self.model.hps
         with tf.GradientTape() as tape:
             outputs, new_state = model.forward(x, state, training=True)
             token_losses = model.training_losses(outputs, y) * w
             loss = tf.reduce_sum(token_losses) / hps.batch_size
         variables = model.all_variables
-        gradients = tape.gradient(loss, variables)
         n_emb, n_lstm = len(model.embedding), len(model.lstm_variables)
+        if hps.grad_combine == "tape":
+            # Horovod's usual way: every gradient averaged over ranks, then clipped.
+            if self.exchange:
+                tape = distributed.gradient_tape(tape, hps)
+            gradients = [sum_duplicates(g) for g in tape.gradient(loss, variables)]
+            exchanged = payload_bytes(gradients)
+            lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
+            gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
+        else:
+            # The original's: LSTM gradients clipped per rank; duplicate rows summed before they
+            # are sent (Horovod gathers what it is given) and again after (ranks share rows).
+            gradients = [sum_duplicates(g) for g in tape.gradient(loss, variables)]
+            lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
+            gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
+            exchanged = payload_bytes(gradients)
+            if self.exchange and distributed.size() > 1:
+                gradients = [sum_duplicates(g) for g in distributed.combine_gradients(gradients, hps)]
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
-        lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
-        combined = distributed.combine_gradients(embedding + lstm + gradients[n_emb + n_lstm:])
-        self.optimizer.apply_gradients(zip([sum_duplicates(g) for g in combined], variables))
+        self.optimizer.apply_gradients(zip(embedding + gradients[n_emb:], variables))
         self.ema.update()
-        stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), stop_votes], 0)
+        if not self.exchange or distributed.size() == 1:
+            exchanged = tf.constant(0.0)
+        stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), stop_votes,
+                           [exchanged]], 0)
         return new_state, distributed.sum_over_ranks(stats)

@@ -96,3 +96,41 @@ def test_duplicate_rows_are_summed_before_adagrad():
     opt.apply_gradients([(merged, var)])
     expected = -0.2 * dense / np.sqrt(1.0 + dense ** 2)
     np.testing.assert_allclose(var.numpy(), expected, rtol=1e-6)
+
+
+def test_sampled_softmax_loss_and_gradients_equal_tensorflows():
+    """The hand-written sampled softmax is tf.nn.sampled_softmax_loss's math: same candidates,
+    same log-expected-count correction, same removal of accidental hits (the candidates below
+    include some targets), same gradients for the shards, the bias and the LSTM outputs."""
+    candidates = tf.constant([0, 3, 7, 11, 12, 20, 30], tf.int64)
+
+    def fixed(labels):
+        true_expected = tf.cast(tf.reshape(labels, [-1, 1]) % 5 + 1, tf.float32) / 10.0
+        return candidates, true_expected, tf.linspace(0.1, 0.9, 7)
+
+    hps = tiny(num_sampled=7)
+    model = LSTMPLanguageModel(hps, VOCAB, candidate_sampler=fixed)
+    x, y = batch(4, hps)
+    outputs, _ = model.forward(x, model.zero_state(3), training=False)
+    weights = tf.cast(tf.reshape(tf.range(hps.batch_size * hps.num_steps), y.shape), tf.float32)
+
+    def losses_and_gradients(loss_fn):
+        with tf.GradientTape() as tape:
+            tape.watch(outputs)
+            loss = tf.reduce_sum(loss_fn() * weights)
+        grads = tape.gradient(loss, model.softmax_variables + [outputs])
+        return loss, [tf.convert_to_tensor(g).numpy() for g in grads]
+
+    def tensorflows():
+        labels = tf.reshape(tf.cast(y, tf.int64), [-1, 1])
+        losses = tf.nn.sampled_softmax_loss(
+            weights=model.softmax_w, biases=model.softmax_b, labels=labels, inputs=tf.reshape(outputs, [-1, 6]),
+            num_sampled=7, num_classes=VOCAB, sampled_values=fixed(labels), remove_accidental_hits=True)
+        return tf.reshape(losses, y.shape)
+
+    assert np.isin(y, candidates.numpy()).any(), "the batch has accidental hits to remove"
+    ours, our_grads = losses_and_gradients(lambda: model.sampled_softmax_losses(outputs, y))
+    theirs, their_grads = losses_and_gradients(tensorflows)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5)
+    for a, b in zip(our_grads, their_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

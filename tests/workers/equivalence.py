@@ -54,7 +54,7 @@ def main(outdir):
             distributed.broadcast_from_root(trainer.state_variables())
     np.savez(f"{outdir}/rank{rank}.npz",
              *[v.numpy() for v in trainer.model.all_variables + trainer.ema.shadows],
-             stats=stats.numpy(), step=int(trainer.global_step))
+             step=int(trainer.global_step))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""`[horovodrun -np N] python -m lm1b_hvd.bench [--preset P] [--hpconfig k=v,...] [--vocab V] [--steps S]`
+
+Times the real training step (forward, backward, gradient exchange, Adagrad,
+EMA) on in-memory batches of Zipf-distributed word ids, so no file I/O is in
+the figure, and prints after warm-up: the median step time, words/s over all
+ranks, model FLOPs per word counted from the shapes, achieved GFLOP/s, the
+peak of a large matmul measured in this same run, their ratio (MFU), bytes
+handed to Horovod per rank per step, and peak memory per rank.
+
+Examples:
+  python -m lm1b_hvd.bench                                # LSTM-2048-512, vocabulary 793,470
+  python -m lm1b_hvd.bench --preset demo --steps 50
+  horovodrun -np 2 python -m lm1b_hvd.bench --no_exchange # the same two processes, no allreduce
+  python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from lm1b_hvd import distributed, hparams
+from lm1b_hvd.model import LSTMPLanguageModel, training_flops_per_word
+from lm1b_hvd.training import Trainer
+
+# The real lm1b vocabulary (words seen at least 3 times), and the demo corpus's.
+VOCAB_SIZES = {"default": 793_470, "small": 793_470, "demo": 2_002}
+PEAK_SIZE = 2048
+PEAK_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+
+
+def zipf_batches(hps, vocab_size, count, seed):
+    """`count` (x, y, w) batches of word ids drawn log-uniformly (Zipf's law over frequency ranks,
+    the proposal of the sampled softmax), as in running text; every position is a real word."""
+    rng = np.random.default_rng(seed)
+    shape = (hps.batch_size, hps.num_steps + 1)
+    batches = []
+    for _ in range(count):
+        ids = np.floor(np.exp(rng.uniform(0.0, np.log(vocab_size + 1.0), shape))) - 1
+        ids = np.clip(ids, 0, vocab_size - 1).astype(np.int32)
+        batches.append((ids[:, :-1], ids[:, 1:], np.ones(ids[:, 1:].shape, np.float32)))
+    return batches
+
+
+def matmul_peak(dtype, seconds=2.0):
+    """FLOP/s of a large square matmul in `dtype`, best of repeated timed runs."""
+    a = tf.random.uniform([PEAK_SIZE, PEAK_SIZE], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
+    matmul(a, a).numpy()
+    flops, best, deadline = 2.0 * PEAK_SIZE ** 3, float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        matmul(a, a).numpy()
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
+def peak_memory_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", choices=sorted(hparams.PRESETS))
+    parser.add_argument("--hpconfig", default="", help="overrides, e.g. precision=bf16,xla=true")
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="vocabulary size; default: 793,470 (real lm1b), 2,002 for demo")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, allocation)")
+    parser.add_argument("--no_exchange", action="store_true",
+                        help="skip the gradient exchange: each rank applies its own gradients")
+    parser.add_argument("--profile_dir", default="", help="write a TF profiler trace of the timed steps here")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed.init()
+    try:
+        hps = hparams.build(args.preset, args.hpconfig)
+    except hparams.HParamsError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    vocab_size = args.vocab or VOCAB_SIZES[args.preset]
+    rank, size = distributed.rank(), distributed.size()
+    say = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
+    say(f"bench: preset {args.preset}, {size} rank(s), vocabulary {vocab_size:,}, "
+        f"batch {hps.batch_size}x{hps.num_steps} per rank, exchange {'off' if args.no_exchange else 'on'}")
+    say(f"hparams: {hps.to_string()}")
+
+    trainer = Trainer(LSTMPLanguageModel(hps, vocab_size), exchange=not args.no_exchange)
+    batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
+    state = trainer.model.zero_state(hps.batch_size)
+    no_stop = tf.zeros([2])
+
+    # Warm-up: tracing, first allocations, and rank 0's weights everywhere as in training.
+    for index in range(args.warmup):
+        state, stats = trainer.step(*batches[index % len(batches)], state, no_stop)
+        if index == 0:
+            distributed.broadcast_from_root(trainer.state_variables())
+
+    distributed.sum_over_ranks(tf.zeros([1])).numpy()  # every rank measures the peak at once
+    peak = matmul_peak(PEAK_DTYPES[hps.precision])
+
+    if args.profile_dir and rank == 0:
+        tf.profiler.experimental.start(args.profile_dir)
+    times, words, exchanged = [], [], []
+    for index in range(args.steps):
+        start = time.perf_counter()
+        state, stats = trainer.step(*batches[index % len(batches)], state, no_stop)
+        times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
+        words.append(stats.words)
+        exchanged.append(stats.exchange_bytes / size)
+    if args.profile_dir and rank == 0:
+        tf.profiler.experimental.stop()
+
+    step_time = statistics.median(times)
+    words_per_step = statistics.median(words)  # all ranks together
+    flops_per_word = training_flops_per_word(hps, vocab_size)
+    achieved = words_per_step * flops_per_word / step_time
+    peaks = distributed.sum_over_ranks(tf.constant([peak, 0.0], tf.float64)).numpy()
+    memory = distributed.gather_numbers([peak_memory_bytes()])
+    say(f"step time: median {step_time * 1e3:,.0f} ms over {args.steps} steps "
+        f"(min {min(times) * 1e3:,.0f}, max {max(times) * 1e3:,.0f})")
+    say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
+        f"({words_per_step / size:,.0f} words per rank per step)")
+    say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")
+    say(f"achieved: {achieved / 1e9:,.1f} GFLOP/s | matmul peak ({hps.precision} {PEAK_SIZE}^3, "
+        f"measured now): {peaks[0] / 1e9:,.1f} GFLOP/s over {size} rank(s) | MFU {100 * achieved / peaks[0]:.1f}%")
+    if size > 1 and not args.no_exchange:
+        say(f"exchange: {statistics.median(exchanged) / 1e6:,.1f} MB handed to Horovod per rank per step")
+    say("peak memory per rank: " + ", ".join(f"{m / 2 ** 30:.2f} GiB" for m in memory))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

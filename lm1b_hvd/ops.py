@@ -1,0 +1,120 @@
+"""Differentiable pieces of the model with hand-written backwards, where autodiff is slow.
+
+What autodiff does badly here, measured on the CPU (README "Speed"):
+- a per-step LSTM cell does every weight-gradient matmul once per time step
+  with only `batch_size` rows, then adds the 20 results;
+- column sums (bias gradients) through TensorFlow's reduction run ~10x slower
+  than the same sum as a matrix-vector product;
+- the sampled softmax concatenates the true logit to the candidates' and runs
+  a generic cross-entropy over a dense one-hot label matrix.
+Each function here keeps the math of the textbook version (tests compare them
+to autodiff of it) and only changes how it is computed.
+"""
+import tensorflow as tf
+
+FORGET_BIAS = 1.0
+
+
+def column_sums(matrix):
+    """Sum over rows of a [rows, cols] matrix, as ones[1, rows] @ matrix (a fast matmul)."""
+    ones = tf.ones([1, tf.shape(matrix)[0]], matrix.dtype)
+    return tf.reshape(tf.matmul(ones, matrix), [-1])
+
+
+def _or_zeros(gradient, like):
+    return tf.zeros_like(like) if gradient is None else gradient
+
+
+def _rows(values):
+    """A list of [batch, n] tensors (one per step) as one [steps * batch, n] matrix."""
+    return tf.reshape(tf.stack(values), [-1, values[0].shape[-1]])
+
+
+@tf.custom_gradient
+def lstmp_layer(inputs, c, h, weight, bias, projection):
+    """One LSTM-with-projection layer over a whole window.
+
+    inputs [steps, batch, in] (time-major), state c [batch, state] and h [batch, proj]; the
+    weight is the original's [in + proj, 4 * state] matrix, gates in the order i, j, f, o.
+    Returns outputs [steps, batch, proj] and the state after the last step. Only the recurrent
+    matmul and the projection are per step; the input half of the gates is one matmul over all
+    steps, and so is every weight gradient in the backward. The incoming state is the carried
+    state of truncated BPTT and gets no gradient (zeros)."""
+    steps, in_size = inputs.shape[0], inputs.shape[2]
+    batch = tf.shape(inputs)[1]
+    input_weight, recurrent_weight = weight[:in_size], weight[in_size:]
+    input_gates = tf.reshape(
+        tf.matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1])
+    c_prev, h_prev, gate_values, cells, memories, outputs = [], [], [], [], [], []
+    for t in range(steps):
+        gates = input_gates[t] + tf.matmul(h, recurrent_weight)
+        i, j, f, o = tf.split(gates, 4, axis=1)
+        i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + FORGET_BIAS), tf.sigmoid(o)
+        c_prev.append(c)
+        h_prev.append(h)
+        c = f * c + i * j
+        memory = o * tf.tanh(c)
+        h = tf.matmul(memory, projection)
+        gate_values.append((i, j, f, o))
+        cells.append(c)
+        memories.append(memory)
+        outputs.append(h)
+
+    def backward(d_outputs, d_c_last, d_h_last):
+        d_c = _or_zeros(d_c_last, c)
+        d_h_next = _or_zeros(d_h_last, h)
+        d_gates, d_hs = [None] * steps, [None] * steps
+        for t in reversed(range(steps)):
+            i, j, f, o = gate_values[t]
+            d_h = d_outputs[t] + d_h_next
+            d_hs[t] = d_h
+            d_memory = tf.matmul(d_h, projection, transpose_b=True)
+            tanh_c = tf.tanh(cells[t])
+            d_c = d_c + d_memory * o * (1.0 - tf.square(tanh_c))
+            d_i = d_c * j * i * (1.0 - i)
+            d_j = d_c * i * (1.0 - tf.square(j))
+            d_f = d_c * c_prev[t] * f * (1.0 - f)
+            d_o = d_memory * tanh_c * o * (1.0 - o)
+            d_gates[t] = tf.concat([d_i, d_j, d_f, d_o], axis=1)
+            d_c = d_c * f
+            d_h_next = tf.matmul(d_gates[t], recurrent_weight, transpose_b=True)
+        all_d_gates = _rows(d_gates)
+        layer_inputs = tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1)
+        d_weight = tf.matmul(layer_inputs, all_d_gates, transpose_a=True)
+        d_projection = tf.matmul(_rows(memories), _rows(d_hs), transpose_a=True)
+        d_inputs = tf.reshape(tf.matmul(all_d_gates, input_weight, transpose_b=True), tf.shape(inputs))
+        return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight,
+                column_sums(all_d_gates), d_projection)
+
+    return (tf.stack(outputs), c, h), backward
+
+
+@tf.custom_gradient
+def candidate_logits(inputs, weights, biases):
+    """inputs [n, dim] @ weights[k, dim]^T + biases[k]: the logits of k shared candidates."""
+    logits = tf.matmul(inputs, weights, transpose_b=True) + biases
+
+    def backward(d_logits):
+        # The weight gradient as one [dim, n] @ [n, k] matmul, transposed once (faster than
+        # the [k, n] @ [n, dim] autodiff would do).
+        d_weights = tf.transpose(tf.matmul(inputs, d_logits, transpose_a=True))
+        return tf.matmul(d_logits, weights), d_weights, column_sums(d_logits)
+
+    return logits, backward
+
+
+@tf.custom_gradient
+def true_first_cross_entropy(true_logits, candidate_logits_):
+    """Per-row cross-entropy of a softmax over [true logit, candidate logits] whose label is the
+    true one: logsumexp(all) - true, without building the [n, k + 1] matrix or a one-hot label."""
+    top = tf.maximum(tf.reduce_max(candidate_logits_, axis=1), true_logits)
+    candidate_exp = tf.exp(candidate_logits_ - top[:, None])
+    true_exp = tf.exp(true_logits - top)
+    total = tf.reduce_sum(candidate_exp, axis=1) + true_exp
+    losses = tf.math.log(total) + top - true_logits
+
+    def backward(d_losses):
+        scale = d_losses / total
+        return true_exp * scale - d_losses, candidate_exp * scale[:, None]
+
+    return losses, backward
