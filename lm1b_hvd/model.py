@@ -7,16 +7,37 @@ The full softmax used for evaluation concatenates the blocks in the same
 order and trims the padding, so both losses see the same logit for a word.
 """
 import math
+import typing
 
+import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd import ops
 
 
 def _uniform(shape, fan_in, seed):
-    """Unit-scaling uniform initial values (variance 1 / fan_in), seeded so ranks agree."""
+    """Unit-scaling uniform initial values (variance 1 / fan_in), seeded so ranks agree.
+
+    Drawn with numpy, in place, in fp32: TensorFlow's CPU allocator keeps the memory of the
+    temporaries an initializer op makes, ~0.7 GiB for the default model's 16 shards."""
     limit = math.sqrt(3.0 / fan_in)
-    return tf.keras.initializers.RandomUniform(-limit, limit, seed=seed)(shape)
+    values = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    values *= 2.0 * limit
+    values -= limit
+    return values
+
+
+COMPUTE_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+
+
+class SoftmaxRows(typing.NamedTuple):
+    """Rows of the sharded softmax that one batch's sampled softmax uses."""
+    true_ids: tf.Tensor  # [tokens] target word of each token
+    candidates: tf.Tensor  # [num_sampled] shared candidate words
+    true_w: tf.Tensor  # [tokens, projected_size]
+    true_b: tf.Tensor  # [tokens], minus log expected count
+    candidate_w: tf.Tensor  # [num_sampled, projected_size]
+    candidate_b: tf.Tensor  # [num_sampled], minus log expected count
 
 
 def training_flops_per_word(hps, vocab_size):
@@ -80,23 +101,35 @@ class LSTMPLanguageModel(tf.Module):
         return [(tf.zeros([batch_size, self.hps.state_size]), tf.zeros([batch_size, self.hps.projected_size]))
                 for _ in range(self.hps.num_layers)]
 
+    @property
+    def compute_dtype(self):
+        """The dtype of the matmuls; weights, the cell state and the losses stay fp32."""
+        return COMPUTE_DTYPES[self.hps.precision]
+
     def _dropout(self, values, training):
         if training and self.hps.keep_prob < 1.0:
             return tf.nn.dropout(values, rate=1.0 - self.hps.keep_prob)
         return values
 
-    def forward(self, x, state, training):
-        """LSTM outputs [batch, steps, projected_size] and the state after the last step.
+    def embed(self, x):
+        """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size]."""
+        return tf.nn.embedding_lookup(self.embedding, tf.transpose(x))
 
-        The layers run time-major ([steps, batch, ...]): each step's rows are contiguous."""
-        inputs = self._dropout(tf.nn.embedding_lookup(self.embedding, tf.transpose(x)), training)
+    def run_layers(self, embedded, state, training):
+        """LSTM outputs [batch, steps, projected_size] of time-major embeddings, and the state
+        after the last step. Time-major inside: each step's rows are contiguous."""
+        inputs = self._dropout(embedded, training)
         new_state = []
         for layer, (c, h) in enumerate(state):
             outputs, c, h = ops.lstmp_layer(inputs, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
-                                        self.lstm_projections[layer])
+                                            self.lstm_projections[layer], self.compute_dtype)
             inputs = self._dropout(outputs, training)
             new_state.append((c, h))
         return tf.transpose(inputs, [1, 0, 2]), new_state
+
+    def forward(self, x, state, training):
+        """LSTM outputs [batch, steps, projected_size] and the state after the last step."""
+        return self.run_layers(self.embed(x), state, training)
 
     def softmax_matrix(self):
         """The shards concatenated in "div" order, padding trimmed: [vocab_size, projected_size]."""
@@ -124,25 +157,35 @@ class LSTMPLanguageModel(tf.Module):
             true_classes=labels, num_true=1, num_sampled=self.hps.num_sampled, unique=True,
             range_max=self.vocab_size)
 
-    def sampled_softmax_losses(self, outputs, y):
-        """Per-token sampled-softmax loss [batch, steps]: tf.nn.sampled_softmax_loss's math
-        (log-uniform candidates shared by all tokens, logits corrected by log expected counts,
-        accidental hits removed), computed with the hand-written pieces of `ops`."""
+    def softmax_rows(self, y):
+        """The sampled softmax's gathered rows for targets `y` [batch, steps]: what the loss needs
+        from the sharded matrices, gathered outside any compiled part (gathers over shards give
+        the sparse gradients). Biases carry the log-expected-count correction."""
         labels = tf.reshape(tf.cast(y, tf.int64), [-1, 1])
         candidates, true_expected, candidate_expected = (
             tf.stop_gradient(v) for v in self.sample_candidates(labels))
         candidates = tf.cast(candidates, tf.int64)
-        inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
         true_ids = tf.reshape(labels, [-1])
-        true_logits = (tf.reduce_sum(inputs * tf.nn.embedding_lookup(self.softmax_w, true_ids), axis=1)
-                       + tf.gather(self.softmax_b, true_ids) - tf.math.log(tf.reshape(true_expected, [-1])))
-        logits = ops.candidate_logits(
-            inputs, tf.nn.embedding_lookup(self.softmax_w, candidates),
-            tf.gather(self.softmax_b, candidates) - tf.math.log(candidate_expected))
-        rows, columns, _ = tf.nn.compute_accidental_hits(labels, candidates, num_true=1)
-        hits = tf.stack([tf.cast(rows, tf.int64), columns], axis=1)
-        logits = tf.tensor_scatter_nd_update(logits, hits, tf.fill(tf.shape(rows), logits.dtype.min))
-        return tf.reshape(ops.true_first_cross_entropy(true_logits, logits), tf.shape(y))
+        return SoftmaxRows(
+            true_ids=true_ids, candidates=candidates,
+            true_w=tf.nn.embedding_lookup(self.softmax_w, true_ids),
+            true_b=tf.gather(self.softmax_b, true_ids) - tf.math.log(tf.reshape(true_expected, [-1])),
+            candidate_w=tf.nn.embedding_lookup(self.softmax_w, candidates),
+            candidate_b=tf.gather(self.softmax_b, candidates) - tf.math.log(candidate_expected))
+
+    def sampled_losses(self, outputs, rows):
+        """Per-token sampled-softmax loss [batch, steps] from the gathered `rows`:
+        tf.nn.sampled_softmax_loss's math (candidates shared by all tokens, accidental hits
+        removed), computed with the hand-written pieces of `ops`."""
+        inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
+        true_logits = tf.reduce_sum(inputs * rows.true_w, axis=1) + rows.true_b
+        logits = ops.candidate_logits(inputs, rows.candidate_w, rows.candidate_b, self.compute_dtype)
+        hits = tf.equal(rows.true_ids[:, None], rows.candidates[None, :])
+        logits = tf.where(hits, logits.dtype.min, logits)
+        return tf.reshape(ops.true_first_cross_entropy(true_logits, logits), tf.shape(outputs)[:2])
+
+    def sampled_softmax_losses(self, outputs, y):
+        return self.sampled_losses(outputs, self.softmax_rows(y))
 
     def training_losses(self, outputs, y):
         if self.uses_sampled_softmax():

@@ -10,9 +10,18 @@ What autodiff does badly here, measured on the CPU (README "Speed"):
 Each function here keeps the math of the textbook version (tests compare them
 to autodiff of it) and only changes how it is computed.
 """
+import functools
+
 import tensorflow as tf
 
 FORGET_BIAS = 1.0
+
+
+def _matmul(a, b, dtype, **kwargs):
+    """a @ b with both operands in `dtype` (bf16/fp16 under mixed precision), the product fp32."""
+    if dtype == tf.float32:
+        return tf.matmul(a, b, **kwargs)
+    return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **kwargs), tf.float32)
 
 
 def column_sums(matrix):
@@ -30,8 +39,14 @@ def _rows(values):
     return tf.reshape(tf.stack(values), [-1, values[0].shape[-1]])
 
 
-@tf.custom_gradient
-def lstmp_layer(inputs, c, h, weight, bias, projection):
+def _transposed(matrix):
+    """matrix^T as its own tensor: oneDNN multiplies by a stored [k, n] matrix ~1.5x faster than
+    by a transposed [n, k] one at these shapes. The Snapshot keeps Grappler from folding the
+    transpose back into the matmul."""
+    return tf.raw_ops.Snapshot(input=tf.transpose(matrix))
+
+
+def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32):
     """One LSTM-with-projection layer over a whole window.
 
     inputs [steps, batch, in] (time-major), state c [batch, state] and h [batch, proj]; the
@@ -39,22 +54,39 @@ def lstmp_layer(inputs, c, h, weight, bias, projection):
     Returns outputs [steps, batch, proj] and the state after the last step. Only the recurrent
     matmul and the projection are per step; the input half of the gates is one matmul over all
     steps, and so is every weight gradient in the backward. The incoming state is the carried
-    state of truncated BPTT and gets no gradient (zeros)."""
+    state of truncated BPTT and gets no gradient (zeros). Under mixed precision the matmul
+    operands are `compute_dtype`; the gates, the cell state and every gradient stay fp32."""
+    return _lstmp_layer(tf.as_dtype(compute_dtype))(inputs, c, h, weight, bias, projection)
+
+
+@functools.lru_cache(maxsize=None)
+def _lstmp_layer(dtype):
+    """The custom-gradient layer for one compute dtype (custom gradients take only tensors)."""
+    matmul = functools.partial(_matmul, dtype=dtype)
+    cast = (lambda t: t) if dtype == tf.float32 else (lambda t: tf.cast(t, dtype))
+
+    @tf.custom_gradient
+    def layer(inputs, c, h, weight, bias, projection):
+        return _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection)
+
+    return layer
+
+
+def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection):
     steps, in_size = inputs.shape[0], inputs.shape[2]
     batch = tf.shape(inputs)[1]
-    input_weight, recurrent_weight = weight[:in_size], weight[in_size:]
-    input_gates = tf.reshape(
-        tf.matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1])
+    input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
+    input_gates = tf.reshape(matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1])
     c_prev, h_prev, gate_values, cells, memories, outputs = [], [], [], [], [], []
     for t in range(steps):
-        gates = input_gates[t] + tf.matmul(h, recurrent_weight)
+        gates = input_gates[t] + matmul(h, recurrent_weight)
         i, j, f, o = tf.split(gates, 4, axis=1)
         i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + FORGET_BIAS), tf.sigmoid(o)
         c_prev.append(c)
         h_prev.append(h)
         c = f * c + i * j
         memory = o * tf.tanh(c)
-        h = tf.matmul(memory, projection)
+        h = matmul(memory, projection_)
         gate_values.append((i, j, f, o))
         cells.append(c)
         memories.append(memory)
@@ -64,11 +96,12 @@ def lstmp_layer(inputs, c, h, weight, bias, projection):
         d_c = _or_zeros(d_c_last, c)
         d_h_next = _or_zeros(d_h_last, h)
         d_gates, d_hs = [None] * steps, [None] * steps
+        projection_t, recurrent_t = _transposed(projection_), _transposed(recurrent_weight)
         for t in reversed(range(steps)):
             i, j, f, o = gate_values[t]
             d_h = d_outputs[t] + d_h_next
             d_hs[t] = d_h
-            d_memory = tf.matmul(d_h, projection, transpose_b=True)
+            d_memory = matmul(d_h, projection_t)
             tanh_c = tf.tanh(cells[t])
             d_c = d_c + d_memory * o * (1.0 - tf.square(tanh_c))
             d_i = d_c * j * i * (1.0 - i)
@@ -77,38 +110,49 @@ def lstmp_layer(inputs, c, h, weight, bias, projection):
             d_o = d_memory * tanh_c * o * (1.0 - o)
             d_gates[t] = tf.concat([d_i, d_j, d_f, d_o], axis=1)
             d_c = d_c * f
-            d_h_next = tf.matmul(d_gates[t], recurrent_weight, transpose_b=True)
+            d_h_next = matmul(d_gates[t], recurrent_t)
         all_d_gates = _rows(d_gates)
         layer_inputs = tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1)
-        d_weight = tf.matmul(layer_inputs, all_d_gates, transpose_a=True)
-        d_projection = tf.matmul(_rows(memories), _rows(d_hs), transpose_a=True)
-        d_inputs = tf.reshape(tf.matmul(all_d_gates, input_weight, transpose_b=True), tf.shape(inputs))
+        d_weight = matmul(layer_inputs, all_d_gates, transpose_a=True)
+        d_projection = matmul(_rows(memories), _rows(d_hs), transpose_a=True)
+        d_inputs = tf.reshape(matmul(all_d_gates, _transposed(input_weight)), tf.shape(inputs))
         return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight,
                 column_sums(all_d_gates), d_projection)
 
     return (tf.stack(outputs), c, h), backward
 
 
+def candidate_logits(inputs, weights, biases, compute_dtype=tf.float32):
+    """inputs [n, dim] @ weights[k, dim]^T + biases[k]: the logits of k shared candidates,
+    fp32, from operands in `compute_dtype`."""
+    return _candidate_logits(tf.as_dtype(compute_dtype))(inputs, weights, biases)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_logits(dtype):
+    matmul = functools.partial(_matmul, dtype=dtype)
+
+    @tf.custom_gradient
+    def logits_of(inputs, weights, biases):
+        logits = matmul(inputs, weights, transpose_b=True) + biases
+
+        def backward(d_logits):
+            # The weight gradient as one [dim, n] @ [n, k] matmul, transposed once (faster than
+            # the [k, n] @ [n, dim] autodiff would do).
+            d_weights = tf.transpose(matmul(inputs, d_logits, transpose_a=True))
+            return matmul(d_logits, weights), d_weights, column_sums(d_logits)
+
+        return logits, backward
+
+    return logits_of
+
+
 @tf.custom_gradient
-def candidate_logits(inputs, weights, biases):
-    """inputs [n, dim] @ weights[k, dim]^T + biases[k]: the logits of k shared candidates."""
-    logits = tf.matmul(inputs, weights, transpose_b=True) + biases
-
-    def backward(d_logits):
-        # The weight gradient as one [dim, n] @ [n, k] matmul, transposed once (faster than
-        # the [k, n] @ [n, dim] autodiff would do).
-        d_weights = tf.transpose(tf.matmul(inputs, d_logits, transpose_a=True))
-        return tf.matmul(d_logits, weights), d_weights, column_sums(d_logits)
-
-    return logits, backward
-
-
-@tf.custom_gradient
-def true_first_cross_entropy(true_logits, candidate_logits_):
+def true_first_cross_entropy(true_logits, logits):
     """Per-row cross-entropy of a softmax over [true logit, candidate logits] whose label is the
     true one: logsumexp(all) - true, without building the [n, k + 1] matrix or a one-hot label."""
-    top = tf.maximum(tf.reduce_max(candidate_logits_, axis=1), true_logits)
-    candidate_exp = tf.exp(candidate_logits_ - top[:, None])
+    top = tf.maximum(tf.reduce_max(logits, axis=1), true_logits)
+    candidate_exp = tf.exp(logits - top[:, None])
     true_exp = tf.exp(true_logits - top)
     total = tf.reduce_sum(candidate_exp, axis=1) + true_exp
     losses = tf.math.log(total) + top - true_logits

@@ -94,7 +94,14 @@ class Trainer:
         self.optimizer = tf.keras.optimizers.Adagrad(
             learning_rate=hps.learning_rate, initial_accumulator_value=1.0)
         self.optimizer.build(model.all_variables)
+        # fp16 needs dynamic loss scaling; its state is not checkpointed (it re-adapts in steps).
+        self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer)
+                            if hps.precision == "fp16" else None)
         self.ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
+        # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
+        # backward. Gathers from the shards, candidate sampling and the exchange stay outside.
+        self._token_losses_fn = (tf.function(self._token_losses, jit_compile=True) if hps.xla
+                                 else self._token_losses)
         self._compiled_step = tf.function(self._step)
 
     @property
@@ -110,36 +117,49 @@ class Trainer:
         state, stats = self._compiled_step(x, y, w, state, stop_votes)
         return state, StepStats(*(float(v) for v in stats.numpy()))
 
-    def _step(self, x, y, w, state, stop_votes):
+    def _token_losses(self, embedded, state, softmax_rows, y, w):
+        """Weighted per-token training losses [batch, steps] and the new row state."""
+        model = self.model
+        outputs, new_state = model.run_layers(embedded, state, training=True)
+        if softmax_rows is None:
+            losses = model.full_softmax_losses(outputs, y)
+        else:
+            losses = model.sampled_losses(outputs, softmax_rows)
+        return losses * w, new_state
+
+    def _gradients(self, x, y, w, state):
+        """(token losses, new state, gradients of every variable, unscaled), under one tape; with
+        grad_combine=tape the tape is Horovod's and the gradients come back averaged."""
         model, hps = self.model, self.model.hps
         with tf.GradientTape() as tape:
-            outputs, new_state = model.forward(x, state, training=True)
-            token_losses = model.training_losses(outputs, y) * w
+            softmax_rows = model.softmax_rows(y) if model.uses_sampled_softmax() else None
+            token_losses, new_state = self._token_losses_fn(model.embed(x), state, softmax_rows, y, w)
             loss = tf.reduce_sum(token_losses) / hps.batch_size
-        variables = model.all_variables
+            if self.loss_scaler:
+                loss = self.loss_scaler.get_scaled_loss(loss)
+        if hps.grad_combine == "tape" and self.exchange:
+            tape = distributed.gradient_tape(tape, hps)
+        gradients = tape.gradient(loss, model.all_variables)
+        if self.loss_scaler:
+            gradients = self.loss_scaler.get_unscaled_gradients(gradients)
+        return token_losses, new_state, [sum_duplicates(g) for g in gradients]
+
+    def _step(self, x, y, w, state, stop_votes):
+        model, hps = self.model, self.model.hps
+        token_losses, new_state, gradients = self._gradients(x, y, w, state)
         n_emb, n_lstm = len(model.embedding), len(model.lstm_variables)
-        if hps.grad_combine == "tape":
-            # Horovod's usual way: every gradient averaged over ranks, then clipped.
-            if self.exchange:
-                tape = distributed.gradient_tape(tape, hps)
-            gradients = [sum_duplicates(g) for g in tape.gradient(loss, variables)]
-            exchanged = payload_bytes(gradients)
-            lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
-            gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
-        else:
-            # The original's: LSTM gradients clipped per rank; duplicate rows summed before they
-            # are sent (Horovod gathers what it is given) and again after (ranks share rows).
-            gradients = [sum_duplicates(g) for g in tape.gradient(loss, variables)]
-            lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
-            gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
-            exchanged = payload_bytes(gradients)
-            if self.exchange and distributed.size() > 1:
-                gradients = [sum_duplicates(g) for g in distributed.combine_gradients(gradients, hps)]
+        exchange = self.exchange and distributed.size() > 1
+        # rank_clip (the original): LSTM gradients clipped per rank, then exchanged; duplicate
+        # rows were summed before sending (Horovod gathers what it is given) and are again after
+        # (ranks share rows). tape: Horovod already averaged everything; clip after.
+        exchanged = payload_bytes(gradients) if exchange else tf.constant(0.0)
+        lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
+        gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
+        if exchange and hps.grad_combine == "rank_clip":
+            gradients = [sum_duplicates(g) for g in distributed.combine_gradients(gradients, hps)]
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
-        self.optimizer.apply_gradients(zip(embedding + gradients[n_emb:], variables))
+        (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
-        if not self.exchange or distributed.size() == 1:
-            exchanged = tf.constant(0.0)
         stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), stop_votes,
                            [exchanged]], 0)
         return new_state, distributed.sum_over_ranks(stats)
