@@ -65,6 +65,7 @@ class StepStats:
     signal_votes: float  # ranks that received SIGUSR1/SIGTERM
     time_votes: float  # ranks past --max_time
     exchange_bytes: float  # bytes of gradients handed to Horovod
+    duplicate_bytes: float  # bytes more it would have been without summing duplicate rows first
 
 
 STAT_FIELDS = [field.name for field in dataclasses.fields(StepStats)]
@@ -142,17 +143,23 @@ class Trainer:
         gradients = tape.gradient(loss, model.all_variables)
         if self.loss_scaler:
             gradients = self.loss_scaler.get_unscaled_gradients(gradients)
-        return token_losses, new_state, [sum_duplicates(g) for g in gradients]
+        return token_losses, new_state, gradients
 
     def _step(self, x, y, w, state, stop_votes):
         model, hps = self.model, self.model.hps
-        token_losses, new_state, gradients = self._gradients(x, y, w, state)
+        token_losses, new_state, raw = self._gradients(x, y, w, state)
+        gradients = [sum_duplicates(g) for g in raw]
         n_emb, n_lstm = len(model.embedding), len(model.lstm_variables)
         exchange = self.exchange and distributed.size() > 1
         # rank_clip (the original): LSTM gradients clipped per rank, then exchanged; duplicate
-        # rows were summed before sending (Horovod gathers what it is given) and are again after
+        # rows are summed before sending (Horovod gathers what it is given) and again after
         # (ranks share rows). tape: Horovod already averaged everything; clip after.
-        exchanged = payload_bytes(gradients) if exchange else tf.constant(0.0)
+        exchanged, duplicates = tf.constant(0.0), tf.constant(0.0)
+        if exchange and hps.grad_combine == "rank_clip":
+            exchanged = payload_bytes(gradients)
+            duplicates = payload_bytes(raw) - exchanged
+        elif exchange:  # what the tape gathered from all ranks, as a mean per rank
+            exchanged = payload_bytes(raw) / distributed.size()
         lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
         gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
         if exchange and hps.grad_combine == "rank_clip":
@@ -161,5 +168,5 @@ class Trainer:
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
         stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), stop_votes,
-                           [exchanged]], 0)
+                           [exchanged, duplicates]], 0)
         return new_state, distributed.sum_over_ranks(stats)
