@@ -22,6 +22,7 @@ setup(
             "lm1b-evaluate=lm1b_hvd.evaluate:main",
             "lm1b-prepare-data=lm1b_hvd.prepare_data:main",
             "lm1b-benchmark-data=lm1b_hvd.benchmark_data:main",
+            "lm1b-bench=lm1b_hvd.bench:main",
         ]
     },
 )

@@ -87,6 +87,8 @@ class Run:
         self.is_root = distributed.is_root()
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         self.hps = hparams.build(config.preset, config.hpconfig)
+        # Candidate draws and dropout masks: the same on each run of a command, distinct per rank.
+        tf.random.set_seed(self.hps.seed * 1000 + self.rank)
         self.vocab = vocab.load(os.path.join(self.datadir, data.VOCAB_FILE))
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.is_root)
         self.train_data = data.ShardedDataset.for_rank(self.datadir, "train", self.vocab, self.rank, self.size)

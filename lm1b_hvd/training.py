@@ -96,7 +96,8 @@ class Trainer:
             learning_rate=hps.learning_rate, initial_accumulator_value=1.0)
         self.optimizer.build(model.all_variables)
         # fp16 needs dynamic loss scaling; its state is not checkpointed (it re-adapts in steps).
-        self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer)
+        # Keras starts at 2^15, where this model's first steps overflow and are skipped.
+        self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
                             if hps.precision == "fp16" else None)
         self.ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
         # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
