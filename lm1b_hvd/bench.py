@@ -128,8 +128,8 @@ def main(argv=None):
     achieved = words_per_step * flops_per_word / step_time
     peaks = distributed.sum_over_ranks(tf.constant([peak, 0.0], tf.float64)).numpy()
     memory = distributed.gather_numbers([peak_memory_bytes()])
-    say(f"step time: median {step_time * 1e3:,.0f} ms over {args.steps} steps "
-        f"(min {min(times) * 1e3:,.0f}, max {max(times) * 1e3:,.0f})")
+    say(f"step time: median {step_time * 1e3:,.1f} ms over {args.steps} steps "
+        f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")
     say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")

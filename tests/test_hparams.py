@@ -28,6 +28,8 @@ def test_override_string_of_the_original_is_typed():
     ("num_layers", "not of the form key=value"),
     ("keep_prob=0", "'keep_prob' must be in (0, 1]"),
     ("batch_size=0", "'batch_size' must be >= 1"),
+    ("precision=fp8", "hparam 'precision' expects one of fp32, bf16, fp16, got 'fp8'"),
+    ("grad_combine=adasum", "hparam 'grad_combine' expects one of rank_clip, tape, got 'adasum'"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(hparams.HParamsError) as err:
@@ -39,3 +41,11 @@ def test_bad_overrides_name_the_key(override, message):
 def test_unknown_preset():
     with pytest.raises(hparams.HParamsError, match="unknown preset 'huge'"):
         hparams.build("huge")
+
+
+def test_speed_options_are_off_by_default_and_typed():
+    hps = hparams.build("default")
+    assert (hps.precision, hps.xla, hps.grad_combine, hps.sparse_as_dense, hps.fp16_allreduce) == (
+        "fp32", False, "rank_clip", False, False)
+    hps = hparams.build("default", "precision=bf16,xla=true,grad_combine=tape,fp16_allreduce=true")
+    assert (hps.precision, hps.xla, hps.grad_combine, hps.fp16_allreduce) == ("bf16", True, "tape", True)

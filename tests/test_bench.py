@@ -1,0 +1,69 @@
+"""`python -m lm1b_hvd.bench`: its figures, alone and under horovodrun, with and without the exchange."""
+import re
+import sys
+
+import pytest
+
+from lm1b_hvd import hparams
+from lm1b_hvd.model import training_flops_per_word
+from tests.conftest import run
+from tests.test_multiprocess import horovodrun
+
+TINY = ["--preset", "demo", "--hpconfig", "batch_size=8,state_size=64,projected_size=32,emb_size=32,num_sampled=64",
+        "--vocab", "500", "--steps", "3", "--warmup", "1"]
+
+
+def test_flops_per_word_of_the_original_model():
+    """DESIGN's cost model: ~82 MFLOP per trained word for LSTM-2048-512 with 8192 candidates."""
+    hps = hparams.build("default")
+    forward = (512 + 512) * 4 * 2048 + 2048 * 512 + (8192 + 1) * 512
+    assert training_flops_per_word(hps, 793_470) == 6 * forward == pytest.approx(81.8e6, rel=1e-3)
+    assert training_flops_per_word(hps.replace(num_sampled=0), 1000) == 6 * (forward - 8193 * 512 + 1000 * 512)
+
+
+def figures(stdout):
+    prefix = r"(?:\[0\]<stdout>:)?"
+    step_ms = float(re.search(prefix + r"step time: median ([\d,.]+) ms", stdout).group(1).replace(",", ""))
+    words = float(re.search(prefix + r"words/s: ([\d,]+) over (\d+) rank", stdout).group(1).replace(",", ""))
+    achieved, peak, mfu = (float(v.replace(",", "")) for v in re.search(
+        r"achieved: ([\d,.]+) GFLOP/s \| matmul peak \(fp32 2048\^3, measured now\): ([\d,.]+) GFLOP/s"
+        r" over \d+ rank\(s\) \| MFU ([\d.]+)%", stdout).groups())
+    memory = [float(m) for m in re.findall(r"([\d.]+) GiB", stdout.split("peak memory per rank:")[1])]
+    return step_ms, words, achieved, peak, mfu, memory
+
+
+def test_one_process_prints_consistent_figures():
+    result = run([sys.executable, "-m", "lm1b_hvd.bench", *TINY])
+    assert result.returncode == 0, result.stderr[-3000:]
+    step_ms, words, achieved, peak, mfu, memory = figures(result.stdout)
+    hps = hparams.build("demo", TINY[3])
+    assert words == pytest.approx(hps.batch_size * hps.num_steps / (step_ms / 1e3), rel=0.02)
+    flops = training_flops_per_word(hps, 500)
+    assert f"model FLOPs per word: {flops / 1e6:,.1f} M" in result.stdout
+    assert achieved == pytest.approx(words * flops / 1e9, rel=0.02)
+    assert peak > 1.0 and mfu == pytest.approx(100 * achieved / peak, abs=0.1)
+    assert len(memory) == 1 and 0.1 < memory[0] < 8
+    assert "exchange:" not in result.stdout, "one process exchanges nothing"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_two_ranks_report_the_exchange_and_every_rank_memory(exchange):
+    result = horovodrun(["-m", "lm1b_hvd.bench", *TINY, *([] if exchange else ["--no_exchange"])])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, words, *_, memory = figures(result.stdout)
+    assert re.search(r"words/s: [\d,]+ over 2 rank\(s\) \(160 words per rank per step\)", result.stdout)
+    assert len(memory) == 2, "peak memory of each rank"
+    handed = re.search(r"exchange: ([\d.]+) MB of gradients handed to Horovod per rank per step "
+                       r"\(summing duplicate rows first saved ([\d.]+) MB\)", result.stdout)
+    if not exchange:
+        assert handed is None and "exchange off" in result.stdout
+        return
+    # At least the dense LSTM gradients: (32 + 32) x 256 + 256 + 64 x 32 floats.
+    assert float(handed.group(1)) >= ((32 + 32) * 256 + 256 + 64 * 32) * 4 / 1e6 - 0.05
+
+
+def test_bad_hparam_is_a_one_line_error():
+    result = run([sys.executable, "-m", "lm1b_hvd.bench", "--hpconfig", "precision=fp64"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: hparam 'precision' expects one of fp32, bf16, fp16, got 'fp64'")
