@@ -38,10 +38,13 @@ def _set_threads_per_rank():
     """Without this every rank starts one thread per core of the machine, and N ranks on a node
     oversubscribe it N times. TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS still win."""
     cores = cores_per_rank()
-    if "TF_NUM_INTRAOP_THREADS" not in os.environ:
-        tf.config.threading.set_intra_op_parallelism_threads(cores)
-    if "TF_NUM_INTEROP_THREADS" not in os.environ:
-        tf.config.threading.set_inter_op_parallelism_threads(min(cores, 2))
+    try:
+        if "TF_NUM_INTRAOP_THREADS" not in os.environ:
+            tf.config.threading.set_intra_op_parallelism_threads(cores)
+        if "TF_NUM_INTEROP_THREADS" not in os.environ:
+            tf.config.threading.set_inter_op_parallelism_threads(min(cores, 2))
+    except RuntimeError:
+        pass  # TensorFlow already made its pools (it ran an op before init): they stay as they are
 
 
 def rank():
