@@ -68,9 +68,6 @@ class StepStats:
     duplicate_bytes: float  # bytes more it would have been without summing duplicate rows first
 
 
-STAT_FIELDS = [field.name for field in dataclasses.fields(StepStats)]
-
-
 def payload_bytes(gradients):
     """Bytes of a list of gradients as handed to Horovod: dense tensors whole, IndexedSlices as
     their values and indices."""
