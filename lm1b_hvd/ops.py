@@ -77,7 +77,7 @@ def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection
     batch = tf.shape(inputs)[1]
     input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
     input_gates = tf.reshape(matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1])
-    c_prev, h_prev, gate_values, cells, memories, outputs = [], [], [], [], [], []
+    c_prev, h_prev, gate_values, tanh_cells, memories, outputs = [], [], [], [], [], []
     for t in range(steps):
         gates = input_gates[t] + matmul(h, recurrent_weight)
         i, j, f, o = tf.split(gates, 4, axis=1)
@@ -85,10 +85,10 @@ def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection
         c_prev.append(c)
         h_prev.append(h)
         c = f * c + i * j
-        memory = o * tf.tanh(c)
+        tanh_cells.append(tf.tanh(c))
+        memory = o * tanh_cells[-1]
         h = matmul(memory, projection_)
         gate_values.append((i, j, f, o))
-        cells.append(c)
         memories.append(memory)
         outputs.append(h)
 
@@ -102,7 +102,7 @@ def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection
             d_h = d_outputs[t] + d_h_next
             d_hs[t] = d_h
             d_memory = matmul(d_h, projection_t)
-            tanh_c = tf.tanh(cells[t])
+            tanh_c = tanh_cells[t]
             d_c = d_c + d_memory * o * (1.0 - tf.square(tanh_c))
             d_i = d_c * j * i * (1.0 - i)
             d_j = d_c * i * (1.0 - tf.square(j))
