@@ -126,7 +126,7 @@ def main(argv=None):
     words_per_step = statistics.median(words)  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
-    peaks = distributed.sum_over_ranks(tf.constant([peak, 0.0], tf.float64)).numpy()
+    peak_all_ranks = sum(distributed.gather_numbers([peak]))
     memory = distributed.gather_numbers([peak_memory_bytes()])
     say(f"step time: median {step_time * 1e3:,.1f} ms over {args.steps} steps "
         f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
@@ -134,7 +134,8 @@ def main(argv=None):
         f"({words_per_step / size:,.0f} words per rank per step)")
     say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")
     say(f"achieved: {achieved / 1e9:,.1f} GFLOP/s | matmul peak ({hps.precision} {PEAK_SIZE}^3, "
-        f"measured now): {peaks[0] / 1e9:,.1f} GFLOP/s over {size} rank(s) | MFU {100 * achieved / peaks[0]:.1f}%")
+        f"measured now): {peak_all_ranks / 1e9:,.1f} GFLOP/s over {size} rank(s) | "
+        f"MFU {100 * achieved / peak_all_ranks:.1f}%")
     if size > 1 and not args.no_exchange:
         handed, saved = statistics.median(exchanged), statistics.median(duplicates)
         say(f"exchange: {handed / 1e6:,.1f} MB of gradients handed to Horovod per rank per step "
