@@ -4,19 +4,25 @@
 # requirements.txt (Horovod built from source with TensorFlow, Gloo and MPI),
 # then this package. A second run skips what is already installed.
 #
-#   bash install.sh                    everything
+#   bash install.sh                    everything, CPU-only TensorFlow
+#   bash install.sh --gpu              TensorFlow's CUDA build and Horovod with NCCL (builds without a GPU)
 #   bash install.sh --stack-only       the stack without this package (the container's cached layer)
 #   bash install.sh --with-test-tools  also what the tests drive for real: Slurm, munge, podman
+#
+# --gpu compiles Horovod's few CUDA kernels with $CUDA_HOME/bin/nvcc when CUDA_HOME is set (a
+# cluster's CUDA 12 module), else with NVIDIA's CUDA 13.0 compiler wheels, kept in $VENV/cuda-build.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 stack_only=0
 test_tools=0
+gpu=0
 for arg in "$@"; do
   case "$arg" in
     --stack-only) stack_only=1 ;;
     --with-test-tools) test_tools=1 ;;
+    --gpu) gpu=1 ;;
     *) echo "install.sh: unknown option '$arg'" >&2; exit 2 ;;
   esac
 done
@@ -48,18 +54,65 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 pin() { grep -E "^$1([=<>!~ ]|$)" requirements.txt; }
 
+# One TensorFlow per environment: the CPU wheel by default, the CUDA build (and its CUDA 12, cuDNN
+# and NCCL wheels) with --gpu. Switching removes the other one and the Horovod built against it.
+tf_version=$(pin tensorflow-cpu); tf_version=${tf_version#tensorflow-cpu==}
+if [ "$gpu" -eq 1 ]; then tf_wanted="tensorflow[and-cuda]==$tf_version"; tf_other=tensorflow-cpu
+else tf_wanted="tensorflow-cpu==$tf_version"; tf_other=tensorflow; fi
+if "$VENV/bin/python" -m pip show "$tf_other" >/dev/null 2>&1; then
+  echo "install.sh: replacing $tf_other in $VENV with $tf_wanted (and rebuilding Horovod)"
+  $PIP uninstall -y "$tf_other" horovod
+fi
+
 # Everything but Horovod first: Horovod's build needs TensorFlow importable.
-$PIP install $(grep -vE '^(#|horovod|$)' requirements.txt | tr '\n' ' ') pytest wheel setuptools
+$PIP install "$tf_wanted" $(grep -vE '^(#|horovod|tensorflow|$)' requirements.txt | tr '\n' ' ') pytest wheel setuptools
 
 horovod_pin=$(pin horovod)
-if ! "$VENV/bin/python" -m pip show horovod 2>/dev/null | grep -qx "Version: ${horovod_pin#horovod==}"; then
-  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
-  MAKEFLAGS="-j$(nproc)" \
-    $PIP install --no-build-isolation --no-cache-dir "$horovod_pin"
+horovod_current() {
+  "$VENV/bin/python" -m pip show horovod 2>/dev/null | grep -qx "Version: ${horovod_pin#horovod==}" || return 1
+  [ "$gpu" -eq 0 ] || "$VENV/bin/python" -c "import horovod.tensorflow as h; assert h.nccl_built()" 2>/dev/null
+}
+horovod_env=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+             HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)")
+if [ "$gpu" -eq 1 ] && ! horovod_current; then
+  # NCCL comes from the nvidia-nccl-cu12 wheel TensorFlow brought; CMake wants an unversioned name.
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  build_dir=$(cd "$VENV" && pwd)/cuda-build
+  mkdir -p "$build_dir/nccl/lib"
+  ln -sfn "$site/nvidia/nccl/include" "$build_dir/nccl/include"
+  ln -sfn "$site/nvidia/nccl/lib/libnccl.so.2" "$build_dir/nccl/lib/libnccl.so"
+  cuda_home=${CUDA_HOME:-}
+  if [ -z "$cuda_home" ]; then
+    cuda_home=$build_dir/wheels/nvidia/cu13
+    [ -x "$cuda_home/bin/nvcc" ] || $PIP install --target "$build_dir/wheels" \
+      nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+      nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+    # The layout nvcc.profile and CMake's FindCUDAToolkit expect of a toolkit.
+    ln -sfn lib "$cuda_home/lib64"
+    ln -sfn libcudart.so.13 "$cuda_home/lib/libcudart.so"
+    mkdir -p "$cuda_home/targets"
+    ln -sfn .. "$cuda_home/targets/x86_64-linux"
+  fi
+  # The wheel's libnccl.so.2 is on no library path: Horovod's library records where it is.
+  horovod_env+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$cuda_home"
+                HOROVOD_NCCL_HOME="$build_dir/nccl" HOROVOD_NCCL_LINK=SHARED
+                LDFLAGS="-Wl,-rpath,$site/nvidia/nccl/lib ${LDFLAGS:-}"
+                HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-75,80,86,89,90}")
+  $PIP uninstall -y horovod >/dev/null 2>&1 || true
+fi
+if ! horovod_current; then
+  env "${horovod_env[@]}" $PIP install --no-build-isolation --no-cache-dir "$horovod_pin"
 fi
 
 if [ "$stack_only" -eq 0 ]; then
-  $PIP install --no-build-isolation -e .
+  $PIP install --no-build-isolation --no-deps -e .
 fi
 "$VENV/bin/horovodrun" --check-build
+if [ "$gpu" -eq 1 ]; then
+  TF_CPP_MIN_LOG_LEVEL=3 "$VENV/bin/python" -c "
+import tensorflow as tf, horovod, horovod.tensorflow as hvd
+info, nccl = tf.sysconfig.get_build_info(), hvd.nccl_built()
+assert tf.test.is_built_with_cuda() and nccl, 'the GPU stack lacks CUDA or NCCL'
+print(f'GPU stack: TensorFlow {tf.__version__} (CUDA {info[\"cuda_version\"]}, cuDNN {info[\"cudnn_version\"]}),',
+      f'Horovod {horovod.__version__} with NCCL {nccl // 10000}.{nccl // 100 % 100}.{nccl % 100}')"
+fi

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import distributed, hparams
+from lm1b_hvd import console, devices, distributed, hparams
 from lm1b_hvd.model import LSTMPLanguageModel, training_flops_per_word
 from lm1b_hvd.training import Trainer
 
@@ -74,6 +74,7 @@ def parse_args(argv):
     parser.add_argument("--no_exchange", action="store_true",
                         help="skip the gradient exchange: each rank applies its own gradients")
     parser.add_argument("--profile_dir", default="", help="write a TF profiler trace of the timed steps here")
+    parser.add_argument("--allow_cpu", action="store_true", help="run on the CPU even if the job was given GPUs")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
@@ -82,18 +83,21 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    return console.run_main(lambda: bench(args))
+
+
+def bench(args):
     distributed.init()
-    try:
-        hps = hparams.build(args.preset, args.hpconfig)
-    except hparams.HParamsError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+    devices.check_gpus_used(args.allow_cpu)
+    hps = hparams.build(args.preset, args.hpconfig)
     vocab_size = args.vocab or VOCAB_SIZES[args.preset]
     rank, size = distributed.rank(), distributed.size()
-    say = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
+    say = console.say if rank == 0 else (lambda text: None)
     say(f"bench: preset {args.preset}, {size} rank(s), vocabulary {vocab_size:,}, "
         f"batch {hps.batch_size}x{hps.num_steps} per rank, exchange {'off' if args.no_exchange else 'on'}")
     say(f"hparams: {hps.to_string()}")
+    for line in distributed.device_report(devices.describe(distributed.cores_per_rank()), devices.on_gpu()):
+        say(line)
 
     trainer = Trainer(LSTMPLanguageModel(hps, vocab_size), exchange=not args.no_exchange)
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
@@ -141,7 +145,6 @@ def main(argv=None):
         say(f"exchange: {handed / 1e6:,.1f} MB of gradients handed to Horovod per rank per step "
             f"(summing duplicate rows first saved {saved / 1e6:,.1f} MB)")
     say("peak memory per rank: " + ", ".join(f"{m / 2 ** 30:.2f} GiB" for m in memory))
-    return 0
 
 
 if __name__ == "__main__":

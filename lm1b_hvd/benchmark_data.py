@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from lm1b_hvd import data, demo_corpus, hparams, vocab
+from lm1b_hvd import console, data, demo_corpus, hparams, vocab
 
 
 def measure(dataset, batch_size, num_steps, seconds, seed=0):
@@ -33,14 +33,17 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
 
+    return console.run_main(lambda: report(args))
+
+
+def report(args):
     datadir = args.datadir or demo_corpus.ensure_demo_corpus()
     words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
     dataset = data.ShardedDataset.for_rank(datadir, "train", words)
     batches, predicted, elapsed = measure(dataset, args.batch_size, args.num_steps, args.seconds)
-    print(f"pipeline: {datadir} batch {args.batch_size}x{args.num_steps}: "
-          f"{batches / elapsed:.1f} batches/s, {predicted / elapsed:,.0f} words/s "
-          f"({batches} batches in {elapsed:.1f}s, one process)")
-    return 0
+    console.say(f"pipeline: {datadir} batch {args.batch_size}x{args.num_steps}: "
+                f"{batches / elapsed:.1f} batches/s, {predicted / elapsed:,.0f} words/s "
+                f"({batches} batches in {elapsed:.1f}s, one process)")
 
 
 if __name__ == "__main__":

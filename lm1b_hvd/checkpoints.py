@@ -11,14 +11,14 @@ import os
 
 import tensorflow as tf
 
-from lm1b_hvd import hparams as hparams_lib
+from lm1b_hvd import console, hparams as hparams_lib
 
 HPARAMS_FILE = "hparams.json"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(console.UserError):
     """A log directory that cannot be resumed with the requested settings."""
 
 
@@ -45,10 +45,7 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
         return
     if write:
         os.makedirs(logdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as handle:
-            json.dump(record, handle, indent=1)
-        os.replace(tmp, path)
+        console.write_atomically(path, json.dumps(record, indent=1))
 
 
 class CheckpointKeeper:
@@ -86,9 +83,7 @@ class CheckpointKeeper:
             return False
         self.best.save(checkpoint_number=step)
         path = os.path.join(self.logdir, BEST_DIR, BEST_FILE)
-        with open(path + ".tmp", "w") as handle:
-            json.dump({"step": step, "perplexity": perplexity}, handle)
-        os.replace(path + ".tmp", path)
+        console.write_atomically(path, json.dumps({"step": step, "perplexity": perplexity}))
         return True
 
 

@@ -23,13 +23,15 @@ import threading
 
 import numpy as np
 
+from lm1b_hvd import console
+
 TRAIN_PATTERN = "training-monolingual.tokenized.shuffled/news.en-*-of-*"
 HELDOUT_PATTERN = "heldout-monolingual.tokenized.shuffled/news.en.heldout-*-of-*"
 VOCAB_FILE = "1b_word_vocab.txt"
 SPLITS = {"train": TRAIN_PATTERN, "heldout": HELDOUT_PATTERN}
 
 
-class DataError(ValueError):
+class DataError(console.UserError):
     """Data files that are missing or unusable."""
 
 

@@ -7,6 +7,7 @@ values. Per-row LSTM states are never communicated.
 """
 import os
 
+import horovod
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
@@ -100,6 +101,32 @@ def sum_over_ranks(tensor):
     if hvd.size() == 1:
         return tensor
     return hvd.allreduce(tensor, op=hvd.Sum)
+
+
+def gather_objects(value):
+    """Every rank's picklable `value`, rank by rank, on every rank."""
+    if hvd.size() == 1:
+        return [value]
+    return hvd.allgather_object(value, name="gather_objects")
+
+
+def device_report(description, on_gpu):
+    """Lines for rank 0 to print at start: where each rank trains, and how gradients travel."""
+    lines = [f"device rank {rank}: {where}" for rank, where in enumerate(gather_objects(description))]
+    return lines + [f"exchange: {exchange_description(on_gpu)}"]
+
+
+def exchange_description(on_gpu):
+    """How Horovod moves gradients in this run, e.g. 'Gloo controller, NCCL on the GPUs'."""
+    controller = "MPI" if hvd.mpi_enabled() else "Gloo" if hvd.gloo_enabled() else "no"
+    if hvd.size() == 1:
+        return f"Horovod {horovod.__version__}, 1 rank: no exchange"
+    if on_gpu and hvd.nccl_built():
+        nccl = hvd.nccl_built()
+        return (f"Horovod {horovod.__version__}: {controller} controller, gradients exchanged with "
+                f"NCCL {nccl // 10000}.{nccl // 100 % 100}.{nccl % 100} on the GPUs")
+    where = "GPU tensors copied through the host" if on_gpu else "on the CPU"
+    return f"Horovod {horovod.__version__}: {controller} controller, gradients exchanged with {controller} ({where})"
 
 
 def gather_numbers(numbers):

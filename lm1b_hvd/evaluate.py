@@ -14,7 +14,7 @@ import sys
 
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, data, demo_corpus, evaluation, hparams, vocab
+from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, hparams, vocab
 from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.training import Trainer
 
@@ -57,8 +57,8 @@ class CheckpointEvaluator:
         sums = self.evaluator.sums(self.dataset, self.eval_steps)
         value = evaluation.perplexity(*sums)
         evaluation.write_summaries(self.writer, step, value)
-        print(f"{self.mode} step {step} | perplexity {value:.2f} | log perplexity {math.log(value):.4f} "
-              f"| {int(sums[1])} words | {path}", flush=True)
+        console.say(f"{self.mode} step {step} | perplexity {value:.2f} | log perplexity {math.log(value):.4f} "
+                    f"| {int(sums[1])} words | {path}")
         return step, value
 
 
@@ -71,25 +71,26 @@ def main(argv=None):
     parser.add_argument("--once", action="store_true", help="evaluate the latest checkpoint and exit")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop after this many seconds without a new checkpoint")
+    parser.add_argument("--allow_cpu", action="store_true", help="run on the CPU even if the job was given GPUs")
     args = parser.parse_args(argv)
-    try:
-        evaluator = CheckpointEvaluator(args.logdir, args.datadir or demo_corpus.ensure_demo_corpus(),
-                                        args.mode, args.eval_steps)
-        if args.once:
-            latest = tf.train.latest_checkpoint(args.logdir)
-            if latest is None:
-                raise checkpoints.CheckpointError(f"{args.logdir}: no checkpoint to evaluate")
-            evaluator.evaluate(latest)
-            return 0
-        for path in tf.train.checkpoints_iterator(args.logdir, timeout=args.timeout):
-            try:
-                evaluator.evaluate(path)
-            except tf.errors.NotFoundError:
-                print(f"skipped {path}: removed before it could be read", flush=True)
-    except (checkpoints.CheckpointError, vocab.VocabError, data.DataError, hparams.HParamsError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return console.run_main(lambda: evaluate(args))
+
+
+def evaluate(args):
+    devices.check_gpus_used(args.allow_cpu)
+    evaluator = CheckpointEvaluator(args.logdir, args.datadir or demo_corpus.ensure_demo_corpus(),
+                                    args.mode, args.eval_steps)
+    if args.once:
+        latest = tf.train.latest_checkpoint(args.logdir)
+        if latest is None:
+            raise checkpoints.CheckpointError(f"{args.logdir}: no checkpoint to evaluate")
+        evaluator.evaluate(latest)
+        return
+    for path in tf.train.checkpoints_iterator(args.logdir, timeout=args.timeout):
+        try:
+            evaluator.evaluate(path)
+        except tf.errors.NotFoundError:
+            console.say(f"skipped {path}: removed before it could be read")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ the key named instead of silently training something else.
 """
 import dataclasses
 
+from lm1b_hvd import console
 
-class HParamsError(ValueError):
+
+class HParamsError(console.UserError):
     """A preset name or an override that cannot be applied."""
 
 

@@ -11,7 +11,7 @@ import os
 import tarfile
 import urllib.request
 
-from lm1b_hvd import data
+from lm1b_hvd import console, data
 from lm1b_hvd.vocab import SENTENCE_MARK, UNKNOWN, Vocabulary
 
 DEFAULT_URL = ("http://www.statmt.org/lm-benchmark/"
@@ -19,7 +19,7 @@ DEFAULT_URL = ("http://www.statmt.org/lm-benchmark/"
 ARCHIVE_ROOT = "1-billion-word-language-modeling-benchmark-r13output"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(console.UserError):
     """A download, archive or layout that cannot be used."""
 
 

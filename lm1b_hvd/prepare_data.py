@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from lm1b_hvd import demo_corpus, lm1b_download
+from lm1b_hvd import console, demo_corpus, lm1b_download
 
 
 def main(argv=None):
@@ -18,22 +18,19 @@ def main(argv=None):
     real.add_argument("--min_count", type=int, default=3)
     real.add_argument("--keep_archive", action="store_true")
     args = parser.parse_args(argv)
+    return console.run_main(lambda: prepare(args))
 
+
+def prepare(args):
     if args.command == "demo":
         corpus = demo_corpus.ensure_demo_corpus(args.cache_dir, args.seed)
         oracle = demo_corpus.read_oracle(corpus)
-        print(f"demo corpus: {corpus}")
-        print(f"oracle heldout perplexity: {oracle['oracle_perplexity']:.2f} "
-              f"over {oracle['heldout_predictions']} predictions; {oracle['train_words']} training words")
-        return 0
-    try:
-        datadir = lm1b_download.fetch_lm1b(args.outdir, args.url, args.sha256, args.min_count,
-                                           args.keep_archive)
-    except (lm1b_download.DownloadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"lm1b ready: --datadir {datadir}")
-    return 0
+        console.say(f"demo corpus: {corpus}")
+        console.say(f"oracle heldout perplexity: {oracle['oracle_perplexity']:.2f} over "
+                    f"{oracle['heldout_predictions']} predictions; {oracle['train_words']} training words")
+        return
+    datadir = lm1b_download.fetch_lm1b(args.outdir, args.url, args.sha256, args.min_count, args.keep_archive)
+    console.say(f"lm1b ready: --datadir {datadir}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, data, demo_corpus, distributed, evaluation, hparams, vocab
+from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, distributed, evaluation, hparams, vocab
 from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.training import Trainer
 
@@ -23,7 +23,7 @@ from lm1b_hvd.training import Trainer
 DEMO_MINUTES = 3
 
 
-class TrainingError(RuntimeError):
+class TrainingError(console.UserError):
     """A run that must stop (non-finite loss, unusable inputs)."""
 
 
@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 5
     profile_steps: tuple = ()  # (first, last) step of a TF profiler trace
+    allow_cpu: bool = False  # train on the CPU even when the job was given GPUs
 
 
 class Every:
@@ -82,9 +83,12 @@ class Run:
 
     def __init__(self, config):
         distributed.init()
+        devices.check_gpus_used(config.allow_cpu)
         self.config = config
         self.rank, self.size = distributed.rank(), distributed.size()
         self.is_root = distributed.is_root()
+        self.device_lines = distributed.device_report(devices.describe(distributed.cores_per_rank()),
+                                                      devices.on_gpu())
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         self.hps = hparams.build(config.preset, config.hpconfig)
         # Candidate draws and dropout masks: the same on each run of a command, distinct per rank.
@@ -105,7 +109,7 @@ class Run:
 
     def log(self, message):
         if self.is_root:
-            print(message, flush=True)
+            console.say(message)
 
     def heldout_perplexity(self):
         """Full-softmax heldout perplexity with the EMA weights (if averaging), summed over ranks.
@@ -146,6 +150,8 @@ def run(config):
     restored = r.keeper.restore_latest()
     start_step = int(trainer.global_step)
     r.log(f"lm1b_hvd: {r.size} rank(s), data {r.datadir}, vocabulary {len(r.vocab)}, logdir {config.logdir}")
+    for line in r.device_lines:
+        r.log(line)
     r.log(f"hparams: {hps.to_string()}")
     r.log(f"resumed from {restored} at step {start_step}" if restored else "starting from scratch")
 
@@ -241,6 +247,8 @@ def parse_args(argv):
     parser.add_argument("--checkpoint_steps", type=int, default=0)
     parser.add_argument("--keep_checkpoints", type=int, default=5)
     parser.add_argument("--profile_steps", default="", help="FIRST,LAST: TF profiler trace of these steps")
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="train on the CPU even if the job was given GPUs that TensorFlow cannot see")
     args = parser.parse_args(argv)
     preset = args.preset or ("default" if args.datadir else "demo")
     if not args.datadir and not (args.max_steps or args.max_time):
@@ -258,18 +266,12 @@ def parse_args(argv):
         log_every=args.log_every, summary_every=args.summary_every, eval_every=args.eval_every,
         eval_steps=args.eval_steps, checkpoint_every_secs=args.checkpoint_secs,
         checkpoint_every_steps=args.checkpoint_steps, keep_checkpoints=args.keep_checkpoints,
-        profile_steps=profile)
+        profile_steps=profile, allow_cpu=args.allow_cpu)
 
 
 def main(argv=None):
     config = parse_args(argv)
-    try:
-        run(config)
-    except (hparams.HParamsError, vocab.VocabError, data.DataError, checkpoints.CheckpointError,
-            TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return console.run_main(lambda: run(config))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ log-uniform candidate sampler of the sampled softmax is the right proposal.
 Words are kept as bytes: sentences are matched against them byte for byte
 (see data.py), so a file that is not valid UTF-8 still reads.
 """
-import os
+
+from lm1b_hvd import console
 
 SENTENCE_MARK = b"<S>"
 UNKNOWN = b"<UNK>"
 
 
-class VocabError(ValueError):
+class VocabError(console.UserError):
     """A vocabulary file that is missing or malformed."""
 
 
@@ -41,11 +42,8 @@ class Vocabulary:
 
     def write(self, path):
         """Writes `word count` lines; the temp-file rename keeps a reader from seeing half a file."""
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as out:
-            for word, count in zip(self.words, self.counts):
-                out.write(word + b" " + str(count).encode() + b"\n")
-        os.replace(tmp, path)
+        console.write_atomically(path, b"".join(
+            word + b" " + str(count).encode() + b"\n" for word, count in zip(self.words, self.counts)))
 
 
 def load(path):

@@ -1,10 +1,13 @@
 """A real one-node Slurm (slurmctld + slurmd + munged) on 127.0.0.1, state in a temp dir.
 
-Started by tests/test_slurm.py; every daemon it starts is stopped again by PID.
+Started by tests/test_slurm.py; every daemon it starts is stopped again by PID. The node may
+declare GPUs it does not have: their device files are copies of /dev/null, so a job that asks
+for GPUs gets Slurm's GPU variables (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES) on a CPU machine.
 """
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 
@@ -37,9 +40,10 @@ def _read_pid(path, timeout=20):
 
 
 class SlurmCluster:
-    def __init__(self, root, cpus):
+    def __init__(self, root, cpus, fake_gpus=0):
         self.root = root
         self.cpus = cpus
+        self.fake_gpus = fake_gpus
         self.pids = {}
         self.conf = os.path.join(root, "slurm.conf")
         self.env = {**os.environ, "SLURM_CONF": self.conf}
@@ -49,6 +53,14 @@ class SlurmCluster:
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         r = self.root
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20) // 2
+        gres = ""
+        if self.fake_gpus:
+            null = os.stat("/dev/null").st_rdev
+            for index in range(self.fake_gpus):
+                os.mknod(os.path.join(r, f"fakegpu{index}"), 0o666 | stat.S_IFCHR, null)
+            with open(os.path.join(r, "gres.conf"), "w") as conf:
+                conf.write(f"NodeName=localhost Name=gpu File={r}/fakegpu[0-{self.fake_gpus - 1}]\n")
+            gres = f" Gres=gpu:{self.fake_gpus}"
         with open(self.conf, "w") as conf:
             conf.write(f"""ClusterName=lm1btest
 SlurmctldHost=localhost(127.0.0.1)
@@ -67,6 +79,7 @@ SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
+GresTypes=gpu
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
@@ -77,7 +90,7 @@ ReturnToService=2
 EnforcePartLimits=ALL
 MinJobAge=3600
 KillWait=10
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb}{gres} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """)
 

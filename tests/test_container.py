@@ -1,4 +1,4 @@
-"""docker/Dockerfile.cpu really built with podman and the demo really run in it.
+"""docker/Dockerfile.cpu and docker/Dockerfile.gpu-pip really built with podman and run.
 
 No registry is reachable here, so the bookworm base is made with debootstrap
 and imported; the host's CA certificates go into it so that pip inside the
@@ -18,6 +18,7 @@ from tests.conftest import REPO_ROOT
 
 BASE_IMAGE = "localhost/lm1b-bookworm-base:latest"
 IMAGE = "localhost/lm1b_hvd:cpu-test"
+GPU_PIP_IMAGE = "localhost/lm1b_hvd:gpu-pip-test"
 DEBIAN_MIRROR = os.environ.get("LM1B_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 
@@ -66,9 +67,9 @@ def ensure_base_image(workdir):
     tar.wait()
 
 
-def build(context):
+def build(context, dockerfile="docker/Dockerfile.cpu", tag=IMAGE):
     return podman("build", "--runtime", "runc", "--network", "host", *capped_ulimits(),
-                  "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-f", "docker/Dockerfile.cpu", "-t", IMAGE,
+                  "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-f", dockerfile, "-t", tag,
                   str(context), timeout=1800)
 
 
@@ -81,8 +82,7 @@ def copy_tracked_files(destination):
             shutil.copy2(REPO_ROOT / name, destination / name)
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
+def built_context(tmp_path_factory, dockerfile, tag):
     problem = podman_problem()
     if problem:
         if os.environ.get("LM1B_REQUIRE_PODMAN") == "1":
@@ -93,12 +93,24 @@ def image(tmp_path_factory):
     ensure_base_image(workdir)
     context = workdir / "context"
     copy_tracked_files(context)
-    build(context)
+    build(context, dockerfile, tag)
     return context
 
 
-def run_in_image(*command):
-    return podman("run", "--rm", "--runtime", "runc", *capped_ulimits(), IMAGE, *command, timeout=900)
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return built_context(tmp_path_factory, "docker/Dockerfile.cpu", IMAGE)
+
+
+@pytest.fixture(scope="module")
+def gpu_pip_image(tmp_path_factory):
+    return built_context(tmp_path_factory, "docker/Dockerfile.gpu-pip", GPU_PIP_IMAGE)
+
+
+def run_in_image(*command, image=IMAGE, env=(), check=True):
+    flags = [item for name in env for item in ("--env", name)]
+    return podman("run", "--rm", "--runtime", "runc", *capped_ulimits(), *flags, image, *command,
+                  timeout=900, check=check)
 
 
 def test_podman_built_cpu_image_runs_the_demo_as_non_root(image):
@@ -121,3 +133,18 @@ def test_source_change_keeps_the_dependency_layer_cached(image):
     assert "Using cache" in install_step, log[-3000:]
     after_source = log.split("COPY lm1b_hvd", 1)[1]
     assert "Using cache" not in after_source.split("STEP", 1)[0]
+
+
+def test_gpu_pip_image_builds_here_with_cuda_and_nccl_and_refuses_to_train_without_a_gpu(gpu_pip_image):
+    assert "[X] NCCL" in run_in_image("horovodrun", "--check-build", image=GPU_PIP_IMAGE).stdout
+    built = run_in_image("python", "-c", "import tensorflow as tf; print(tf.test.is_built_with_cuda())",
+                         image=GPU_PIP_IMAGE).stdout
+    assert built.strip().splitlines()[-1] == "True"
+    train = ["python", "-m", "lm1b_hvd.train", "--logdir", "/tmp/run", "--max_steps", "4", "--log_every", "2"]
+    refused = run_in_image(*train, image=GPU_PIP_IMAGE, env=["CUDA_VISIBLE_DEVICES=0"], check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error: CUDA_VISIBLE_DEVICES=0 says this job has GPUs, but TensorFlow, a CUDA build, found no GPU")
+    allowed = run_in_image("horovodrun", "-np", "2", *train, "--allow_cpu", image=GPU_PIP_IMAGE,
+                           env=["CUDA_VISIBLE_DEVICES=0"]).stdout
+    assert "device rank 1: " in allowed and "stopped at step 4 (max_steps)" in allowed

@@ -102,6 +102,8 @@ def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     first = horovodrun([*common, "--max_steps", "6", "--profile_steps", "2,4"], controller="--mpi")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 rank(s)" in first.stdout and "starting from scratch" in first.stdout
+    assert re.search(r"device rank 0: \S+ CPU \(\d+ threads\)\n.*device rank 1: \S+ CPU", first.stdout)
+    assert "exchange: Horovod 0.28.1: MPI controller, gradients exchanged with MPI (on the CPU)" in first.stdout
     progress = re.findall(r"step (\d+) \| loss ([\d.]+) \| ([\d,]+) words/s \| elapsed", first.stdout)
     assert [int(p[0]) for p in progress] == [2, 4, 6], "rank 0 alone prints, every 2 steps"
     assert "stopped at step 6 (max_steps)" in first.stdout

@@ -28,7 +28,7 @@ def cluster(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     root = tmp_path_factory.mktemp("slurm")
-    slurm = slurm_cluster.SlurmCluster(str(root), cpus=max(os.cpu_count(), 2))
+    slurm = slurm_cluster.SlurmCluster(str(root), cpus=max(os.cpu_count(), 2), fake_gpus=2)
     try:
         slurm.start()
         yield slurm
@@ -80,6 +80,29 @@ def test_sbatch_train_sh_then_eval_sh(cluster, corpus, tmp_path, launcher):
                                 job_output(tmp_path, eval_id)).group(1))
     assert evaluated == pytest.approx(train_eval, rel=2e-2)
     assert os.listdir(logdir / "eval_test_ave")
+
+
+def test_a_job_given_gpus_tensorflow_cannot_see_stops_at_start_unless_allowed(cluster, corpus, tmp_path):
+    """The node declares 2 GPUs it does not have: a CPU-only TensorFlow must not quietly train."""
+    logdir = tmp_path / "log"
+    gpu_job = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
+    train_args = ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo", "--hpconfig", TINY,
+                  "--max_steps", "4", "--log_every", "2"]
+    refused = submit(cluster, tmp_path, "train.sh", gpu_job, train_args)
+    assert cluster.wait_for(refused) == "FAILED", job_output(tmp_path, refused)
+    errors = [line for line in job_output(tmp_path, refused).splitlines() if line.startswith("error:")]
+    assert errors, job_output(tmp_path, refused)
+    assert errors[0].startswith("error: SLURM_GPUS_ON_NODE=2 says this job has GPUs, but "), errors[0]
+    assert "--allow_cpu" in errors[0]
+    assert not logdir.exists(), "nothing written by a refused run"
+
+    allowed = submit(cluster, tmp_path, "train.sh", gpu_job, [*train_args, "--allow_cpu"])
+    assert cluster.wait_for(allowed) == "COMPLETED", job_output(tmp_path, allowed)
+    log = job_output(tmp_path, allowed)
+    assert re.search(r"device rank 0: \S+ CPU \(\d+ threads\)", log), log[-3000:]
+    assert "device rank 1: " in log
+    assert re.search(r"exchange: Horovod 0\.28\.1: (MPI|Gloo) controller, gradients exchanged with", log)
+    assert "stopped at step 4 (max_steps)" in log
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):

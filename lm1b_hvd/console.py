@@ -1,0 +1,42 @@
+"""What a user reads: whole lines, atomic files, and the one-line error of every command.
+
+Launchers (horovodrun, mpirun, srun) tag each chunk a process writes; a line written in two
+pieces gets the next tag in its middle. So every line goes out in one write.
+"""
+import os
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a file, the environment): printed as one line, exit 1."""
+
+
+def say(text, stream=None):
+    stream = stream or sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
+def run_main(body):
+    """Runs an entry point's body; a UserError becomes 'error: ...' on stderr and exit status 1."""
+    try:
+        body()
+    except UserError as err:
+        say(f"error: {err}", sys.stderr)
+        return 1
+    return 0
+
+
+def write_atomically(path, content):
+    """Writes `path` so that a reader (or a crash at any moment) sees the old file or the new one,
+    never a part: a temporary file beside it, flushed to disk, then renamed over it."""
+    temporary = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(temporary, "wb" if isinstance(content, bytes) else "w") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
