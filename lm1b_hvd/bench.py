@@ -102,11 +102,10 @@ def bench(args):
     trainer = Trainer(LSTMPLanguageModel(hps, vocab_size), exchange=not args.no_exchange)
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
     state = trainer.model.zero_state(hps.batch_size)
-    no_stop = tf.zeros([2])
 
     # Warm-up: tracing, first allocations, and rank 0's weights everywhere as in training.
     for index in range(args.warmup):
-        state, stats = trainer.step(*batches[index % len(batches)], state, no_stop)
+        state, stats = trainer.step(*batches[index % len(batches)], state)
         if index == 0:
             distributed.broadcast_from_root(trainer.state_variables())
 
@@ -118,7 +117,7 @@ def bench(args):
     times, words, exchanged, duplicates = [], [], [], []
     for index in range(args.steps):
         start = time.perf_counter()
-        state, stats = trainer.step(*batches[index % len(batches)], state, no_stop)
+        state, stats = trainer.step(*batches[index % len(batches)], state)
         times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
         words.append(stats.words)
         exchanged.append(stats.exchange_bytes / size)

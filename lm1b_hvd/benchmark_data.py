@@ -16,7 +16,7 @@ def measure(dataset, batch_size, num_steps, seconds, seed=0):
     """(batches, predicted words, elapsed seconds) after about `seconds` of packing."""
     batches = words = 0
     start = time.perf_counter()
-    for _, _, w in dataset.iterate_forever(batch_size, num_steps, seed):
+    for _, _, w, _ in dataset.iterate_forever(batch_size, num_steps, [seed]):
         batches += 1
         words += int(w.sum())
         if time.perf_counter() - start >= seconds:

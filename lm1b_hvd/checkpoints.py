@@ -2,13 +2,15 @@
 
 Layout of a log directory:
   hparams.json          the record the run started with; a resume must agree on model shapes
-  ckpt-STEP.*, checkpoint   the latest checkpoints (weights, Adagrad slots, step, EMA)
+  ckpt-STEP.*, checkpoint   the latest checkpoints (weights, Adagrad slots, step, EMA, and every
+                        rank's data position and LSTM row state: the run continues exactly)
   best/ckpt-STEP.*, best/best.json   the checkpoint with the lowest heldout perplexity so far
   train/, eval/         TensorBoard event files of the trainer (and eval_*/ of evaluate.py)
 """
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd import console, hparams as hparams_lib
@@ -22,9 +24,41 @@ class CheckpointError(console.UserError):
     """A log directory that cannot be resumed with the requested settings."""
 
 
-def make_checkpoint(trainer):
-    return tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
-                               ema_shadows=trainer.ema.shadows)
+class RunPosition(tf.Module):
+    """Where every rank's data stream and LSTM rows stood when the checkpoint was taken. Held in
+    the same checkpoint as the weights, so a crash can never leave one without the other."""
+
+    def __init__(self):
+        super().__init__(name="run_position")
+        self.streams = tf.Variable("", dtype=tf.string, trainable=False)  # JSON, see store()
+        self.row_states = tf.Variable(tf.zeros([0]), shape=tf.TensorShape(None), trainable=False)
+
+    def store(self, seed, batch_size, positions, row_states):
+        """`positions` (StreamPosition dicts) and `row_states` (arrays), rank by rank."""
+        self.streams.assign(json.dumps({"seed": seed, "batch_size": batch_size, "positions": positions}))
+        self.row_states.assign(np.stack(row_states))
+
+    def for_rank(self, rank, num_ranks, seed, batch_size):
+        """(position dict, row-state array) this rank saved, or (None, reason) when the saved run
+        differs (rank count, batch size, seed) or saved no position."""
+        text = self.streams.numpy().decode()
+        if not text:
+            return None, "the checkpoint holds no data position"
+        saved = json.loads(text)
+        positions = saved["positions"]
+        if len(positions) != num_ranks:
+            return None, f"the checkpoint was written by {len(positions)} rank(s), this run has {num_ranks}"
+        if saved["batch_size"] != batch_size or saved["seed"] != seed:
+            return None, "the checkpoint's batch_size or seed differs from this run's"
+        return positions[rank], self.row_states.numpy()[rank]
+
+
+def make_checkpoint(trainer, run_position=None):
+    """The training checkpoint; the evaluator passes no `run_position` and reads only weights."""
+    parts = dict(model=trainer.model, optimizer=trainer.optimizer, ema_shadows=trainer.ema.shadows)
+    if run_position is not None:
+        parts["run_position"] = run_position
+    return tf.train.Checkpoint(**parts)
 
 
 def check_or_write_hparams(logdir, hps, vocab_size, write):
@@ -85,6 +119,11 @@ class CheckpointKeeper:
         path = os.path.join(self.logdir, BEST_DIR, BEST_FILE)
         console.write_atomically(path, json.dumps({"step": step, "perplexity": perplexity}))
         return True
+
+
+def step_of(path):
+    """The step of a checkpoint path: CheckpointManager names them PREFIX-STEP."""
+    return int(path.rsplit("-", 1)[1])
 
 
 def read_best(logdir):

@@ -79,22 +79,29 @@ def read_sentences(part, vocab):
     return sentences
 
 
-def pack_batches(sentences, batch_size, num_steps):
-    """Packs an iterator of sentences into `(x, y, w)` batches of [batch_size, num_steps].
+class BatchPacker:
+    """Lays sentences back to back in `batch_size` rows and cuts [batch_size, num_steps] batches.
 
-    Stops after the first batch in which no row got any data.
-    """
-    sentences = iter(sentences)
-    remaining = [None] * batch_size  # per row: the rest of its current sentence
-    while True:
+    `rows` holds each row's unfinished sentence (an empty array when none): with the reader's
+    position, what a checkpoint needs to continue the same stream."""
+
+    def __init__(self, batch_size, num_steps, rows=None):
+        self.num_steps = num_steps
+        self.rows = [np.asarray(r, np.int32) for r in rows] if rows else [np.zeros(0, np.int32)] * batch_size
+        if len(self.rows) != batch_size:
+            raise ValueError(f"{len(self.rows)} unfinished rows for a batch of {batch_size}")
+
+    def next_batch(self, sentences):
+        """The next `(x, y, w)` from the iterator `sentences`, or None when no row got any data."""
+        batch_size, num_steps = len(self.rows), self.num_steps
         x = np.zeros((batch_size, num_steps), np.int32)
         y = np.zeros((batch_size, num_steps), np.int32)
         w = np.zeros((batch_size, num_steps), np.float32)
         for row in range(batch_size):
             filled = 0
             while filled < num_steps:
-                current = remaining[row]
-                if current is None or len(current) < 2:
+                current = self.rows[row]
+                if len(current) < 2:
                     current = next(sentences, None)
                     if current is None:
                         break
@@ -102,25 +109,57 @@ def pack_batches(sentences, batch_size, num_steps):
                 x[row, filled:filled + take] = current[:take]
                 y[row, filled:filled + take] = current[1:take + 1]
                 w[row, filled:filled + take] = 1.0
-                remaining[row] = current[take:]
+                self.rows[row] = current[take:]
                 filled += take
-        if not w.any():
-            return
-        yield x, y, w
+        return (x, y, w) if w.any() else None
+
+
+def pack_batches(sentences, batch_size, num_steps):
+    """Packs an iterator of sentences into `(x, y, w)` batches of [batch_size, num_steps].
+
+    Stops after the first batch in which no row got any data.
+    """
+    sentences = iter(sentences)
+    packer = BatchPacker(batch_size, num_steps)
+    while (batch := packer.next_batch(sentences)) is not None:
+        yield batch
+
+
+@dataclasses.dataclass
+class StreamPosition:
+    """Where one rank's endless training stream stands, enough to continue it exactly: the
+    epoch (whose file order is drawn from the stream's seed and the epoch), the file within
+    that order, the sentence within the file's order (drawn from seed, epoch and file), and
+    each batch row's unfinished sentence."""
+    epoch: int = 0
+    file_index: int = 0
+    sentence_index: int = 0
+    rows: tuple = ()  # per batch row, the word ids still to be read ([] for none)
+
+    def to_dict(self):
+        return {"epoch": self.epoch, "file_index": self.file_index, "sentence_index": self.sentence_index,
+                "rows": [[int(i) for i in row] for row in self.rows]}
+
+    @classmethod
+    def from_dict(cls, record):
+        return cls(int(record["epoch"]), int(record["file_index"]), int(record["sentence_index"]),
+                   tuple(tuple(row) for row in record["rows"]))
 
 
 class ShardedDataset:
     """The sentences one rank reads from a list of file parts."""
 
-    def __init__(self, parts, vocab):
+    def __init__(self, parts, vocab, source=""):
         if not parts:
             raise DataError("no data files assigned to this rank")
         self.parts = list(parts)
         self.vocab = vocab
+        self.source = source or ", ".join(part.path for part in self.parts)  # for messages
 
     @classmethod
     def for_rank(cls, datadir, split, vocab, rank=0, num_ranks=1):
-        return cls(parts_for_rank(find_files(datadir, split), rank, num_ranks), vocab)
+        return cls(parts_for_rank(find_files(datadir, split), rank, num_ranks), vocab,
+                   source=f"{datadir}: the {split} files ({SPLITS[split]})")
 
     def _no_sentences(self):
         names = ", ".join(part.path for part in self.parts)
@@ -139,24 +178,38 @@ class ShardedDataset:
         if not seen_any and not allow_empty:
             raise self._no_sentences()
 
-    def sentences_forever(self, seed):
-        """Endless epochs; each shuffles the file order and the sentences within each file."""
-        rng = np.random.default_rng(seed)
+    def sentences_forever(self, seed, position=None):
+        """Endless epochs from `position` (mutated as it goes); each epoch shuffles the file order
+        and the sentences within each file, from `seed`, the epoch and the file's place alone."""
+        position = position or StreamPosition()
         while True:
-            seen_any = False
-            for index in rng.permutation(len(self.parts)):
-                sentences = read_sentences(self.parts[index], self.vocab)
+            whole_epoch, seen_any = position.file_index == 0 and position.sentence_index == 0, False
+            files = np.random.default_rng([*seed, position.epoch]).permutation(len(self.parts))
+            while position.file_index < len(files):
+                sentences = read_sentences(self.parts[files[position.file_index]], self.vocab)
                 seen_any = seen_any or bool(sentences)
-                for order in rng.permutation(len(sentences)):
-                    yield sentences[order]
-            if not seen_any:
+                order = np.random.default_rng([*seed, position.epoch, position.file_index]).permutation(
+                    len(sentences))
+                while position.sentence_index < len(order):
+                    position.sentence_index += 1
+                    yield sentences[order[position.sentence_index - 1]]
+                position.file_index, position.sentence_index = position.file_index + 1, 0
+            if whole_epoch and not seen_any:
                 raise self._no_sentences()
+            position.epoch, position.file_index = position.epoch + 1, 0
 
     def iterate_once(self, batch_size, num_steps, allow_empty=False):
         return pack_batches(self.sentences_once(allow_empty), batch_size, num_steps)
 
-    def iterate_forever(self, batch_size, num_steps, seed):
-        return pack_batches(self.sentences_forever(seed), batch_size, num_steps)
+    def iterate_forever(self, batch_size, num_steps, seed, position=None):
+        """Endless `(x, y, w, position)`: each batch with the StreamPosition just after it."""
+        position = dataclasses.replace(position) if position else StreamPosition()
+        packer = BatchPacker(batch_size, num_steps, position.rows)
+        sentences = self.sentences_forever(seed, position)
+        while True:
+            x, y, w = packer.next_batch(sentences)
+            position.rows = tuple(tuple(row) for row in packer.rows)
+            yield x, y, w, dataclasses.replace(position)
 
 
 def prefetch(iterator, depth=4):

@@ -113,20 +113,21 @@ def gather_objects(value):
 def device_report(description, on_gpu):
     """Lines for rank 0 to print at start: where each rank trains, and how gradients travel."""
     lines = [f"device rank {rank}: {where}" for rank, where in enumerate(gather_objects(description))]
-    return lines + [f"exchange: {exchange_description(on_gpu)}"]
+    return lines + [f"horovod: {exchange_description(on_gpu)}"]
 
 
 def exchange_description(on_gpu):
-    """How Horovod moves gradients in this run, e.g. 'Gloo controller, NCCL on the GPUs'."""
+    """How Horovod moves gradients in this run, e.g. '0.28.1, Gloo controller, gradients exchanged
+    with NCCL 2.16.5 on the GPUs'."""
     controller = "MPI" if hvd.mpi_enabled() else "Gloo" if hvd.gloo_enabled() else "no"
     if hvd.size() == 1:
-        return f"Horovod {horovod.__version__}, 1 rank: no exchange"
+        return f"{horovod.__version__}, 1 rank: no exchange"
     if on_gpu and hvd.nccl_built():
         nccl = hvd.nccl_built()
-        return (f"Horovod {horovod.__version__}: {controller} controller, gradients exchanged with "
+        return (f"{horovod.__version__}, {controller} controller, gradients exchanged with "
                 f"NCCL {nccl // 10000}.{nccl // 100 % 100}.{nccl % 100} on the GPUs")
     where = "GPU tensors copied through the host" if on_gpu else "on the CPU"
-    return f"Horovod {horovod.__version__}: {controller} controller, gradients exchanged with {controller} ({where})"
+    return f"{horovod.__version__}, {controller} controller, gradients exchanged with {controller} ({where})"
 
 
 def gather_numbers(numbers):

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, hparams, vocab
 from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.training import Trainer
+from lm1b_hvd.training import ExponentialMovingAverage
 
 MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 
@@ -45,15 +45,18 @@ class CheckpointEvaluator:
         words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
         checkpoints.check_or_write_hparams(logdir, self.hps, len(words), write=False)
         self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], words)
-        self.trainer = Trainer(LSTMPLanguageModel(self.hps, len(words)))
-        self.checkpoint = checkpoints.make_checkpoint(self.trainer)
-        self.evaluator = evaluation.Evaluator(self.trainer)
+        # Weights and their averages only: no optimizer, whose Adagrad slots would be a second
+        # model-sized allocation this job never reads.
+        model = LSTMPLanguageModel(self.hps, len(words))
+        ema = ExponentialMovingAverage(model.lstm_variables, self.hps.ema_decay)
+        self.checkpoint = tf.train.Checkpoint(model=model, ema_shadows=ema.shadows)
+        self.evaluator = evaluation.Evaluator(model, ema)
         self.writer = tf.summary.create_file_writer(os.path.join(logdir, mode))
 
     def evaluate(self, path):
         """Perplexity of checkpoint `path`; writes its summaries at the checkpoint's step."""
         self.checkpoint.restore(path).expect_partial()
-        step = int(self.trainer.global_step)
+        step = checkpoints.step_of(path)
         sums = self.evaluator.sums(self.dataset, self.eval_steps)
         value = evaluation.perplexity(*sums)
         evaluation.write_summaries(self.writer, step, value)

@@ -8,13 +8,15 @@ import math
 
 import tensorflow as tf
 
+from lm1b_hvd import data, distributed
+
 
 class Evaluator:
-    """Full-softmax loss sums of a trained model, with the EMA weights when the run averages them."""
+    """Full-softmax loss sums of a model, with the EMA weights (`ema`) when the run averages them."""
 
-    def __init__(self, trainer):
-        self.model = trainer.model
-        self.ema = trainer.ema if self.model.hps.average_params else None
+    def __init__(self, model, ema):
+        self.model = model
+        self.ema = ema if model.hps.average_params else None
         self.step = tf.function(self._step)
 
     def _step(self, x, y, w, state):
@@ -37,6 +39,15 @@ class Evaluator:
                 loss_sum += float(batch_loss)
                 words += float(batch_words)
         return loss_sum, words
+
+    def perplexity_over_ranks(self, dataset, max_batches=0):
+        """(perplexity, words) of every rank's share of a split, sums reduced over ranks first.
+        A rank whose share holds no sentence adds zeros; no word at all is an error."""
+        sums = self.sums(dataset, max_batches, allow_empty=True)
+        loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
+        if words <= 0:
+            raise data.DataError(f"no sentences in {dataset.source}, on any rank")
+        return perplexity(loss_sum, words), int(words)
 
 
 def write_summaries(writer, step, value):

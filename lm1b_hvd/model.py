@@ -28,6 +28,52 @@ def _uniform(shape, fan_in, seed):
 
 
 COMPUTE_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+CANDIDATES_STREAM = 0  # sub-seed of a step's seed for the sampled candidates; dropout sites follow
+
+
+def sub_seed(seed, stream):
+    """An independent stateless seed for one use (`stream`) of a step's `seed` [2]."""
+    return tf.random.experimental.stateless_fold_in(seed, stream)
+
+
+def log_uniform_probability(ids, range_max):
+    """P(id) under the log-uniform (Zipfian) proposal over ids [0, range_max)."""
+    ids = tf.cast(ids, tf.float64)
+    return (tf.math.log(ids + 2.0) - tf.math.log(ids + 1.0)) / math.log(range_max + 1.0)
+
+
+def unique_log_uniform_candidates(seed, num_sampled, range_max):
+    """What tf.random.log_uniform_candidate_sampler(unique=True) draws, from a stateless `seed`:
+    log-uniform ids in draw order, duplicates dropped, until `num_sampled` distinct ones; the
+    expected count of an id is 1 - (1 - p)^tries over the tries it took, as TF counts it.
+
+    Stateless so that a step's candidates depend only on (seed, rank, step): a resumed run
+    draws what the uninterrupted one drew. Returns (candidates, expected_count function)."""
+    chunk = max(2 * num_sampled, 1024)
+    log_range = math.log(range_max + 1.0)
+
+    def draw(round_):
+        uniform = tf.random.stateless_uniform([chunk], sub_seed(seed, round_), dtype=tf.float64)
+        ids = tf.cast(tf.floor(tf.exp(uniform * log_range)), tf.int64) - 1
+        return tf.clip_by_value(ids, 0, range_max - 1)
+
+    def too_few(ids, _round):
+        return tf.size(tf.unique(ids).y) < num_sampled
+
+    def draw_more(ids, round_):
+        return tf.concat([ids, draw(round_)], 0), round_ + 1
+
+    ids, _ = tf.while_loop(too_few, draw_more, [draw(0), tf.constant(1)],
+                           shape_invariants=[tf.TensorShape([None]), tf.TensorShape([])])
+    unique, positions = tf.unique(ids)
+    first_draw = tf.math.unsorted_segment_min(tf.range(tf.shape(positions)[0]), positions, tf.shape(unique)[0])
+    tries = tf.cast(first_draw[num_sampled - 1] + 1, tf.float64)
+
+    def expected_count(targets):
+        p = log_uniform_probability(targets, range_max)
+        return tf.cast(-tf.math.expm1(tries * tf.math.log1p(-p)), tf.float32)
+
+    return unique[:num_sampled], expected_count
 
 
 class SoftmaxRows(typing.NamedTuple):
@@ -62,7 +108,7 @@ class LSTMPLanguageModel(tf.Module):
         self.hps = hps
         self.vocab_size = vocab_size
         self.rows_per_shard = -(-vocab_size // hps.num_shards)
-        # Tests may fix the sampled candidates; by default TensorFlow's log-uniform sampler draws them.
+        # Tests may fix the sampled candidates; by default a stateless log-uniform sampler draws them.
         self.candidate_sampler = candidate_sampler
         seed = iter(range(hps.seed * 1000, hps.seed * 1000 + 1000))
         shard_shape = [self.rows_per_shard, hps.emb_size]
@@ -101,35 +147,47 @@ class LSTMPLanguageModel(tf.Module):
         return [(tf.zeros([batch_size, self.hps.state_size]), tf.zeros([batch_size, self.hps.projected_size]))
                 for _ in range(self.hps.num_layers)]
 
+    def state_to_array(self, state):
+        """The per-row state as one array [layers, batch, state_size + projected_size]."""
+        return np.stack([np.concatenate([c.numpy(), h.numpy()], axis=1) for c, h in state])
+
+    def state_from_array(self, array):
+        return [(tf.constant(layer[:, :self.hps.state_size]), tf.constant(layer[:, self.hps.state_size:]))
+                for layer in np.asarray(array, np.float32)]
+
     @property
     def compute_dtype(self):
         """The dtype of the matmuls; weights, the cell state and the losses stay fp32."""
         return COMPUTE_DTYPES[self.hps.precision]
 
-    def _dropout(self, values, training):
+    def _dropout(self, values, training, seed, site):
+        """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs), its mask drawn from
+        the step's stateless `seed`."""
         if training and self.hps.keep_prob < 1.0:
-            return tf.nn.dropout(values, rate=1.0 - self.hps.keep_prob)
+            return tf.nn.experimental.stateless_dropout(values, rate=1.0 - self.hps.keep_prob,
+                                                        seed=sub_seed(seed, CANDIDATES_STREAM + 1 + site))
         return values
 
     def embed(self, x):
         """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size]."""
         return tf.nn.embedding_lookup(self.embedding, tf.transpose(x))
 
-    def run_layers(self, embedded, state, training):
+    def run_layers(self, embedded, state, training, seed=None):
         """LSTM outputs [batch, steps, projected_size] of time-major embeddings, and the state
-        after the last step. Time-major inside: each step's rows are contiguous."""
-        inputs = self._dropout(embedded, training)
+        after the last step. Time-major inside: each step's rows are contiguous. Training with
+        dropout needs the step's `seed`."""
+        inputs = self._dropout(embedded, training, seed, 0)
         new_state = []
         for layer, (c, h) in enumerate(state):
             outputs, c, h = ops.lstmp_layer(inputs, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
                                             self.lstm_projections[layer], self.compute_dtype)
-            inputs = self._dropout(outputs, training)
+            inputs = self._dropout(outputs, training, seed, layer + 1)
             new_state.append((c, h))
         return tf.transpose(inputs, [1, 0, 2]), new_state
 
-    def forward(self, x, state, training):
+    def forward(self, x, state, training, seed=None):
         """LSTM outputs [batch, steps, projected_size] and the state after the last step."""
-        return self.run_layers(self.embed(x), state, training)
+        return self.run_layers(self.embed(x), state, training, seed)
 
     def softmax_matrix(self):
         """The shards concatenated in "div" order, padding trimmed: [vocab_size, projected_size]."""
@@ -148,22 +206,22 @@ class LSTMPLanguageModel(tf.Module):
     def uses_sampled_softmax(self):
         return 0 < self.hps.num_sampled < self.vocab_size
 
-    def sample_candidates(self, labels):
+    def sample_candidates(self, labels, seed):
         """(candidates [num_sampled], expected count of each label, of each candidate): unique
         log-uniform draws (ids sorted by frequency make this the right proposal)."""
         if self.candidate_sampler:
             return self.candidate_sampler(labels)
-        return tf.random.log_uniform_candidate_sampler(
-            true_classes=labels, num_true=1, num_sampled=self.hps.num_sampled, unique=True,
-            range_max=self.vocab_size)
+        candidates, expected_count = unique_log_uniform_candidates(
+            sub_seed(seed, CANDIDATES_STREAM), self.hps.num_sampled, self.vocab_size)
+        return candidates, expected_count(labels), expected_count(candidates)
 
-    def softmax_rows(self, y):
+    def softmax_rows(self, y, seed=None):
         """The sampled softmax's gathered rows for targets `y` [batch, steps]: what the loss needs
         from the sharded matrices, gathered outside any compiled part (gathers over shards give
         the sparse gradients). Biases carry the log-expected-count correction."""
         labels = tf.reshape(tf.cast(y, tf.int64), [-1, 1])
         candidates, true_expected, candidate_expected = (
-            tf.stop_gradient(v) for v in self.sample_candidates(labels))
+            tf.stop_gradient(v) for v in self.sample_candidates(labels, seed))
         candidates = tf.cast(candidates, tf.int64)
         true_ids = tf.reshape(labels, [-1])
         return SoftmaxRows(
@@ -184,12 +242,12 @@ class LSTMPLanguageModel(tf.Module):
         logits = tf.where(hits, logits.dtype.min, logits)
         return tf.reshape(ops.true_first_cross_entropy(true_logits, logits), tf.shape(outputs)[:2])
 
-    def sampled_softmax_losses(self, outputs, y):
-        return self.sampled_losses(outputs, self.softmax_rows(y))
+    def sampled_softmax_losses(self, outputs, y, seed=None):
+        return self.sampled_losses(outputs, self.softmax_rows(y, seed))
 
-    def training_losses(self, outputs, y):
+    def training_losses(self, outputs, y, seed=None):
         if self.uses_sampled_softmax():
-            return self.sampled_softmax_losses(outputs, y)
+            return self.sampled_softmax_losses(outputs, y, seed)
         return self.full_softmax_losses(outputs, y)
 
     def true_logits(self, outputs, y):

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, distributed, evaluation, hparams, vocab
 from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.training import Trainer
+from lm1b_hvd.training import Trainer, Votes
 
 
 DEMO_MINUTES = 3
@@ -73,13 +73,58 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
-def _format_seconds(seconds):
+def format_seconds(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def stop_reason(stats, step, max_steps, received_signal):
+    """Why the run stops after this step, or None. The votes in `stats` are summed over ranks,
+    so every rank reaches the same answer at the same step."""
+    if stats.signal_votes > 0:
+        return received_signal or "signal on another rank"
+    if stats.time_votes > 0:
+        return "max_time"
+    if max_steps and step >= max_steps:
+        return "max_steps"
+    return None
+
+
+class Progress:
+    """Words and loss since the last log line, and how long the rest of the run will take."""
+
+    def __init__(self, start_step, config):
+        self.start_step, self.config = start_step, config
+        self.started = self.window_start = time.monotonic()
+        self.window_words = self.window_loss = 0.0
+
+    def add(self, stats):
+        self.window_words += stats.words
+        self.window_loss += stats.loss_sum
+
+    def words_per_sec(self):
+        return self.window_words / max(time.monotonic() - self.window_start, 1e-9)
+
+    def out_of_time(self):
+        return bool(self.config.max_time) and time.monotonic() - self.started >= self.config.max_time
+
+    def line(self, step):
+        """The progress line of `step`; starts a new window."""
+        now = time.monotonic()
+        elapsed = now - self.started
+        eta = ""
+        if self.config.max_steps:
+            eta = f" | eta {format_seconds((self.config.max_steps - step) * elapsed / (step - self.start_step))}"
+        elif self.config.max_time:
+            eta = f" | eta {format_seconds(max(self.config.max_time - elapsed, 0))}"
+        text = (f"step {step} | loss {self.window_loss / self.window_words:.3f} | {self.words_per_sec():,.0f} "
+                f"words/s | elapsed {format_seconds(elapsed)}{eta}")
+        self.window_start, self.window_words, self.window_loss = now, 0.0, 0.0
+        return text
+
+
 class Run:
-    """One training run: everything `run()` sets up, so the loop itself stays short."""
+    """One training run: everything `run()` sets up and calls, so the loop itself stays short."""
 
     def __init__(self, config):
         distributed.init()
@@ -91,17 +136,17 @@ class Run:
                                                       devices.on_gpu())
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         self.hps = hparams.build(config.preset, config.hpconfig)
-        # Candidate draws and dropout masks: the same on each run of a command, distinct per rank.
-        tf.random.set_seed(self.hps.seed * 1000 + self.rank)
         self.vocab = vocab.load(os.path.join(self.datadir, data.VOCAB_FILE))
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.is_root)
         self.train_data = data.ShardedDataset.for_rank(self.datadir, "train", self.vocab, self.rank, self.size)
         self.heldout = data.ShardedDataset.for_rank(self.datadir, "heldout", self.vocab, self.rank, self.size)
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab))
         self.trainer = Trainer(self.model)
-        self.evaluator = evaluation.Evaluator(self.trainer)
+        self.evaluator = evaluation.Evaluator(self.model, self.trainer.ema)
+        self.run_position = checkpoints.RunPosition()
         self.keeper = checkpoints.CheckpointKeeper(
-            config.logdir, checkpoints.make_checkpoint(self.trainer), config.keep_checkpoints, self.is_root)
+            config.logdir, checkpoints.make_checkpoint(self.trainer, self.run_position), config.keep_checkpoints,
+            self.is_root)
         self.writer = (tf.summary.create_file_writer(os.path.join(config.logdir, "train"))
                        if self.is_root else tf.summary.create_noop_writer())
         self.eval_writer = (tf.summary.create_file_writer(os.path.join(config.logdir, "eval"))
@@ -111,28 +156,59 @@ class Run:
         if self.is_root:
             console.say(message)
 
-    def heldout_perplexity(self):
-        """Full-softmax heldout perplexity with the EMA weights (if averaging), summed over ranks.
+    def restore(self):
+        """(step, data position, row state) to start from: the latest checkpoint's, exactly, when
+        it was written by as many ranks with the same batch and seed; else its weights alone."""
+        path = self.keeper.restore_latest()
+        step = int(self.trainer.global_step)
+        position, state = data.StreamPosition(), self.model.zero_state(self.hps.batch_size)
+        if not path:
+            self.log("starting from scratch")
+            return step, position, state
+        saved, row_state = self.run_position.for_rank(self.rank, self.size, self.hps.seed, self.hps.batch_size)
+        if saved is None:
+            self.log(f"resumed from {path} at step {step}; {row_state}: the data order restarts "
+                     "and the LSTM rows start from zero")
+            return step, position, state
+        position = data.StreamPosition.from_dict(saved)
+        self.log(f"resumed from {path} at step {step} (epoch {position.epoch}, the same data position "
+                 "and LSTM rows)")
+        return step, position, self.model.state_from_array(row_state)
 
-        A rank whose share holds no sentence adds zeros; only no heldout word at all is an error."""
-        sums = self.evaluator.sums(self.heldout, self.config.eval_steps, allow_empty=True)
-        loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
-        if words <= 0:
-            raise data.DataError(f"{self.datadir}: no sentences in the heldout files ({data.HELDOUT_PATTERN})")
-        return evaluation.perplexity(loss_sum, words), int(words)
+    def training_batches(self, position):
+        return data.prefetch(self.train_data.iterate_forever(
+            self.hps.batch_size, self.hps.num_steps, seed=[self.hps.seed, self.rank], position=position))
 
-    def evaluate_and_keep_best(self, step):
-        value, words = self.heldout_perplexity()
+    def record_position(self, position, state):
+        """Every rank's data position and LSTM rows, into the checkpoint rank 0 will write."""
+        entries = distributed.gather_objects((position.to_dict(), self.model.state_to_array(state)))
+        if self.is_root:
+            self.run_position.store(self.hps.seed, self.hps.batch_size, [entry[0] for entry in entries],
+                                    [entry[1] for entry in entries])
+
+    def save(self, step, position, state):
+        self.record_position(position, state)
+        self.keeper.save(step)
+
+    def check_finite(self, stats, step):
+        loss = stats.loss_sum / stats.words
+        if not math.isfinite(loss):
+            raise TrainingError(f"training loss is {loss} at step {step}; last checkpoint kept")
+
+    def evaluate_and_keep_best(self, step, position, state):
+        value, words = self.evaluator.perplexity_over_ranks(self.heldout, self.config.eval_steps)
         evaluation.write_summaries(self.eval_writer, step, value)
+        self.record_position(position, state)
         best = self.keeper.save_if_best(step, value)
         self.log(f"step {step} | heldout perplexity {value:.2f} over {words} words"
                  f"{' (best so far)' if best else ''}")
         return value
 
-    def write_summaries(self, step, loss, words_per_sec, lstm_norm):
+    def write_summaries(self, step, stats, words_per_sec):
         if not self.is_root:
             return  # the weight norm is a pass over every weight: only the writing rank pays for it
         weight_norm = float(tf.linalg.global_norm(self.model.all_variables))
+        loss, lstm_norm = stats.loss_sum / stats.words, stats.lstm_norm / self.size
         with self.writer.as_default(step=step):
             tf.summary.scalar("loss", loss)
             tf.summary.scalar("perplexity", math.exp(min(loss, 50.0)))
@@ -142,91 +218,85 @@ class Run:
             tf.summary.scalar("weight_norm", weight_norm)
             tf.summary.scalar("learning_rate", self.hps.learning_rate)
 
+    def profile(self, step, before):
+        """Starts the TF profiler before the first step of --profile_steps, stops it after the last."""
+        first_last = self.config.profile_steps
+        if not first_last or not self.is_root:
+            return
+        if before and step == first_last[0]:
+            tf.profiler.experimental.start(os.path.join(self.config.logdir, "profile"))
+        elif not before and step == first_last[1]:
+            tf.profiler.experimental.stop()
+
+    def finish(self, step, reason, position, state):
+        """The final heldout evaluation and the summary lines; none after a signal (the deadline is near)."""
+        self.log(f"stopped at step {step} ({reason}); checkpoint saved in {self.config.logdir}")
+        if reason.startswith("SIG") or reason == "signal on another rank":
+            return None
+        final = self.evaluate_and_keep_best(step, position, state)
+        oracle = demo_corpus.read_oracle(self.datadir)
+        if oracle:
+            gap = 100.0 * (final / oracle["oracle_perplexity"] - 1.0)
+            self.log(f"eval perplexity {final:.2f} | oracle perplexity {oracle['oracle_perplexity']:.2f} "
+                     f"({gap:+.1f}%)")
+        best = checkpoints.read_best(self.config.logdir)
+        if best:
+            self.log(f"best heldout perplexity {best['perplexity']:.2f} at step {best['step']} "
+                     f"(checkpoint in {os.path.join(self.config.logdir, checkpoints.BEST_DIR)})")
+        return final
+
 
 def run(config):
     """Trains until a limit or a stop signal; returns the final heldout perplexity."""
     r = Run(config)
-    hps, trainer = r.hps, r.trainer
-    restored = r.keeper.restore_latest()
-    start_step = int(trainer.global_step)
     r.log(f"lm1b_hvd: {r.size} rank(s), data {r.datadir}, vocabulary {len(r.vocab)}, logdir {config.logdir}")
     for line in r.device_lines:
         r.log(line)
-    r.log(f"hparams: {hps.to_string()}")
-    r.log(f"resumed from {restored} at step {start_step}" if restored else "starting from scratch")
-
-    stops = StopSignals()
-    batches = data.prefetch(r.train_data.iterate_forever(hps.batch_size, hps.num_steps,
-                                                         seed=[hps.seed, r.rank, start_step]))
-    state = r.model.zero_state(hps.batch_size)
-    log_every = Every(steps=config.log_every)
-    summary_every = Every(steps=config.summary_every)
+    r.log(f"hparams: {r.hps.to_string()}")
+    step, position, state = r.restore()
+    start_step = step
+    batches = r.training_batches(position)
+    signals = StopSignals()
+    progress = Progress(start_step, config)
+    log_every, summary_every = Every(steps=config.log_every), Every(steps=config.summary_every)
     eval_every = Every(steps=config.eval_every)
-    checkpoint_every = Every(steps=config.checkpoint_every_steps, seconds=config.checkpoint_every_secs)
-    started = time.monotonic()
-    window_start, window_words, window_loss = started, 0.0, 0.0
-    step = start_step
-    stop_reason = "max_steps" if config.max_steps and step >= config.max_steps else None
-    signal_votes = 0.0
-    while stop_reason is None:
-        if config.profile_steps and step == config.profile_steps[0] and r.is_root:
-            tf.profiler.experimental.start(os.path.join(config.logdir, "profile"))
-        out_of_time = bool(config.max_time) and time.monotonic() - started >= config.max_time
-        stop_votes = tf.constant([float(stops.received is not None), float(out_of_time)])
-        x, y, w = next(batches)
-        state, stats = trainer.step(x, y, w, state, stop_votes)
-        step += 1
-        loss_sum, words, norm_sum = stats.loss_sum, stats.words, stats.lstm_norm
-        signal_votes, time_votes = stats.signal_votes, stats.time_votes
-        loss = loss_sum / words
-        if not math.isfinite(loss):
-            raise TrainingError(f"training loss is {loss} at step {step}; last checkpoint kept")
-        window_words += words
-        window_loss += loss_sum
-        if config.profile_steps and step == config.profile_steps[1] and r.is_root:
-            tf.profiler.experimental.stop()
-        if signal_votes > 0:  # every rank takes this branch at the same step
-            stop_reason = stops.received or "signal on another rank"
-        elif time_votes > 0:
-            stop_reason = "max_time"
-        elif config.max_steps and step >= config.max_steps:
-            stop_reason = "max_steps"
-        if summary_every.due(step):
-            rate = window_words / max(time.monotonic() - window_start, 1e-9)
-            r.write_summaries(step, loss, rate, norm_sum / r.size)
-        if log_every.due(step):
-            now = time.monotonic()
-            rate = window_words / max(now - window_start, 1e-9)
-            eta = ""
-            if config.max_steps:
-                eta = f" | eta {_format_seconds((config.max_steps - step) * (now - started) / (step - start_step))}"
-            elif config.max_time:
-                eta = f" | eta {_format_seconds(max(config.max_time - (now - started), 0))}"
-            r.log(f"step {step} | loss {window_loss / window_words:.3f} | {rate:,.0f} words/s "
-                  f"| elapsed {_format_seconds(now - started)}{eta}")
-            window_start, window_words, window_loss = now, 0.0, 0.0
-        if step == start_step + 1:
-            distributed.broadcast_from_root(trainer.state_variables())
-        if stop_reason is None and config.eval_every and eval_every.due(step):
-            r.evaluate_and_keep_best(step)
-        if stop_reason is None and checkpoint_every.due(step):
-            r.keeper.save(step)
+    checkpoint_steps, checkpoint_clock = Every(steps=config.checkpoint_every_steps), Every(
+        seconds=config.checkpoint_every_secs)
+    reason = "max_steps" if config.max_steps and step >= config.max_steps else None
 
-    r.keeper.save(step)
-    r.log(f"stopped at step {step} ({stop_reason}); checkpoint saved in {config.logdir}")
-    if signal_votes > 0:
-        return None  # the scheduler's deadline is near: no final evaluation
-    final = r.evaluate_and_keep_best(step)
-    oracle = demo_corpus.read_oracle(r.datadir)
-    if oracle:
-        gap = 100.0 * (final / oracle["oracle_perplexity"] - 1.0)
-        r.log(f"eval perplexity {final:.2f} | oracle perplexity {oracle['oracle_perplexity']:.2f} "
-              f"({gap:+.1f}%)")
-    best = checkpoints.read_best(config.logdir)
-    if best:
-        r.log(f"best heldout perplexity {best['perplexity']:.2f} at step {best['step']} "
-              f"(checkpoint in {os.path.join(config.logdir, checkpoints.BEST_DIR)})")
-    return final
+    while reason is None:
+        # step: the batch, each rank's requests, the update
+        x, y, w, next_position = next(batches)
+        votes = Votes(stop_signal=signals.received is not None, out_of_time=progress.out_of_time(),
+                      checkpoint=r.is_root and checkpoint_clock.due(step))
+        r.profile(step, before=True)
+        state, stats = r.trainer.step(x, y, w, state, votes)
+        step, position = step + 1, next_position
+        r.profile(step, before=False)
+        r.check_finite(stats, step)
+        if step == start_step + 1:
+            distributed.broadcast_from_root(r.trainer.state_variables())
+
+        # stop?
+        reason = stop_reason(stats, step, config.max_steps, signals.received)
+
+        # report
+        progress.add(stats)
+        if summary_every.due(step):
+            r.write_summaries(step, stats, progress.words_per_sec())
+        if log_every.due(step):
+            r.log(progress.line(step))
+
+        # evaluate
+        if reason is None and eval_every.due(step):
+            r.evaluate_and_keep_best(step, position, state)
+
+        # checkpoint
+        if reason is None and (checkpoint_steps.due(step) or stats.checkpoint_votes > 0):
+            r.save(step, position, state)
+
+    r.save(step, position, state)
+    return r.finish(step, reason, position, state)
 
 
 def parse_args(argv):

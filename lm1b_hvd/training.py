@@ -57,6 +57,18 @@ class ExponentialMovingAverage:
 
 
 @dataclasses.dataclass(frozen=True)
+class Votes:
+    """What a rank asks of this step. Summed over ranks with the step's statistics, so that
+    every rank acts on a request at the same step."""
+    stop_signal: bool = False  # SIGUSR1/SIGTERM received
+    out_of_time: bool = False  # past --max_time
+    checkpoint: bool = False  # a checkpoint is due by the clock (rank 0's clock decides)
+
+    def as_tensor(self):
+        return tf.constant([float(self.stop_signal), float(self.out_of_time), float(self.checkpoint)])
+
+
+@dataclasses.dataclass(frozen=True)
 class StepStats:
     """What one step reports, each summed over ranks."""
     loss_sum: float  # weighted token losses
@@ -64,6 +76,7 @@ class StepStats:
     lstm_norm: float  # LSTM gradient global norm before clipping (sum of the ranks' norms)
     signal_votes: float  # ranks that received SIGUSR1/SIGTERM
     time_votes: float  # ranks past --max_time
+    checkpoint_votes: float  # ranks asking for a checkpoint now
     exchange_bytes: float  # bytes of gradients handed to Horovod
     duplicate_bytes: float  # bytes more it would have been without summing duplicate rows first
 
@@ -111,15 +124,21 @@ class Trainer:
         """What rank 0 broadcasts: weights, optimizer slots and step, EMA shadows (not row states)."""
         return self.model.all_variables + list(self.optimizer.variables) + self.ema.shadows
 
-    def step(self, x, y, w, state, stop_votes):
+    def step(self, x, y, w, state, votes=Votes()):
         """One training step; returns the new row state and the StepStats (host numbers)."""
-        state, stats = self._compiled_step(x, y, w, state, stop_votes)
+        state, stats = self._compiled_step(x, y, w, state, votes.as_tensor())
         return state, StepStats(*(float(v) for v in stats.numpy()))
 
-    def _token_losses(self, embedded, state, softmax_rows, y, w):
+    def step_seed(self):
+        """The stateless seed of this rank's next step: (seed, rank) and the step number, so the
+        candidates and dropout masks of a step are the same in a resumed run as in an unbroken one."""
+        base = self.model.hps.seed * 1_000_003 + distributed.rank()
+        return tf.stack([tf.constant(base, tf.int64), tf.cast(self.global_step, tf.int64)])
+
+    def _token_losses(self, embedded, state, softmax_rows, y, w, seed):
         """Weighted per-token training losses [batch, steps] and the new row state."""
         model = self.model
-        outputs, new_state = model.run_layers(embedded, state, training=True)
+        outputs, new_state = model.run_layers(embedded, state, training=True, seed=seed)
         if softmax_rows is None:
             losses = model.full_softmax_losses(outputs, y)
         else:
@@ -130,9 +149,10 @@ class Trainer:
         """(token losses, new state, gradients of every variable, unscaled), under one tape; with
         grad_combine=tape the tape is Horovod's and the gradients come back averaged."""
         model, hps = self.model, self.model.hps
+        seed = self.step_seed()
         with tf.GradientTape() as tape:
-            softmax_rows = model.softmax_rows(y) if model.uses_sampled_softmax() else None
-            token_losses, new_state = self._token_losses_fn(model.embed(x), state, softmax_rows, y, w)
+            softmax_rows = model.softmax_rows(y, seed) if model.uses_sampled_softmax() else None
+            token_losses, new_state = self._token_losses_fn(model.embed(x), state, softmax_rows, y, w, seed)
             loss = tf.reduce_sum(token_losses) / hps.batch_size
             if self.loss_scaler:
                 loss = self.loss_scaler.get_scaled_loss(loss)
@@ -143,7 +163,7 @@ class Trainer:
             gradients = self.loss_scaler.get_unscaled_gradients(gradients)
         return token_losses, new_state, gradients
 
-    def _step(self, x, y, w, state, stop_votes):
+    def _step(self, x, y, w, state, votes):
         model, hps = self.model, self.model.hps
         token_losses, new_state, raw = self._gradients(x, y, w, state)
         gradients = [sum_duplicates(g) for g in raw]
@@ -165,6 +185,6 @@ class Trainer:
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
-        stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), stop_votes,
+        stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), votes,
                            [exchanged, duplicates]], 0)
         return new_state, distributed.sum_over_ranks(stats)

@@ -1,4 +1,5 @@
 import collections
+import json
 import sys
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_rank_without_sentences_is_an_error(tmp_path):
     with pytest.raises(data.DataError, match="no sentences in .*news.en-00001-of-00100"):
         list(ds.iterate_once(2, 3))
     with pytest.raises(data.DataError, match="no sentences in"):
-        next(ds.iterate_forever(2, 3, seed=0))
+        next(ds.iterate_forever(2, 3, seed=[0]))
 
 
 def test_missing_files_name_the_directory(tmp_path):
@@ -119,7 +120,7 @@ def test_endless_iterator_is_seeded_and_reshuffles(tmp_path):
     ds = data.ShardedDataset.for_rank(str(root), "train", v)
 
     def first(seed, count=200):
-        it = ds.sentences_forever(seed)
+        it = ds.sentences_forever([seed])
         return [tuple(next(it)) for _ in range(count)]
 
     assert first(5) == first(5)
@@ -127,6 +128,24 @@ def test_endless_iterator_is_seeded_and_reshuffles(tmp_path):
     epoch1, epoch2 = first(5, 240)[:120], first(5, 240)[120:]
     assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2
     assert sorted(epoch1) == sorted(tuple(s) for s in ds.sentences_once())
+
+
+def test_a_stream_continued_from_its_saved_position_is_the_same_stream(tmp_path):
+    rng = np.random.default_rng(1)
+    root = write_lm1b_dir(tmp_path / "d", ["\n".join(random_sentences(rng, 30)) for _ in range(3)],
+                          ["w1\n"], VOCAB)
+    ds = data.ShardedDataset.for_rank(str(root), "train", vocab.load(str(root / data.VOCAB_FILE)))
+    batches = ds.iterate_forever(4, 5, seed=[3, 0])
+    straight = [next(batches) for _ in range(250)]  # ~3.5 epochs
+    for stop in (1, 70, 150):
+        saved = data.StreamPosition.from_dict(json.loads(json.dumps(straight[stop][3].to_dict())))
+        resumed = ds.iterate_forever(4, 5, seed=[3, 0], position=saved)
+        for expected in straight[stop + 1:]:
+            got = next(resumed)
+            for a, b in zip(got[:3], expected[:3]):
+                np.testing.assert_array_equal(a, b)
+            assert got[3] == expected[3]
+    assert straight[-1][3].epoch >= 2
 
 
 def test_reads_the_real_lm1b_sample(lm1b_sample):

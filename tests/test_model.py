@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from lm1b_hvd import hparams
-from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.model import LSTMPLanguageModel, unique_log_uniform_candidates
 from lm1b_hvd.training import sum_duplicates
 
 VOCAB = 31  # not a multiple of num_shards: the last shard is padded
@@ -68,12 +69,35 @@ def test_dropout_only_in_training_and_state_is_carried():
     x, _ = batch(3, hps)
     a, _ = model.forward(x, model.zero_state(3), training=False)
     b, _ = model.forward(x, model.zero_state(3), training=False)
-    c, _ = model.forward(x, model.zero_state(3), training=True)
+    c, _ = model.forward(x, model.zero_state(3), training=True, seed=tf.constant([1, 7]))
+    c_again, _ = model.forward(x, model.zero_state(3), training=True, seed=tf.constant([1, 7]))
+    c_next_step, _ = model.forward(x, model.zero_state(3), training=True, seed=tf.constant([1, 8]))
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not np.allclose(a.numpy(), c.numpy())
+    np.testing.assert_array_equal(c.numpy(), c_again.numpy())  # the masks come from the seed alone
+    assert not np.allclose(c.numpy(), c_next_step.numpy())
     _, state = model.forward(x, model.zero_state(3), training=False)
     d, _ = model.forward(x, state, training=False)
     assert not np.allclose(a.numpy(), d.numpy())
+
+
+@pytest.mark.parametrize("num_sampled, range_max", [(64, 1000), (30, 40)])
+def test_stateless_candidates_are_unique_log_uniform_with_tf_expected_counts(num_sampled, range_max):
+    draws = 1500
+    inclusion, expected = np.zeros(range_max), np.zeros(range_max)
+    for step in range(draws):
+        candidates, expected_count = unique_log_uniform_candidates(tf.constant([5, step]), num_sampled, range_max)
+        candidates = candidates.numpy()
+        assert len(set(candidates)) == num_sampled and candidates.min() >= 0 and candidates.max() < range_max
+        inclusion[candidates] += 1
+        expected += expected_count(tf.range(range_max)).numpy()
+    again, _ = unique_log_uniform_candidates(tf.constant([5, 0]), num_sampled, range_max)
+    first, _ = unique_log_uniform_candidates(tf.constant([5, 0]), num_sampled, range_max)
+    np.testing.assert_array_equal(again.numpy(), first.numpy())
+    # How often each id is drawn matches the expected count the loss corrects by (TF's formula).
+    frequent = slice(0, 10)
+    np.testing.assert_allclose(inclusion[frequent] / draws, expected[frequent] / draws, rtol=0.08, atol=0.02)
+    assert abs(inclusion.sum() - expected.sum()) / inclusion.sum() < 0.05
 
 
 def test_same_seed_same_weights_on_every_process():

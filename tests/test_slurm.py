@@ -101,7 +101,7 @@ def test_a_job_given_gpus_tensorflow_cannot_see_stops_at_start_unless_allowed(cl
     log = job_output(tmp_path, allowed)
     assert re.search(r"device rank 0: \S+ CPU \(\d+ threads\)", log), log[-3000:]
     assert "device rank 1: " in log
-    assert re.search(r"exchange: Horovod 0\.28\.1: (MPI|Gloo) controller, gradients exchanged with", log)
+    assert re.search(r"horovod: 0\.28\.1, (MPI|Gloo) controller, gradients exchanged with", log)
     assert "stopped at step 4 (max_steps)" in log
 
 

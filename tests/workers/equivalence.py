@@ -49,7 +49,7 @@ def main(outdir):
     trainer = Trainer(LSTMPLanguageModel(HPS, VOCAB, candidate_sampler=fixed_sampler(rank)))
     state = trainer.model.zero_state(HPS.batch_size)
     for step, (x, y, w) in enumerate(tower_batches(rank)):
-        state, stats = trainer.step(x, y, w, state, tf.zeros([2]))
+        state, stats = trainer.step(x, y, w, state)
         if step == 0:
             distributed.broadcast_from_root(trainer.state_variables())
     np.savez(f"{outdir}/rank{rank}.npz",
