@@ -13,7 +13,6 @@ Examples:
   horovodrun -np 2 python -m lm1b_hvd.bench --no_exchange # the same two processes, no allreduce
   python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
 """
-import argparse
 import resource
 import statistics
 import sys
@@ -64,7 +63,7 @@ def peak_memory_bytes():
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = console.ArgumentParser(__doc__)
     parser.add_argument("--preset", default="default", choices=sorted(hparams.PRESETS))
     parser.add_argument("--hpconfig", default="", help="overrides, e.g. precision=bf16,xla=true")
     parser.add_argument("--vocab", type=int, default=0,

@@ -4,7 +4,6 @@ Measures one process (one core) reading shards, mapping words to ids,
 shuffling and packing, with the default batch shape unless told otherwise.
 The trainer needs this well above its own words/s per process.
 """
-import argparse
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ def measure(dataset, batch_size, num_steps, seconds, seed=0):
 
 def main(argv=None):
     defaults = hparams.PRESETS["default"]
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = console.ArgumentParser(__doc__)
     parser.add_argument("--datadir", default=None, help="lm1b layout; default: the demo corpus")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--num_steps", type=int, default=defaults.num_steps)

@@ -9,6 +9,7 @@ Layout of a log directory:
 """
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +19,7 @@ from lm1b_hvd import console, hparams as hparams_lib
 HPARAMS_FILE = "hparams.json"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
+CHECKPOINT_NAME = "ckpt"  # tf.train.CheckpointManager's default prefix
 
 
 class CheckpointError(console.UserError):
@@ -61,8 +63,20 @@ def make_checkpoint(trainer, run_position=None):
     return tf.train.Checkpoint(**parts)
 
 
+def first_line(err):
+    """The part of an error a user needs: its first line, without TensorFlow's op decorations
+    ('{{function_node ...}} path; No space left on device [Op:SaveV2]' -> 'No space left on device')."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, tf.errors.OpError):
+        text = re.sub(r"\s*\[Op:\w+\]$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text))
+        text = text.rsplit("; ", 1)[-1]
+    return text
+
+
 def check_or_write_hparams(logdir, hps, vocab_size, write):
     """On a fresh log directory writes hparams.json; on an old one checks the model shapes agree."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise CheckpointError(f"{logdir}: the log directory is a file")
     path = os.path.join(logdir, HPARAMS_FILE)
     record = {**hps.to_dict(), "vocab_size": vocab_size}
     if os.path.exists(path):
@@ -70,7 +84,9 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
             with open(path) as handle:
                 saved = json.load(handle)
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: unreadable: {err}") from None
+            raise CheckpointError(f"{path}: unreadable ({first_line(err)}); is it a file this trainer wrote?") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: unreadable (not a JSON object); is it a file this trainer wrote?")
         for key in (*hparams_lib.MODEL_SHAPE_KEYS, "vocab_size"):
             if key in saved and saved[key] != record[key]:
                 raise CheckpointError(
@@ -78,8 +94,11 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
                     "use a new --logdir or the same settings")
         return
     if write:
-        os.makedirs(logdir, exist_ok=True)
-        console.write_atomically(path, json.dumps(record, indent=1))
+        try:
+            os.makedirs(logdir, exist_ok=True)
+            console.write_atomically(path, json.dumps(record, indent=1))
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot write ({err.strerror or first_line(err)})") from None
 
 
 class CheckpointKeeper:
@@ -99,13 +118,38 @@ class CheckpointKeeper:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as err:
-                first_line = str(err).strip().splitlines()[0]
-                raise CheckpointError(f"{path}: cannot restore: {first_line}") from None
+                raise CheckpointError(f"{path}: cannot restore: {first_line(err)}") from None
         return path
 
     def save(self, step):
+        """Writes ckpt-STEP. TensorFlow writes the new files first, then points the `checkpoint`
+        file at them (an atomic rename), then deletes the oldest: a crash at any moment leaves
+        the previous checkpoint restorable. A failed write (full disk, read-only or vanished log
+        directory) removes its own partial files and stops the run with one line."""
         if self.writer:
-            self.latest.save(checkpoint_number=step)
+            self._save(self.latest, step)
+
+    def _save(self, manager, step):
+        previous = manager.latest_checkpoint
+        try:
+            manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as err:
+            self._remove_partial(manager, step)
+            kept = f"the previous one, {previous}, is kept" if previous else "there is no earlier checkpoint"
+            raise CheckpointError(f"{manager.directory}: saving the checkpoint of step {step} failed "
+                                  f"({first_line(err)}); {kept}") from None
+
+    @staticmethod
+    def _remove_partial(manager, step):
+        """Deletes what a failed save of `step` left, unless the checkpoint file already names it."""
+        prefix = os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{step}")
+        if tf.train.latest_checkpoint(manager.directory) == prefix:
+            return
+        for leftover in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
+            try:
+                tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
+            except tf.errors.OpError:
+                pass  # the disk refused even this; the checkpoint file still names the previous one
 
     def best_perplexity(self):
         info = read_best(self.logdir)
@@ -115,7 +159,7 @@ class CheckpointKeeper:
         """Keeps this step under best/ when its heldout perplexity beats the best so far."""
         if not self.writer or perplexity >= self.best_perplexity():
             return False
-        self.best.save(checkpoint_number=step)
+        self._save(self.best, step)
         path = os.path.join(self.logdir, BEST_DIR, BEST_FILE)
         console.write_atomically(path, json.dumps({"step": step, "perplexity": perplexity}))
         return True

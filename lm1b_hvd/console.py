@@ -3,6 +3,7 @@
 Launchers (horovodrun, mpirun, srun) tag each chunk a process writes; a line written in two
 pieces gets the next tag in its middle. So every line goes out in one write.
 """
+import argparse
 import os
 import sys
 
@@ -15,6 +16,18 @@ def say(text, stream=None):
     stream = stream or sys.stdout
     stream.write(f"{text}\n")
     stream.flush()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' parser: the module docstring (with its example) as --help, and a bad
+    flag as one line, 'error: argument --max_steps: invalid int value: 'x' (see ... --help)'."""
+
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        say(f"error: {message} (see {self.prog} --help)", sys.stderr)
+        sys.exit(2)
 
 
 def run_main(body):

@@ -6,7 +6,6 @@ weights when the run averages them), and writes `eval/perplexity` and
 `eval/log_perplexity` to L/<mode>/ for TensorBoard. `--once` evaluates the
 latest checkpoint and exits.
 """
-import argparse
 import json
 import math
 import os
@@ -66,7 +65,7 @@ class CheckpointEvaluator:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = console.ArgumentParser(__doc__)
     parser.add_argument("--logdir", required=True)
     parser.add_argument("--datadir", default="", help="default: the demo corpus")
     parser.add_argument("--mode", default="eval_test_ave", choices=sorted(MODES))

@@ -1,12 +1,15 @@
-"""`python -m lm1b_hvd.prepare_data demo|lm1b`: make the demo corpus or fetch the real benchmark."""
-import argparse
+"""`python -m lm1b_hvd.prepare_data demo|lm1b`: make the demo corpus or fetch the real benchmark.
+
+  python -m lm1b_hvd.prepare_data demo
+  python -m lm1b_hvd.prepare_data lm1b --outdir /data/lm1b
+"""
 import sys
 
 from lm1b_hvd import console, demo_corpus, lm1b_download
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = console.ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="generate (once) the built-in demo corpus")
     demo.add_argument("--cache_dir", default=None, help="default: $LM1B_HVD_CACHE or ~/.cache/lm1b_hvd")

@@ -5,8 +5,8 @@ Trains the LSTMP language model with one Horovod rank per process. Without
 directory is the unit of resumption: run the same command again to continue.
 Rank 0 alone prints, writes summaries and saves checkpoints.
 """
-import argparse
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -147,14 +147,24 @@ class Run:
         self.keeper = checkpoints.CheckpointKeeper(
             config.logdir, checkpoints.make_checkpoint(self.trainer, self.run_position), config.keep_checkpoints,
             self.is_root)
-        self.writer = (tf.summary.create_file_writer(os.path.join(config.logdir, "train"))
-                       if self.is_root else tf.summary.create_noop_writer())
-        self.eval_writer = (tf.summary.create_file_writer(os.path.join(config.logdir, "eval"))
-                            if self.is_root else tf.summary.create_noop_writer())
 
     def log(self, message):
         if self.is_root:
             console.say(message)
+
+    # Summary writers are made on first use: a run refused at start leaves no new event files.
+    @functools.cached_property
+    def writer(self):
+        return self._summary_writer("train")
+
+    @functools.cached_property
+    def eval_writer(self):
+        return self._summary_writer("eval")
+
+    def _summary_writer(self, name):
+        if not self.is_root:
+            return tf.summary.create_noop_writer()
+        return tf.summary.create_file_writer(os.path.join(self.config.logdir, name))
 
     def restore(self):
         """(step, data position, row state) to start from: the latest checkpoint's, exactly, when
@@ -300,7 +310,7 @@ def run(config):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = console.ArgumentParser(__doc__)
     parser.add_argument("--datadir", default="", help="lm1b layout with 1b_word_vocab.txt; default: demo corpus")
     parser.add_argument("--logdir", default="", help="checkpoints and summaries; default: runs/<preset>")
     parser.add_argument("--preset", default=None, choices=sorted(hparams.PRESETS),

@@ -1,0 +1,118 @@
+"""Bad input to the trainer, each from the command line as a user would give it: one line on
+stderr naming the file, line or key at fault, a non-zero exit, and every file already in the
+log directory left exactly as it was."""
+import hashlib
+import re
+import shutil
+import sys
+
+import pytest
+
+from tests.conftest import run, write_tiny_demo_corpus
+
+TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
+VOCAB = "1b_word_vocab.txt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A corpus and a log directory holding a 3-step run's checkpoints."""
+    root = tmp_path_factory.mktemp("bad-input")
+    corpus = write_tiny_demo_corpus(root / "demo")
+    logdir = root / "log"
+    result = run(train_args(corpus, logdir, "--max_steps", "3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return corpus, logdir
+
+
+def train_args(corpus, logdir, *extra, hpconfig=TINY):
+    return [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir),
+            "--preset", "demo", "--hpconfig", hpconfig, "--log_every", "1000", *extra]
+
+
+def snapshot(directory):
+    if not directory.is_dir():
+        return {}
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def corpus_copy(corpus, destination, edit_vocab=None, drop_train=False):
+    shutil.copytree(corpus, destination)
+    if edit_vocab:
+        path = destination / VOCAB
+        path.write_text(edit_vocab(path.read_text().splitlines()))
+    if drop_train:
+        shutil.rmtree(destination / "training-monolingual.tokenized.shuffled")
+    return destination
+
+
+def lines(items):
+    return "".join(item + "\n" for item in items)
+
+
+CASES = {
+    "malformed vocabulary line": (
+        lambda c, t: dict(corpus=corpus_copy(c, t / "c", lambda v: lines(v[:2] + ["w1 many"] + v[3:]))),
+        r"error: {corpus}/1b_word_vocab.txt:3: expected 'word count', got 'w1 many'"),
+    "vocabulary without <S>": (
+        lambda c, t: dict(corpus=corpus_copy(c, t / "c", lambda v: lines(x for x in v if not x.startswith("<S> ")))),
+        r"error: {corpus}/1b_word_vocab.txt: vocabulary has no <S> entry"),
+    "vocabulary without <UNK>": (
+        lambda c, t: dict(corpus=corpus_copy(c, t / "c", lambda v: lines(x for x in v if not x.startswith("<UNK> ")))),
+        r"error: {corpus}/1b_word_vocab.txt: vocabulary has no <UNK> entry"),
+    "vocabulary size differs from the checkpoint's": (
+        lambda c, t: dict(corpus=corpus_copy(c, t / "c", lambda v: lines(v + ["extra 1"]))),
+        r"error: {logdir}/hparams.json: 'vocab_size' is (\d+) in this log directory but (\d+) now; "
+        r"use a new --logdir or the same settings"),
+    "datadir that does not exist": (
+        lambda c, t: dict(corpus=t / "nowhere"),
+        r"error: {corpus}/1b_word_vocab.txt: vocabulary file not found"),
+    "datadir without shards": (
+        lambda c, t: dict(corpus=corpus_copy(c, t / "c", drop_train=True)),
+        r"error: {corpus}: no train files matching training-monolingual.tokenized.shuffled/news.en-\*-of-\*"),
+    "unknown hpconfig key": (
+        lambda c, t: dict(hpconfig=TINY + ",state_sise=3"),
+        r"error: unknown hparam 'state_sise' \(known: .*\)"),
+    "ill-typed hpconfig value": (
+        lambda c, t: dict(hpconfig=TINY + ",batch_size=lots"),
+        r"error: hparam 'batch_size' expects an int, got 'lots'"),
+    "non-numeric flag": (
+        lambda c, t: dict(extra=["--max_steps", "ten"]),
+        r"error: argument --max_steps: invalid int value: 'ten' \(see train.py --help\)"),
+    "log directory that is a file": (
+        lambda c, t: dict(logdir=t / "a-file"),
+        r"error: {logdir}: the log directory is a file"),
+    "corrupt hparams.json": (
+        lambda c, t: dict(corrupt=("hparams.json", b'{"batch_size": 4,')),
+        r"error: {logdir}/hparams.json: unreadable \(.*\); is it a file this trainer wrote\?"),
+    "corrupt checkpoint index": (
+        lambda c, t: dict(corrupt=("ckpt-3.index", b"not an index" * 20)),
+        r"error: {logdir}/ckpt-3: cannot restore: .+"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_a_non_zero_exit_and_no_damage(trained, tmp_path, case):
+    corpus, base_logdir = trained
+    make, expected = CASES[case]
+    setup = make(corpus, tmp_path)
+    logdir = setup.get("logdir") or tmp_path / "log"
+    if not setup.get("logdir"):
+        shutil.copytree(base_logdir, logdir)
+    else:
+        logdir.write_text("I am a file\n")
+    if "corrupt" in setup:
+        name, content = setup["corrupt"]
+        (logdir / name).write_bytes(content)
+    before = snapshot(logdir)
+    result = run(train_args(setup.get("corpus", corpus), logdir, "--max_steps", "6", *setup.get("extra", []),
+                            hpconfig=setup.get("hpconfig", TINY)))
+    assert result.returncode != 0
+    stderr = result.stderr.strip().splitlines()
+    assert stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    pattern = expected.format(corpus=re.escape(str(setup.get("corpus", corpus))), logdir=re.escape(str(logdir)))
+    assert re.fullmatch(pattern, stderr[-1]), stderr[-1]
+    assert snapshot(logdir) == before, "files already in the log directory were changed"
+    if logdir.is_file():
+        assert logdir.read_text() == "I am a file\n"

@@ -1,0 +1,138 @@
+"""Faults while a run saves: kill -9 at random moments, a full disk, a log directory that turns
+read-only. Each leaves the previous checkpoint restorable, and the last two stop the run with
+one line. The disk faults mount a small tmpfs or a read-only bind, so need root; .ci/run sets
+LM1B_REQUIRE_MOUNT=1 so that there they fail instead of skipping."""
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
+from tests.test_resume import kill_tree
+
+# Big enough that a save takes a while (~4 MB a checkpoint), small enough to train fast.
+SHAPE = "batch_size=4,num_steps=5,emb_size=64,state_size=256,projected_size=64,num_sampled=16"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_demo_corpus(tmp_path_factory.mktemp("faults-corpus") / "demo")
+
+
+def train_command(corpus, logdir, max_steps, *extra):
+    return [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir),
+            "--preset", "demo", "--hpconfig", SHAPE, "--max_steps", str(max_steps), "--log_every", "1000",
+            "--checkpoint_secs", "100000", *extra]
+
+
+def start(command):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def latest_step(logdir):
+    path = tf.train.latest_checkpoint(str(logdir))
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def assert_restorable(logdir):
+    """The checkpoint the `checkpoint` file names loads whole."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(logdir)))
+    for name in reader.get_variable_to_shape_map():
+        reader.get_tensor(name)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a few MB at tmp_path/disk, unmounted afterwards."""
+    mounted = []
+
+    def mount(megabytes):
+        point = tmp_path / "disk"
+        point.mkdir()
+        mount_or_skip("-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(point))
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_kill_9_at_random_moments_of_saving_every_step_always_resumes(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    rng = random.Random(7)
+    for _ in range(5):
+        before = latest_step(logdir)
+        victim = start(train_command(corpus, logdir, 100_000, "--checkpoint_steps", "1"))
+        deadline = time.monotonic() + 120
+        while latest_step(logdir) < before + 2:  # training again, saving every step
+            assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()[1][-2000:]
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        kill_tree(victim.pid)
+        victim.communicate()
+        assert_restorable(logdir)
+    target = latest_step(logdir) + 3
+    result = run(train_command(corpus, logdir, target), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {logdir}/ckpt-{target - 3} at step {target - 3}" in result.stdout
+    assert f"stopped at step {target} (max_steps)" in result.stdout
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path, small_disk):
+    logdir = small_disk(12) / "log"
+    result = run(train_command(corpus, logdir, 50, "--checkpoint_steps", "1", "--keep_checkpoints", "10"),
+                 timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(rf"error: {logdir}: saving the checkpoint of step (\d+) failed \(No space left on device\); "
+                         rf"the previous one, {logdir}/ckpt-(\d+), is kept", last)
+    assert match, last
+    failed, kept = (int(v) for v in match.groups())
+    assert kept == failed - 1 == latest_step(logdir)
+    assert not list(logdir.glob(f"ckpt-{failed}*")), "the failed save's partial files are removed"
+    assert_restorable(logdir)
+    moved = tmp_path / "moved"
+    shutil.copytree(logdir, moved)
+    resumed = run(train_command(corpus, moved, kept + 2), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {kept} (epoch" in resumed.stdout
+
+
+def mount_or_skip(*args):
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        message = f"mount {' '.join(args)} failed here: {result.stderr.strip()}"
+        if os.environ.get("LM1B_REQUIRE_MOUNT") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    victim = start(train_command(corpus, logdir, 100_000, "--checkpoint_steps", "5"))
+    deadline = time.monotonic() + 120
+    while latest_step(logdir) < 5:
+        assert victim.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        # A read-only bind mount over the directory: even root cannot create files in it.
+        mount_or_skip("--bind", str(logdir), str(logdir))
+        mount_or_skip("-o", "remount,bind,ro", str(logdir))
+        _, stderr = victim.communicate(timeout=120)
+    finally:
+        kill_tree(victim.pid)
+        subprocess.run(["umount", "-l", str(logdir)], capture_output=True)
+    assert victim.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {logdir}: saving the checkpoint of step \d+ failed \(Read-only file system\); "
+                        rf"the previous one, {logdir}/ckpt-\d+, is kept", last), last
+    assert_restorable(logdir)

@@ -1,0 +1,65 @@
+"""The small pieces the training loop is made of: periodic triggers, the stop decision, the
+EMA swap, the progress line."""
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from lm1b_hvd.train import Every, Progress, TrainConfig, stop_reason
+from lm1b_hvd.training import ExponentialMovingAverage, StepStats
+
+
+def stats(signal=0.0, time_up=0.0, checkpoint=0.0, loss_sum=20.0, words=10.0):
+    return StepStats(loss_sum=loss_sum, words=words, lstm_norm=1.0, signal_votes=signal, time_votes=time_up,
+                     checkpoint_votes=checkpoint, exchange_bytes=0.0, duplicate_bytes=0.0)
+
+
+def test_every_n_steps_fires_on_multiples_only():
+    every = Every(steps=3)
+    assert [step for step in range(1, 11) if every.due(step)] == [3, 6, 9]
+    assert not any(Every().due(step) for step in range(1, 50)), "neither steps nor seconds: never"
+
+
+def test_every_n_seconds_fires_once_per_interval():
+    every = Every(seconds=0.05)
+    assert not every.due(1)
+    time.sleep(0.06)
+    assert every.due(2)
+    assert not every.due(3), "the clock restarts when it fires"
+
+
+def test_stop_decision_signal_first_then_time_then_steps():
+    assert stop_reason(stats(), 5, max_steps=10, received_signal=None) is None
+    assert stop_reason(stats(), 10, max_steps=10, received_signal=None) == "max_steps"
+    assert stop_reason(stats(), 10, max_steps=0, received_signal=None) is None
+    assert stop_reason(stats(time_up=1.0), 3, max_steps=10, received_signal=None) == "max_time"
+    assert stop_reason(stats(signal=1.0, time_up=2.0), 10, 10, received_signal="SIGUSR1") == "SIGUSR1"
+    assert stop_reason(stats(signal=1.0), 4, 10, received_signal=None) == "signal on another rank"
+
+
+def test_ema_swap_holds_the_averages_inside_and_restores_the_weights_after():
+    weights = [tf.Variable([1.0, 2.0]), tf.Variable([[3.0]])]
+    ema = ExponentialMovingAverage(weights, decay=0.5)
+    weights[0].assign([3.0, 6.0])
+    weights[1].assign([[5.0]])
+    ema.update()
+    with ema.swapped_in():
+        np.testing.assert_allclose(weights[0].numpy(), [2.0, 4.0])
+        np.testing.assert_allclose(weights[1].numpy(), [[4.0]])
+    np.testing.assert_allclose(weights[0].numpy(), [3.0, 6.0])
+    np.testing.assert_allclose(weights[1].numpy(), [[5.0]])
+    try:
+        with ema.swapped_in():
+            raise RuntimeError("evaluation failed")
+    except RuntimeError:
+        pass
+    np.testing.assert_allclose(weights[1].numpy(), [[5.0]])  # restored even when the block raises
+
+
+def test_progress_line_reports_window_loss_rate_and_eta():
+    progress = Progress(start_step=100, config=TrainConfig(logdir="unused", max_steps=200))
+    progress.add(stats(loss_sum=30.0, words=10.0))
+    progress.add(stats(loss_sum=10.0, words=10.0))
+    line = progress.line(150)
+    assert line.startswith("step 150 | loss 2.000 | ") and " words/s | elapsed 0:00:00 | eta 0:00:00" in line
+    assert progress.window_words == 0.0, "each line starts a new window"
