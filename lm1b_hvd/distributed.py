@@ -10,6 +10,8 @@ import os
 import horovod
 import horovod.tensorflow as hvd
 import tensorflow as tf
+from horovod.common import elastic as horovod_elastic
+from horovod.common.exceptions import HorovodInternalError
 
 BROADCAST_BLOCK_BYTES = 64 * 2 ** 20
 
@@ -155,3 +157,47 @@ def broadcast_from_root(variables):
             part = variable[start:start + block]
             variable[start:start + block].assign(
                 hvd.broadcast(part, root_rank=0, name=f"broadcast_state_{index}_{start}"))
+
+
+class ElasticState(horovod_elastic.State):
+    """Horovod elastic state of a list of variables: commit() copies them to host memory, a
+    reset after a lost rank puts that copy back, and sync() gives every rank rank 0's values
+    (in blocks, as broadcast_from_root). Horovod's own TensorFlowState broadcasts nothing on
+    a reset under TF2's eager mode, hence this one."""
+
+    def __init__(self, variables):
+        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+        self.variables = list(variables)
+        self.save()
+
+    def save(self):
+        self._values = [variable.numpy() for variable in self.variables]
+
+    def restore(self):
+        for variable, value in zip(self.variables, self._values):
+            variable.assign(value)
+
+    def sync(self):
+        broadcast_from_root(self.variables)
+        self.save()
+
+
+def elastic_run(train):
+    """Horovod's elastic retry loop around `train(state)`: when a rank is lost, the survivors
+    restore the last commit, restart Horovod with the ranks that remain, run the state's reset
+    callbacks and call `train` again. A collective that fails inside a tf.function surfaces as
+    tf.errors.UnknownError naming a Horovod op: that is the signal to reset."""
+    def failing_collectives_reset(state, *args, **kwargs):
+        try:
+            return train(state, *args, **kwargs)
+        except tf.errors.UnknownError as err:
+            if "Horovod" in err.message:
+                raise HorovodInternalError(err) from None
+            raise
+
+    return horovod_elastic.run_fn(failing_collectives_reset, _restart_horovod)
+
+
+def _restart_horovod():
+    hvd.shutdown()
+    hvd.init()

@@ -44,6 +44,8 @@ class TrainConfig:
     keep_checkpoints: int = 5
     profile_steps: tuple = ()  # (first, last) step of a TF profiler trace
     allow_cpu: bool = False  # train on the CPU even when the job was given GPUs
+    elastic: bool = False  # Horovod elastic mode (horovodrun --min-np/--max-np, Gloo)
+    commit_steps: int = 100  # elastic: steps between commits of the state to host memory
 
 
 class Every:
@@ -138,12 +140,12 @@ class Run:
         self.hps = hparams.build(config.preset, config.hpconfig)
         self.vocab = vocab.load(os.path.join(self.datadir, data.VOCAB_FILE))
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.is_root)
-        self.train_data = data.ShardedDataset.for_rank(self.datadir, "train", self.vocab, self.rank, self.size)
-        self.heldout = data.ShardedDataset.for_rank(self.datadir, "heldout", self.vocab, self.rank, self.size)
+        self.train_data, self.heldout = self._data_shares()
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab))
         self.trainer = Trainer(self.model)
         self.evaluator = evaluation.Evaluator(self.model, self.trainer.ema)
         self.run_position = checkpoints.RunPosition()
+        self.signals = StopSignals()
         self.keeper = checkpoints.CheckpointKeeper(
             config.logdir, checkpoints.make_checkpoint(self.trainer, self.run_position), config.keep_checkpoints,
             self.is_root)
@@ -151,6 +153,20 @@ class Run:
     def log(self, message):
         if self.is_root:
             console.say(message)
+
+    def _data_shares(self):
+        return tuple(data.ShardedDataset.for_rank(self.datadir, split, self.vocab, self.rank, self.size)
+                     for split in ("train", "heldout"))
+
+    def reshard(self):
+        """After an elastic reset: this process's new rank, its new share of the data, a step
+        traced for the new ranks, and the writing role if it is rank 0 now."""
+        self.rank, self.size, self.is_root = distributed.rank(), distributed.size(), distributed.is_root()
+        self.train_data, self.heldout = self._data_shares()
+        self.trainer.retrace()
+        self.keeper.writer = self.is_root
+        for name in ("writer", "eval_writer"):
+            self.__dict__.pop(name, None)
 
     # Summary writers are made on first use: a run refused at start leaves no new event files.
     @functools.cached_property
@@ -256,20 +272,14 @@ class Run:
         return final
 
 
-def run(config):
-    """Trains until a limit or a stop signal; returns the final heldout perplexity."""
-    r = Run(config)
-    r.log(f"lm1b_hvd: {r.size} rank(s), data {r.datadir}, vocabulary {len(r.vocab)}, logdir {config.logdir}")
-    for line in r.device_lines:
-        r.log(line)
-    r.log(f"hparams: {r.hps.to_string()}")
-    step, position, state = r.restore()
+def train_steps(r, config, step, position, state, commit=None):
+    """The training loop from `step`; returns where it stopped: (step, reason, position, state).
+    Elastic runs pass `commit`, called every --commit_steps steps."""
     start_step = step
     batches = r.training_batches(position)
-    signals = StopSignals()
     progress = Progress(start_step, config)
     log_every, summary_every = Every(steps=config.log_every), Every(steps=config.summary_every)
-    eval_every = Every(steps=config.eval_every)
+    eval_every, commit_every = Every(steps=config.eval_every), Every(steps=config.commit_steps if commit else 0)
     checkpoint_steps, checkpoint_clock = Every(steps=config.checkpoint_every_steps), Every(
         seconds=config.checkpoint_every_secs)
     reason = "max_steps" if config.max_steps and step >= config.max_steps else None
@@ -277,7 +287,7 @@ def run(config):
     while reason is None:
         # step: the batch, each rank's requests, the update
         x, y, w, next_position = next(batches)
-        votes = Votes(stop_signal=signals.received is not None, out_of_time=progress.out_of_time(),
+        votes = Votes(stop_signal=r.signals.received is not None, out_of_time=progress.out_of_time(),
                       checkpoint=r.is_root and checkpoint_clock.due(step))
         r.profile(step, before=True)
         state, stats = r.trainer.step(x, y, w, state, votes)
@@ -288,7 +298,7 @@ def run(config):
             distributed.broadcast_from_root(r.trainer.state_variables())
 
         # stop?
-        reason = stop_reason(stats, step, config.max_steps, signals.received)
+        reason = stop_reason(stats, step, config.max_steps, r.signals.received)
 
         # report
         progress.add(stats)
@@ -301,11 +311,53 @@ def run(config):
         if reason is None and eval_every.due(step):
             r.evaluate_and_keep_best(step, position, state)
 
-        # checkpoint
+        # checkpoint, and the elastic commit
         if reason is None and (checkpoint_steps.due(step) or stats.checkpoint_votes > 0):
             r.save(step, position, state)
+        if reason is None and commit_every.due(step):
+            commit()
 
     r.save(step, position, state)
+    return step, reason, position, state
+
+
+def train_elastic(r, config, step, position, state):
+    """--elastic: Horovod's elastic mode. Every --commit_steps the weights, slots and step are
+    copied to host memory; when a rank is lost the survivors go back to that commit, take new
+    ranks and new shares of the data (each share's order restarts, LSTM rows from zero) and go
+    on: the effective batch becomes (ranks left) x batch_size sentences, the per-rank update is
+    unchanged. Ranks that join later get rank 0's weights the same way."""
+    start = {"position": position, "state": state}
+    elastic_state = distributed.ElasticState(r.trainer.state_variables())
+
+    def after_reset():
+        r.reshard()
+        start["position"], start["state"] = data.StreamPosition(), r.model.zero_state(r.hps.batch_size)
+        r.log(f"elastic reset: {r.size} rank(s) from the commit at step {int(r.trainer.global_step)}; "
+              f"data re-sharded, LSTM rows from zero, effective batch {r.size} x {r.hps.batch_size} sentences")
+
+    elastic_state.register_reset_callbacks([after_reset])
+
+    @distributed.elastic_run
+    def train(elastic):
+        return train_steps(r, config, int(r.trainer.global_step), start["position"], start["state"],
+                           commit=elastic.commit)
+
+    return train(elastic_state)
+
+
+def run(config):
+    """Trains until a limit or a stop signal; returns the final heldout perplexity."""
+    r = Run(config)
+    r.log(f"lm1b_hvd: {r.size} rank(s), data {r.datadir}, vocabulary {len(r.vocab)}, logdir {config.logdir}")
+    for line in r.device_lines:
+        r.log(line)
+    r.log(f"hparams: {r.hps.to_string()}")
+    step, position, state = r.restore()
+    if config.elastic:
+        step, reason, position, state = train_elastic(r, config, step, position, state)
+    else:
+        step, reason, position, state = train_steps(r, config, step, position, state)
     return r.finish(step, reason, position, state)
 
 
@@ -329,6 +381,10 @@ def parse_args(argv):
     parser.add_argument("--profile_steps", default="", help="FIRST,LAST: TF profiler trace of these steps")
     parser.add_argument("--allow_cpu", action="store_true",
                         help="train on the CPU even if the job was given GPUs that TensorFlow cannot see")
+    parser.add_argument("--elastic", action="store_true",
+                        help="Horovod elastic mode: go on when ranks are lost or added (horovodrun --min-np ...)")
+    parser.add_argument("--commit_steps", type=int, default=100,
+                        help="elastic: steps between commits (what a lost rank costs the others)")
     args = parser.parse_args(argv)
     preset = args.preset or ("default" if args.datadir else "demo")
     if not args.datadir and not (args.max_steps or args.max_time):
@@ -346,7 +402,7 @@ def parse_args(argv):
         log_every=args.log_every, summary_every=args.summary_every, eval_every=args.eval_every,
         eval_steps=args.eval_steps, checkpoint_every_secs=args.checkpoint_secs,
         checkpoint_every_steps=args.checkpoint_steps, keep_checkpoints=args.keep_checkpoints,
-        profile_steps=profile, allow_cpu=args.allow_cpu)
+        profile_steps=profile, allow_cpu=args.allow_cpu, elastic=args.elastic, commit_steps=args.commit_steps)
 
 
 def main(argv=None):

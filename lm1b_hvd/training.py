@@ -116,6 +116,10 @@ class Trainer:
                                  else self._token_losses)
         self._compiled_step = tf.function(self._step)
 
+    def retrace(self):
+        """A fresh compiled step: the old one baked in this process's rank and the rank count."""
+        self._compiled_step = tf.function(self._step)
+
     @property
     def global_step(self):
         return self.optimizer.iterations
