@@ -6,6 +6,7 @@ pieces gets the next tag in its middle. So every line goes out in one write.
 import argparse
 import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -38,6 +39,37 @@ def run_main(body):
         say(f"error: {err}", sys.stderr)
         return 1
     return 0
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Meter:
+    """Progress of long work (a download, a count over the corpus, a full-softmax evaluation) as
+    whole lines at most every `every` seconds: how far, how fast, and when it will be done."""
+
+    def __init__(self, label, total, unit, scale=1.0, every=10.0, report=None):
+        self.label, self.total, self.unit, self.scale, self.every = label, total, unit, scale, every
+        self.report = report or say
+        self.started = self.last = time.monotonic()
+
+    def update(self, done):
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        number = "{:,.0f}" if self.scale == 1.0 else "{:,.1f}"
+        text = f"{self.label}: {number.format(done / self.scale)}"
+        if self.total:
+            eta = (self.total - done) / rate if rate > 0 else 0.0
+            text += (f"/{number.format(self.total / self.scale)} {self.unit} ({100.0 * done / self.total:.0f}%) | "
+                     f"{number.format(rate / self.scale)} {self.unit}/s | eta {format_seconds(max(eta, 0.0))}")
+        else:
+            text += f" {self.unit} | {number.format(rate / self.scale)} {self.unit}/s"
+        self.report(text)
 
 
 def write_atomically(path, content):

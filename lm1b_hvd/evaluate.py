@@ -49,7 +49,7 @@ class CheckpointEvaluator:
         model = LSTMPLanguageModel(self.hps, len(words))
         ema = ExponentialMovingAverage(model.lstm_variables, self.hps.ema_decay)
         self.checkpoint = tf.train.Checkpoint(model=model, ema_shadows=ema.shadows)
-        self.evaluator = evaluation.Evaluator(model, ema)
+        self.evaluator = evaluation.Evaluator(model, ema, report=console.say)
         self.writer = tf.summary.create_file_writer(os.path.join(logdir, mode))
 
     def evaluate(self, path):

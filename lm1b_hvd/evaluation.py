@@ -8,15 +8,16 @@ import math
 
 import tensorflow as tf
 
-from lm1b_hvd import data, distributed
+from lm1b_hvd import console, data, distributed
 
 
 class Evaluator:
     """Full-softmax loss sums of a model, with the EMA weights (`ema`) when the run averages them."""
 
-    def __init__(self, model, ema):
+    def __init__(self, model, ema, report=None):
         self.model = model
         self.ema = ema if model.hps.average_params else None
+        self.report = report  # where progress lines of a long evaluation go (None: nowhere)
         self.step = tf.function(self._step)
 
     def _step(self, x, y, w, state):
@@ -31,6 +32,7 @@ class Evaluator:
         batches = dataset.iterate_once(hps.batch_size, hps.num_steps, allow_empty)
         state = self.model.zero_state(hps.batch_size)
         loss_sum, words = 0.0, 0.0
+        meter = self._meter(dataset, max_batches)
         with self.ema.swapped_in() if self.ema else contextlib.nullcontext():
             for index, (x, y, w) in enumerate(batches):
                 if max_batches and index >= max_batches:
@@ -38,7 +40,17 @@ class Evaluator:
                 state, batch_loss, batch_words = self.step(x, y, w, state)
                 loss_sum += float(batch_loss)
                 words += float(batch_words)
+                meter.update(words)
         return loss_sum, words
+
+    def _meter(self, dataset, max_batches):
+        """Words evaluated against the words to evaluate (this rank's), for the progress lines."""
+        if self.report is None:
+            return console.Meter("evaluation", 0, "words", report=lambda _: None)
+        hps = self.model.hps
+        total = (max_batches * hps.batch_size * hps.num_steps if max_batches
+                 else sum(len(sentence) - 1 for sentence in dataset.sentences_once(allow_empty=True)))
+        return console.Meter("evaluation (full softmax)", total, "words", report=self.report)
 
     def perplexity_over_ranks(self, dataset, max_batches=0):
         """(perplexity, words) of every rank's share of a split, sums reduced over ranks first.

@@ -30,11 +30,13 @@ def download(url, path, expected_sha256=None, chunk_bytes=1 << 20):
     try:
         with urllib.request.urlopen(url) as response, open(part, "wb") as out:
             expected_length = response.headers.get("Content-Length")
+            meter = console.Meter(f"download {os.path.basename(path)}", int(expected_length or 0), "MB", scale=1e6)
             received = 0
             while chunk := response.read(chunk_bytes):
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
+                meter.update(received)
     except OSError as err:
         raise DownloadError(f"{url}: download failed: {err}") from None
     if expected_length is not None and received != int(expected_length):
@@ -75,7 +77,12 @@ def build_vocabulary(datadir, min_count=3):
     """Counts the training shards of `datadir` into a Vocabulary."""
     counts = collections.Counter()
     sentences = 0
-    for path in data.find_files(datadir, "train"):
+    paths = data.find_files(datadir, "train")
+    meter = console.Meter("vocabulary count", sum(os.path.getsize(p) for p in paths), "MB", scale=1e6)
+    counted = 0
+    for path in paths:
+        meter.update(counted)
+        counted += os.path.getsize(path)
         with open(path, "rb") as handle:
             for line in handle:
                 tokens = line.split()

@@ -75,11 +75,6 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
-def format_seconds(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def stop_reason(stats, step, max_steps, received_signal):
     """Why the run stops after this step, or None. The votes in `stats` are summed over ranks,
     so every rank reaches the same answer at the same step."""
@@ -116,11 +111,11 @@ class Progress:
         elapsed = now - self.started
         eta = ""
         if self.config.max_steps:
-            eta = f" | eta {format_seconds((self.config.max_steps - step) * elapsed / (step - self.start_step))}"
+            eta = f" | eta {console.format_seconds((self.config.max_steps - step) * elapsed / (step - self.start_step))}"
         elif self.config.max_time:
-            eta = f" | eta {format_seconds(max(self.config.max_time - elapsed, 0))}"
+            eta = f" | eta {console.format_seconds(max(self.config.max_time - elapsed, 0))}"
         text = (f"step {step} | loss {self.window_loss / self.window_words:.3f} | {self.words_per_sec():,.0f} "
-                f"words/s | elapsed {format_seconds(elapsed)}{eta}")
+                f"words/s | elapsed {console.format_seconds(elapsed)}{eta}")
         self.window_start, self.window_words, self.window_loss = now, 0.0, 0.0
         return text
 
@@ -143,7 +138,7 @@ class Run:
         self.train_data, self.heldout = self._data_shares()
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab))
         self.trainer = Trainer(self.model)
-        self.evaluator = evaluation.Evaluator(self.model, self.trainer.ema)
+        self.evaluator = evaluation.Evaluator(self.model, self.trainer.ema, report=self.log)
         self.run_position = checkpoints.RunPosition()
         self.signals = StopSignals()
         self.keeper = checkpoints.CheckpointKeeper(
