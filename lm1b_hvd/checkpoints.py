@@ -101,6 +101,23 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
             raise CheckpointError(f"{path}: cannot write ({err.strerror or first_line(err)})") from None
 
 
+def load_run_hparams(logdir):
+    """The hparams the run in `logdir` was started with."""
+    path = os.path.join(logdir, HPARAMS_FILE)
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; is {logdir} a training log directory?") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path}: unreadable: {err}") from None
+    record.pop("vocab_size", None)
+    unknown = sorted(set(record) - set(hparams_lib.HParams.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown hparam(s) {', '.join(unknown)}")
+    return hparams_lib.validate(hparams_lib.HParams(**record))
+
+
 class CheckpointKeeper:
     """Latest-N checkpoints plus the best-by-heldout one; only the writer (rank 0) saves."""
 
@@ -163,6 +180,18 @@ class CheckpointKeeper:
         path = os.path.join(self.logdir, BEST_DIR, BEST_FILE)
         console.write_atomically(path, json.dumps({"step": step, "perplexity": perplexity}))
         return True
+
+
+def find_checkpoint(logdir, which="latest"):
+    """The path of the latest checkpoint of `logdir`, or of the best one (`which="best"`)."""
+    if not os.path.isdir(logdir):
+        raise CheckpointError(f"{logdir}: no such log directory")
+    directory = os.path.join(logdir, BEST_DIR) if which == "best" else logdir
+    path = tf.train.latest_checkpoint(directory)
+    if path is None:
+        what = "best checkpoint (train with --eval_every, or use the latest)" if which == "best" else "checkpoint"
+        raise CheckpointError(f"{directory}: no {what} here")
+    return path
 
 
 def step_of(path):

@@ -6,41 +6,23 @@ weights when the run averages them), and writes `eval/perplexity` and
 `eval/log_perplexity` to L/<mode>/ for TensorBoard. `--once` evaluates the
 latest checkpoint and exits.
 """
-import json
 import math
 import os
 import sys
 
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, hparams, vocab
+from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, vocab
 from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.training import ExponentialMovingAverage
 
 MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 
 
-def load_run_hparams(logdir):
-    """The hparams the run in `logdir` was started with."""
-    path = os.path.join(logdir, checkpoints.HPARAMS_FILE)
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-    except FileNotFoundError:
-        raise checkpoints.CheckpointError(f"{path}: not found; is {logdir} a training log directory?") from None
-    except ValueError as err:
-        raise checkpoints.CheckpointError(f"{path}: unreadable: {err}") from None
-    record.pop("vocab_size", None)
-    unknown = sorted(set(record) - set(hparams.HParams.__dataclass_fields__))
-    if unknown:
-        raise checkpoints.CheckpointError(f"{path}: unknown hparam(s) {', '.join(unknown)}")
-    return hparams.validate(hparams.HParams(**record))
-
-
 class CheckpointEvaluator:
     def __init__(self, logdir, datadir, mode, eval_steps):
         self.logdir, self.mode, self.eval_steps = logdir, mode, eval_steps
-        self.hps = load_run_hparams(logdir)
+        self.hps = checkpoints.load_run_hparams(logdir)
         words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
         checkpoints.check_or_write_hparams(logdir, self.hps, len(words), write=False)
         self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], words)

@@ -59,6 +59,15 @@ def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32
     return _lstmp_layer(tf.as_dtype(compute_dtype))(inputs, c, h, weight, bias, projection)
 
 
+def lstmp_step(inputs, c, h, weight, bias, projection):
+    """One time step of lstmp_layer's forward in plain fp32 ops, for serving (no custom gradient,
+    any number of steps under tf.scan): the new cell state and output."""
+    gates = tf.matmul(tf.concat([inputs, h], axis=1), weight) + bias
+    i, j, f, o = tf.split(gates, 4, axis=1)
+    c = tf.sigmoid(f + FORGET_BIAS) * c + tf.sigmoid(i) * tf.tanh(j)
+    return c, tf.matmul(tf.sigmoid(o) * tf.tanh(c), projection)
+
+
 @functools.lru_cache(maxsize=None)
 def _lstmp_layer(dtype):
     """The custom-gradient layer for one compute dtype (custom gradients take only tensors)."""

@@ -9,10 +9,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 LM1B_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "lm1b-sample"
 
 
-def run(cmd, timeout=300, env_extra=None):
+def run(cmd, timeout=300, env_extra=None, stdin_text=None):
     """A command run from the repository root with the package importable and TensorFlow quiet."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          input=stdin_text)
 
 
 def write_lm1b_dir(root, train_shards, heldout_shards, vocab_lines):

@@ -1,0 +1,156 @@
+"""`python -m lm1b_hvd.export --logdir L --out DIR [--datadir D] [--embeddings N]`
+
+Writes the trained model as a TensorFlow SavedModel that loads without this package: the
+vocabulary is inside, the weights are the EMA averages when the run kept them, and two
+signatures take plain strings (words split on whitespace, unknown words read as <UNK>):
+
+  score(sentences: string [n]) -> log_prob [n] (nats, n + 1 predictions a sentence, each
+      from a zero state at <S>, as `lm1b_hvd.score`), words [n]
+  next_word(prefix: string [n], k: int32) -> words [n, k], log_probs [n, k]: the k most
+      probable words after <S> and the prefix
+
+--embeddings N also writes the input embeddings of the N most frequent words, with their
+vocabulary counts, to L/projector/ for TensorBoard's Projector (`tensorboard --logdir L`).
+
+Examples:
+  python -m lm1b_hvd.export --logdir runs/demo --out exported/demo --embeddings 2000
+  saved_model_cli show --dir exported/demo --all
+"""
+import os
+import sys
+
+import tensorflow as tf
+from tensorboard.plugins import projector
+
+from lm1b_hvd import console, ops
+from lm1b_hvd.inference import TrainedModel
+
+PROJECTOR_DIR = "projector"
+
+
+class ExportedLanguageModel(tf.Module):
+    """The trained weights, the vocabulary as a lookup table, and the two serving functions.
+    The LSTM runs as a tf.scan over time, so any sentence length works."""
+
+    def __init__(self, trained):
+        super().__init__(name="lm1b_lstm")
+        model, vocab = trained.model, trained.vocab
+        self.state_size = model.hps.state_size
+        self.embedding = tf.Variable(tf.concat(model.embedding, 0)[:len(vocab)], name="embedding")
+        self.lstm_weights = [tf.Variable(v) for v in model.lstm_weights]
+        self.lstm_biases = [tf.Variable(v) for v in model.lstm_biases]
+        self.lstm_projections = [tf.Variable(v) for v in model.lstm_projections]
+        self.softmax_w = tf.Variable(model.softmax_matrix(), name="softmax_w")
+        self.softmax_b = tf.Variable(model.softmax_b, name="softmax_b")
+        self.words = tf.constant([w.decode("utf-8", errors="replace") for w in vocab.words])
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(self.words, tf.range(len(vocab.words), dtype=tf.int32)),
+            default_value=vocab.unk_id)
+        self.mark = vocab.sentence_id
+
+    def _ids(self, texts, end_mark):
+        """`<S> ids [<S>]` of each text, zero-padded [n, T], and the real lengths [n]."""
+        tokens = self.table.lookup(tf.strings.split(texts))
+        marks = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(texts)[0], 1], self.mark))
+        parts = [marks, tokens, marks] if end_mark else [marks, tokens]
+        sequences = tf.concat(parts, axis=1)
+        return sequences.to_tensor(0), tf.cast(sequences.row_lengths(), tf.int32)
+
+    def _outputs(self, x):
+        """The top layer's outputs [T, n, projected] for ids x [n, T], from a zero state."""
+        batch = tf.shape(x)[0]
+        state = [(tf.zeros([batch, self.state_size]), tf.zeros([batch, p.shape[1]])) for p in self.lstm_projections]
+
+        def step(carried, inputs):
+            layer_states, new_states = carried[1], []
+            for (c, h), weight, bias, projection in zip(layer_states, self.lstm_weights, self.lstm_biases,
+                                                        self.lstm_projections):
+                c, inputs = ops.lstmp_step(inputs, c, h, weight, bias, projection)
+                new_states.append((c, inputs))
+            return inputs, new_states
+
+        embedded = tf.nn.embedding_lookup(self.embedding, tf.transpose(x))
+        first = tf.zeros([batch, self.lstm_projections[-1].shape[1]])
+        outputs, _ = tf.scan(step, embedded, initializer=(first, state))
+        return outputs
+
+    def _log_softmax(self, outputs):
+        return tf.nn.log_softmax(tf.matmul(outputs, self.softmax_w, transpose_b=True) + self.softmax_b)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="sentences")])
+    def score(self, sentences):
+        ids, lengths = self._ids(sentences, end_mark=True)
+        outputs = self._outputs(ids[:, :-1])  # [T - 1, n, projected]
+        targets = tf.transpose(ids[:, 1:])
+
+        def target_log_prob(pair):
+            output, target = pair
+            return tf.gather(self._log_softmax(output), target, batch_dims=1)
+
+        per_step = tf.map_fn(target_log_prob, (outputs, targets), fn_output_signature=tf.float32)
+        mask = tf.transpose(tf.sequence_mask(lengths - 1, tf.shape(targets)[0], tf.float32))
+        return {"log_prob": tf.reduce_sum(per_step * mask, axis=0), "words": lengths - 2}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prefix"),
+                                  tf.TensorSpec([], tf.int32, name="k")])
+    def next_word(self, prefix, k):
+        ids, lengths = self._ids(prefix, end_mark=False)
+        outputs = self._outputs(ids)
+        last = tf.gather(tf.transpose(outputs, [1, 0, 2]), lengths - 1, batch_dims=1)
+        best = tf.math.top_k(self._log_softmax(last), k=k)
+        return {"words": tf.gather(self.words, best.indices), "log_probs": best.values}
+
+
+def write_projector(logdir, trained, count):
+    """The input embeddings of the `count` most frequent words (ids are frequency ranks) with a
+    metadata.tsv of word and count, where TensorBoard's Projector finds them."""
+    directory = os.path.join(logdir, PROJECTOR_DIR)
+    os.makedirs(directory, exist_ok=True)
+    count = min(count, len(trained.vocab))
+    vectors = tf.Variable(tf.concat(trained.model.embedding, 0)[:count], name="embedding")
+    checkpoint_path = tf.train.Checkpoint(embedding=vectors).write(os.path.join(directory, "embedding.ckpt"))
+    rows = ["word\tcount"] + [f"{trained.vocab.id_to_word(i).replace(chr(9), ' ')}\t{trained.vocab.counts[i]}"
+                              for i in range(count)]
+    console.write_atomically(os.path.join(directory, "metadata.tsv"), "\n".join(rows) + "\n")
+    config = projector.ProjectorConfig()
+    config.model_checkpoint_path = checkpoint_path
+    embedding = config.embeddings.add()
+    embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+    embedding.metadata_path = "metadata.tsv"
+    projector.visualize_embeddings(directory, config)
+    writer = tf.summary.create_file_writer(directory)  # an event file makes the folder a run TensorBoard lists
+    with writer.as_default():
+        tf.summary.text("embeddings", f"{count} most frequent words of {trained.path}", step=trained.step)
+    writer.flush()
+    return directory, count
+
+
+def export(args):
+    trained = TrainedModel(args.logdir, args.datadir, args.checkpoint)
+    module = ExportedLanguageModel(trained)
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise console.UserError(f"{args.out}: exists and is not empty; choose a new --out")
+    tf.saved_model.save(module, args.out, signatures={"score": module.score, "next_word": module.next_word})
+    console.say(f"exported {trained.path} (step {trained.step}, vocabulary {len(trained.vocab):,}) to {args.out}; "
+                f"look inside with: saved_model_cli show --dir {args.out} --all")
+    if args.embeddings:
+        directory, count = write_projector(args.logdir, trained, args.embeddings)
+        console.say(f"embeddings of the {count:,} most frequent words in {directory}: tensorboard --logdir {args.logdir}")
+
+
+def main(argv=None):
+    parser = console.ArgumentParser(__doc__)
+    parser.add_argument("--logdir", required=True, help="the training run's log directory")
+    parser.add_argument("--out", required=True, help="directory for the SavedModel (new or empty)")
+    parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
+    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
+    parser.add_argument("--embeddings", type=int, default=0, metavar="N",
+                        help="also write the N most frequent words' embeddings for TensorBoard's Projector")
+    args = parser.parse_args(argv)
+    if args.embeddings < 0:
+        parser.error("--embeddings must be >= 0")
+    return console.run_main(lambda: export(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

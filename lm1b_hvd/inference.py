@@ -1,0 +1,103 @@
+"""A trained model put to use: its weights (the EMA averages when the run kept them) and
+vocabulary from a log directory, and what users ask of it: the log-probability of each word of
+their sentences, and the distribution of the next word after a prefix. Full softmax throughout.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from lm1b_hvd import checkpoints, data, demo_corpus, vocab as vocab_lib
+from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.training import ExponentialMovingAverage
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSentence:
+    words: int  # n: the sentence's words
+    unknown: int  # how many of them the vocabulary maps to <UNK>
+    word_log_probs: list  # n + 1 natural-log probabilities: each word, then the end mark <S>
+
+    @property
+    def log_prob(self):
+        return float(sum(self.word_log_probs))
+
+
+class TrainedModel:
+    """The model of a log directory, ready to score and predict (no optimizer is built)."""
+
+    def __init__(self, logdir, datadir="", checkpoint="latest"):
+        self.hps = checkpoints.load_run_hparams(logdir)
+        self.datadir = datadir or demo_corpus.ensure_demo_corpus()
+        self.vocab = vocab_lib.load(os.path.join(self.datadir, data.VOCAB_FILE))
+        checkpoints.check_or_write_hparams(logdir, self.hps, len(self.vocab), write=False)
+        self.path = checkpoints.find_checkpoint(logdir, checkpoint)
+        # Inference in fp32 whatever the run trained in: the numbers a SavedModel export gives.
+        self.model = LSTMPLanguageModel(self.hps.replace(precision="fp32", xla=False), len(self.vocab))
+        ema = ExponentialMovingAverage(self.model.lstm_variables, self.hps.ema_decay)
+        tf.train.Checkpoint(model=self.model, ema_shadows=ema.shadows).restore(self.path).expect_partial()
+        if self.hps.average_params:  # inference uses the averages, as evaluation does
+            for target, shadow in zip(ema.targets, ema.shadows):
+                target.assign(shadow)
+        self.step = checkpoints.step_of(self.path)
+        self._chunk_log_probs = tf.function(self._chunk_log_probs_eager)
+        self._next_log_probs = tf.function(self._next_log_probs_eager)
+
+    def ids(self, sentence):
+        """`<S> w1 .. wn <S>` as ids, and how many words were not in the vocabulary."""
+        tokens = (sentence.encode() if isinstance(sentence, str) else sentence).split()
+        ids = [self.vocab.ids.get(token, self.vocab.unk_id) for token in tokens]
+        unknown = sum(1 for token in tokens if token not in self.vocab.ids)
+        mark = self.vocab.sentence_id
+        return [mark, *ids, mark], unknown
+
+    def score(self, sentences, batch_size=64):
+        """ScoredSentence for each sentence (bytes, split on whitespace), each from a fresh zero
+        state at `<S>`, `batch_size` sentences at a time."""
+        scored = []
+        for start in range(0, len(sentences), batch_size):
+            encoded = [self.ids(sentence) for sentence in sentences[start:start + batch_size]]
+            log_probs = self._log_probs([ids for ids, _ in encoded], batch_size)
+            for row, (ids, unknown) in enumerate(encoded):
+                scored.append(ScoredSentence(len(ids) - 2, unknown, log_probs[row, :len(ids) - 1].tolist()))
+        return scored
+
+    def _log_probs(self, sequences, batch_size):
+        """log P(sequence[t + 1] | sequence[:t + 1]) [batch_size, T]: windows of num_steps with the
+        state carried, as in training, so one traced shape serves every length."""
+        steps = self.hps.num_steps
+        length = max(len(s) for s in sequences) - 1
+        padded = -(-length // steps) * steps
+        x = np.zeros((batch_size, padded), np.int32)
+        y = np.zeros((batch_size, padded), np.int32)
+        for row, sequence in enumerate(sequences):
+            x[row, :len(sequence) - 1] = sequence[:-1]
+            y[row, :len(sequence) - 1] = sequence[1:]
+        state = self.model.zero_state(batch_size)
+        out = []
+        for start in range(0, padded, steps):
+            log_probs, state = self._chunk_log_probs(x[:, start:start + steps], y[:, start:start + steps], state)
+            out.append(log_probs.numpy())
+        return np.concatenate(out, axis=1)
+
+    def _chunk_log_probs_eager(self, x, y, state):
+        outputs, state = self.model.forward(x, state, training=False)
+        return -self.model.full_softmax_losses(outputs, y), state
+
+    def next_word_log_probs(self, prefixes):
+        """log P(next word | `<S>` prefix) [len(prefixes), vocab] and the state after each prefix
+        (all prefixes the same number of words)."""
+        x = np.array([self.ids(prefix)[0][:-1] for prefix in prefixes], np.int32)
+        outputs, state = self.model.forward(x, self.model.zero_state(len(prefixes)), training=False)
+        return self._next_log_probs(outputs[:, -1]), state
+
+    def _next_log_probs_eager(self, output):
+        logits = tf.matmul(output, self.model.softmax_matrix(), transpose_b=True) + self.model.softmax_b
+        return tf.nn.log_softmax(logits)
+
+    def continue_from(self, word_ids, state):
+        """The next-word log-probabilities after feeding one word per row, and the new state."""
+        outputs, state = self.model.forward(tf.reshape(tf.constant(word_ids, tf.int32), [-1, 1]), state,
+                                            training=False)
+        return self._next_log_probs(outputs[:, -1]), state

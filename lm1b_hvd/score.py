@@ -1,0 +1,121 @@
+"""`python -m lm1b_hvd.score --logdir L --input FILE [--output OUT.jsonl] [--datadir D] [--stream]`
+
+The log-probability of your own sentences under a trained model (rescoring ASR or MT n-best
+lists, the perplexity of a new corpus). One JSON line per sentence: the sentence, its word
+count, total log-probability in nats, the log-probability of each word and of the end of the
+sentence, and how many words were <UNK>; then a summary line whose perplexity counts n + 1
+predictions per n-word sentence, as evaluation does. Each sentence is scored on its own, from
+a zero state at <S>; --stream instead carries the state across sentences as the heldout
+evaluation does, and prints that perplexity (the number `lm1b_hvd.evaluate` gives for the
+same file). The EMA weights are used when the run averaged them. Blank lines are skipped and
+counted; words not in the vocabulary are <UNK> and counted.
+
+Examples:
+  python -m lm1b_hvd.score --logdir runs/demo --input sentences.txt --output scores.jsonl
+  cat nbest.txt | python -m lm1b_hvd.score --logdir L --datadir /data/lm1b --input -
+  python -m lm1b_hvd.score --logdir L --datadir D --input heldout.txt --stream --checkpoint best
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+from lm1b_hvd import console, data, evaluation
+from lm1b_hvd.inference import TrainedModel
+
+
+class InputError(console.UserError):
+    """An input file that cannot be scored."""
+
+
+def read_sentences(path):
+    """(non-blank lines as bytes, count of blank lines) of `path`, or of stdin for '-'."""
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an input file") from None
+    lines = raw.splitlines()
+    sentences = [line for line in lines if line.split()]
+    if not sentences:
+        raise InputError(f"{'stdin' if path == '-' else path}: no sentence to score "
+                         f"({len(lines) - len(sentences)} blank line(s))")
+    return sentences, len(lines) - len(sentences)
+
+
+def sentence_records(sentences, scored):
+    for text, result in zip(sentences, scored):
+        yield {"sentence": text.decode("utf-8", errors="replace"), "words": result.words,
+               "log_prob": round(result.log_prob, 6), "word_log_probs": [round(v, 6) for v in result.word_log_probs],
+               "unk": result.unknown}
+
+
+def stream_perplexity(trained, sentences):
+    """The heldout evaluation's protocol over these sentences: rows of sentences laid back to back,
+    the state carried, batch and window of the run."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "input.txt")
+        with open(path, "wb") as out:
+            out.write(b"".join(sentence + b"\n" for sentence in sentences))
+        dataset = data.ShardedDataset([data.FilePart(path)], trained.vocab)
+        loss_sum, words = evaluation.Evaluator(trained.model, None).sums(dataset)
+    return evaluation.perplexity(loss_sum, words), int(words)
+
+
+def score(args):
+    trained = TrainedModel(args.logdir, args.datadir, args.checkpoint)
+    sentences, blank = read_sentences(args.input)
+    started = time.monotonic()
+    unknown = sum(trained.ids(sentence)[1] for sentence in sentences)
+    summary = {"sentences": len(sentences), "words": sum(len(s.split()) for s in sentences), "unk": unknown,
+               "blank_lines_skipped": blank, "checkpoint": trained.path}
+    if args.stream:
+        perplexity, predictions = stream_perplexity(trained, sentences)
+        records = []
+        summary.update(protocol="stream", predictions=predictions, perplexity=perplexity)
+    else:
+        scored = trained.score(sentences, args.batch_size)
+        records = list(sentence_records(sentences, scored))
+        log_prob = sum(result.log_prob for result in scored)
+        predictions = sum(result.words + 1 for result in scored)
+        summary.update(protocol="sentence", predictions=predictions, log_prob=log_prob,
+                       perplexity=math.exp(-log_prob / predictions))
+    elapsed = time.monotonic() - started
+    summary["sentences_per_sec"] = len(sentences) / max(elapsed, 1e-9)
+    lines = [json.dumps(record) for record in records] + [json.dumps({"summary": summary})]
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        try:
+            console.write_atomically(args.output, text)
+        except OSError as err:
+            raise InputError(f"{args.output}: cannot write ({err.strerror})") from None
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    console.say(f"scored {len(sentences):,} sentences ({summary['words']:,} words, {unknown:,} <UNK>, "
+                f"{blank:,} blank lines skipped) in {elapsed:.1f} s, {summary['sentences_per_sec']:,.0f} "
+                f"sentences/s | perplexity {summary['perplexity']:.2f} ({summary['protocol']} protocol) | "
+                f"{trained.path}", sys.stderr)
+
+
+def main(argv=None):
+    parser = console.ArgumentParser(__doc__)
+    parser.add_argument("--logdir", required=True, help="the training run's log directory")
+    parser.add_argument("--input", required=True, help="one sentence per line; '-' reads stdin")
+    parser.add_argument("--output", default="", help="JSON lines file to write; default: stdout")
+    parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
+    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
+    parser.add_argument("--stream", action="store_true",
+                        help="carry the state across sentences (the heldout evaluation's protocol)")
+    parser.add_argument("--batch_size", type=int, default=64, help="sentences scored at once")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    return console.run_main(lambda: score(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
