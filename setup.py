@@ -23,6 +23,9 @@ setup(
             "lm1b-prepare-data=lm1b_hvd.prepare_data:main",
             "lm1b-benchmark-data=lm1b_hvd.benchmark_data:main",
             "lm1b-bench=lm1b_hvd.bench:main",
+            "lm1b-score=lm1b_hvd.score:main",
+            "lm1b-sample=lm1b_hvd.sample:main",
+            "lm1b-export=lm1b_hvd.export:main",
         ]
     },
 )

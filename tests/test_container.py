@@ -115,7 +115,7 @@ def run_in_image(*command, image=IMAGE, env=(), check=True):
 
 def test_podman_built_cpu_image_runs_the_demo_as_non_root(image):
     assert run_in_image("id", "-u").stdout.strip() != "0"
-    out = run_in_image("horovodrun", "-np", "2", "python", "-m", "lm1b_hvd.train", "--max_time", "20",
+    out = run_in_image("horovodrun", "-np", "2", "python", "-m", "lm1b_hvd.train", "--max_steps", "400",
                        "--log_every", "200").stdout
     assert "2 rank(s)" in out and "stopped at step" in out
     match = re.search(r"eval perplexity ([\d.]+) \| oracle perplexity ([\d.]+)", out)
