@@ -102,6 +102,8 @@ def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     first = horovodrun([*common, "--max_steps", "6", "--profile_steps", "2,4"], controller="--mpi")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 rank(s)" in first.stdout and "starting from scratch" in first.stdout
+    tagged_mid_line = [line for line in first.stdout.splitlines() if re.search(r".\[\d+,\d+\]<std", line)]
+    assert not tagged_mid_line, "each line reaches mpirun in one write"
     assert re.search(r"device rank 0: \S+ CPU \(\d+ threads\)\n.*device rank 1: \S+ CPU", first.stdout)
     assert "horovod: 0.28.1, MPI controller, gradients exchanged with MPI (on the CPU)" in first.stdout
     progress = re.findall(r"step (\d+) \| loss ([\d.]+) \| ([\d,]+) words/s \| elapsed", first.stdout)
