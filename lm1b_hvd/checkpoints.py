@@ -80,13 +80,7 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
     path = os.path.join(logdir, HPARAMS_FILE)
     record = {**hps.to_dict(), "vocab_size": vocab_size}
     if os.path.exists(path):
-        try:
-            with open(path) as handle:
-                saved = json.load(handle)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: unreadable ({first_line(err)}); is it a file this trainer wrote?") from None
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{path}: unreadable (not a JSON object); is it a file this trainer wrote?")
+        saved = _read_hparams_record(path)
         for key in (*hparams_lib.MODEL_SHAPE_KEYS, "vocab_size"):
             if key in saved and saved[key] != record[key]:
                 raise CheckpointError(
@@ -101,16 +95,24 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
             raise CheckpointError(f"{path}: cannot write ({err.strerror or first_line(err)})") from None
 
 
+def _read_hparams_record(path):
+    """The JSON object in hparams.json; anything else is one line naming the file."""
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({first_line(err)}); is it a file this trainer wrote?") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: unreadable (not a JSON object); is it a file this trainer wrote?")
+    return saved
+
+
 def load_run_hparams(logdir):
     """The hparams the run in `logdir` was started with."""
     path = os.path.join(logdir, HPARAMS_FILE)
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; is {logdir} a training log directory?") from None
-    except ValueError as err:
-        raise CheckpointError(f"{path}: unreadable: {err}") from None
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: not found; is {logdir} a training log directory?")
+    record = _read_hparams_record(path)
     record.pop("vocab_size", None)
     unknown = sorted(set(record) - set(hparams_lib.HParams.__dataclass_fields__))
     if unknown:
