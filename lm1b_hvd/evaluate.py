@@ -12,9 +12,7 @@ import sys
 
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, vocab
-from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.training import ExponentialMovingAverage
+from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, inference
 
 MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 
@@ -22,16 +20,10 @@ MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 class CheckpointEvaluator:
     def __init__(self, logdir, datadir, mode, eval_steps):
         self.logdir, self.mode, self.eval_steps = logdir, mode, eval_steps
-        self.hps = checkpoints.load_run_hparams(logdir)
-        words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
-        checkpoints.check_or_write_hparams(logdir, self.hps, len(words), write=False)
-        self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], words)
-        # Weights and their averages only: no optimizer, whose Adagrad slots would be a second
-        # model-sized allocation this job never reads.
-        model = LSTMPLanguageModel(self.hps, len(words))
-        ema = ExponentialMovingAverage(model.lstm_variables, self.hps.ema_decay)
-        self.checkpoint = tf.train.Checkpoint(model=model, ema_shadows=ema.shadows)
-        self.evaluator = evaluation.Evaluator(model, ema, report=console.say)
+        weights = inference.run_weights(logdir, datadir)
+        self.hps, self.checkpoint = weights.hps, weights.checkpoint
+        self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], weights.vocab)
+        self.evaluator = evaluation.Evaluator(weights.model, weights.ema, report=console.say)
         self.writer = tf.summary.create_file_writer(os.path.join(logdir, mode))
 
     def evaluate(self, path):
@@ -65,10 +57,7 @@ def evaluate(args):
     evaluator = CheckpointEvaluator(args.logdir, args.datadir or demo_corpus.ensure_demo_corpus(),
                                     args.mode, args.eval_steps)
     if args.once:
-        latest = tf.train.latest_checkpoint(args.logdir)
-        if latest is None:
-            raise checkpoints.CheckpointError(f"{args.logdir}: no checkpoint to evaluate")
-        evaluator.evaluate(latest)
+        evaluator.evaluate(checkpoints.find_checkpoint(args.logdir))
         return
     for path in tf.train.checkpoints_iterator(args.logdir, timeout=args.timeout):
         try:

@@ -4,6 +4,7 @@ their sentences, and the distribution of the next word after a prefix. Full soft
 """
 import dataclasses
 import os
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -24,21 +25,39 @@ class ScoredSentence:
         return float(sum(self.word_log_probs))
 
 
+class RunWeights(typing.NamedTuple):
+    """What reading a run's weights needs: no optimizer, whose Adagrad slots would be a second
+    model-sized allocation that nothing reading the weights uses."""
+    hps: object  # the run's HParams
+    vocab: vocab_lib.Vocabulary
+    model: LSTMPLanguageModel
+    ema: ExponentialMovingAverage
+    checkpoint: tf.train.Checkpoint  # model and EMA shadows: restore(path).expect_partial()
+
+
+def run_weights(logdir, datadir, precision=None):
+    """The RunWeights of the run in `logdir`, with the vocabulary of `datadir` checked against it;
+    `precision` overrides the run's compute precision."""
+    hps = checkpoints.load_run_hparams(logdir)
+    words = vocab_lib.load(os.path.join(datadir, data.VOCAB_FILE))
+    checkpoints.check_or_write_hparams(logdir, hps, len(words), write=False)
+    model = LSTMPLanguageModel(hps.replace(precision=precision, xla=False) if precision else hps, len(words))
+    ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
+    return RunWeights(hps, words, model, ema, tf.train.Checkpoint(model=model, ema_shadows=ema.shadows))
+
+
 class TrainedModel:
     """The model of a log directory, ready to score and predict (no optimizer is built)."""
 
     def __init__(self, logdir, datadir="", checkpoint="latest"):
-        self.hps = checkpoints.load_run_hparams(logdir)
         self.datadir = datadir or demo_corpus.ensure_demo_corpus()
-        self.vocab = vocab_lib.load(os.path.join(self.datadir, data.VOCAB_FILE))
-        checkpoints.check_or_write_hparams(logdir, self.hps, len(self.vocab), write=False)
-        self.path = checkpoints.find_checkpoint(logdir, checkpoint)
         # Inference in fp32 whatever the run trained in: the numbers a SavedModel export gives.
-        self.model = LSTMPLanguageModel(self.hps.replace(precision="fp32", xla=False), len(self.vocab))
-        ema = ExponentialMovingAverage(self.model.lstm_variables, self.hps.ema_decay)
-        tf.train.Checkpoint(model=self.model, ema_shadows=ema.shadows).restore(self.path).expect_partial()
+        weights = run_weights(logdir, self.datadir, precision="fp32")
+        self.hps, self.vocab, self.model = weights.hps, weights.vocab, weights.model
+        self.path = checkpoints.find_checkpoint(logdir, checkpoint)
+        weights.checkpoint.restore(self.path).expect_partial()
         if self.hps.average_params:  # inference uses the averages, as evaluation does
-            for target, shadow in zip(ema.targets, ema.shadows):
+            for target, shadow in zip(weights.ema.targets, weights.ema.shadows):
                 target.assign(shadow)
         self.step = checkpoints.step_of(self.path)
         self._chunk_log_probs = tf.function(self._chunk_log_probs_eager)
