@@ -22,8 +22,7 @@ import sys
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from lm1b_hvd import console, ops
-from lm1b_hvd.inference import TrainedModel
+from lm1b_hvd import console, inference, ops
 
 PROJECTOR_DIR = "projector"
 
@@ -126,7 +125,7 @@ def write_projector(logdir, trained, count):
 
 
 def export(args):
-    trained = TrainedModel(args.logdir, args.datadir, args.checkpoint)
+    trained = inference.TrainedModel(args.logdir, args.datadir, args.checkpoint)
     module = ExportedLanguageModel(trained)
     if os.path.exists(args.out) and os.listdir(args.out):
         raise console.UserError(f"{args.out}: exists and is not empty; choose a new --out")
@@ -140,10 +139,8 @@ def export(args):
 
 def main(argv=None):
     parser = console.ArgumentParser(__doc__)
-    parser.add_argument("--logdir", required=True, help="the training run's log directory")
+    inference.add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for the SavedModel (new or empty)")
-    parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
-    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
     parser.add_argument("--embeddings", type=int, default=0, metavar="N",
                         help="also write the N most frequent words' embeddings for TensorBoard's Projector")
     args = parser.parse_args(argv)

@@ -25,6 +25,13 @@ class ScoredSentence:
         return float(sum(self.word_log_probs))
 
 
+def add_model_arguments(parser):
+    """The flags of every command that uses a trained model: the run, its vocabulary, which checkpoint."""
+    parser.add_argument("--logdir", required=True, help="the training run's log directory")
+    parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
+    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
+
+
 class RunWeights(typing.NamedTuple):
     """What reading a run's weights needs: no optimizer, whose Adagrad slots would be a second
     model-sized allocation that nothing reading the weights uses."""

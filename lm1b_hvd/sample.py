@@ -15,8 +15,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import console
-from lm1b_hvd.inference import TrainedModel
+from lm1b_hvd import console, inference
 
 
 def draw(log_probs, temperature, top_k, seed):
@@ -52,7 +51,7 @@ def sample(trained, prefix, num, max_words, temperature, top_k, seed, allow_unk)
 
 
 def run(args):
-    trained = TrainedModel(args.logdir, args.datadir, args.checkpoint)
+    trained = inference.TrainedModel(args.logdir, args.datadir, args.checkpoint)
     unknown = [word for word in args.prefix.split() if word.encode() not in trained.vocab.ids]
     if unknown:
         console.say(f"note: prefix word(s) not in the vocabulary, read as <UNK>: {' '.join(unknown)}", sys.stderr)
@@ -63,9 +62,7 @@ def run(args):
 
 def main(argv=None):
     parser = console.ArgumentParser(__doc__)
-    parser.add_argument("--logdir", required=True, help="the training run's log directory")
-    parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
-    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
+    inference.add_model_arguments(parser)
     parser.add_argument("--prefix", default="", help="words the sentences start with")
     parser.add_argument("--num", type=int, default=10, help="sentences to draw")
     parser.add_argument("--max_words", type=int, default=50, help="continuation words at most")

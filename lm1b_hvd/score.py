@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-from lm1b_hvd import console, data, evaluation
-from lm1b_hvd.inference import TrainedModel
+from lm1b_hvd import console, data, evaluation, inference
 
 
 class InputError(console.UserError):
@@ -66,7 +65,7 @@ def stream_perplexity(trained, sentences):
 
 
 def score(args):
-    trained = TrainedModel(args.logdir, args.datadir, args.checkpoint)
+    trained = inference.TrainedModel(args.logdir, args.datadir, args.checkpoint)
     sentences, blank = read_sentences(args.input)
     started = time.monotonic()
     unknown = sum(trained.ids(sentence)[1] for sentence in sentences)
@@ -103,11 +102,9 @@ def score(args):
 
 def main(argv=None):
     parser = console.ArgumentParser(__doc__)
-    parser.add_argument("--logdir", required=True, help="the training run's log directory")
+    inference.add_model_arguments(parser)
     parser.add_argument("--input", required=True, help="one sentence per line; '-' reads stdin")
     parser.add_argument("--output", default="", help="JSON lines file to write; default: stdout")
-    parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
-    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
     parser.add_argument("--stream", action="store_true",
                         help="carry the state across sentences (the heldout evaluation's protocol)")
     parser.add_argument("--batch_size", type=int, default=64, help="sentences scored at once")
