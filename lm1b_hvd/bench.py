@@ -7,16 +7,24 @@ ranks, model FLOPs per word counted from the shapes, achieved GFLOP/s, the
 peak of a large matmul measured in this same run, their ratio (MFU), bytes
 handed to Horovod per rank per step, and peak memory per rank.
 
+The compute a shared machine gives a process can change from one second to
+the next (a 2048^3 matmul here runs at 160 or 320 GFLOP/s by the minute), so
+the steps are timed in blocks of about half a second with the matmul peak
+measured just before and after each block, and the MFU is the median over
+blocks of each block's rate against its own peak.
+
 Examples:
   python -m lm1b_hvd.bench                                # LSTM-2048-512, vocabulary 793,470
   python -m lm1b_hvd.bench --preset demo --steps 50
   horovodrun -np 2 python -m lm1b_hvd.bench --no_exchange # the same two processes, no allreduce
   python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
 """
+import math
 import resource
 import statistics
 import sys
 import time
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +37,8 @@ from lm1b_hvd.training import Trainer
 VOCAB_SIZES = {"default": 793_470, "small": 793_470, "demo": 2_002}
 PEAK_SIZE = 2048
 PEAK_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+PEAK_RUNS = 2  # matmuls timed before and after each block
+BLOCK_SECONDS = 0.5  # timed steps between two peak samples
 
 
 def zipf_batches(hps, vocab_size, count, seed):
@@ -44,18 +54,50 @@ def zipf_batches(hps, vocab_size, count, seed):
     return batches
 
 
-def matmul_peak(dtype, seconds=2.0):
-    """FLOP/s of a large square matmul in `dtype`, best of repeated timed runs."""
-    a = tf.random.uniform([PEAK_SIZE, PEAK_SIZE], dtype=tf.float32)
-    a = tf.cast(a, dtype)
-    matmul = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
-    matmul(a, a).numpy()
-    flops, best, deadline = 2.0 * PEAK_SIZE ** 3, float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        matmul(a, a).numpy()
-        best = min(best, time.perf_counter() - start)
-    return flops / best
+class MatmulPeak:
+    """FLOP/s of a large square matmul in `dtype`: the best of a few timed runs, sampled
+    whenever asked (around each block of timed steps)."""
+
+    def __init__(self, dtype):
+        self.operand = tf.cast(tf.random.uniform([PEAK_SIZE, PEAK_SIZE], dtype=tf.float32), dtype)
+        self.matmul = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
+        self.matmul(self.operand, self.operand).numpy()
+
+    def sample(self, runs=PEAK_RUNS):
+        best = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.matmul(self.operand, self.operand).numpy()
+            best = min(best, time.perf_counter() - start)
+        return 2.0 * PEAK_SIZE ** 3 / best
+
+
+class Block(typing.NamedTuple):
+    """Consecutive timed steps and the matmul peak of this rank measured around them."""
+    step_times: list  # seconds
+    step_stats: list  # training.StepStats, summed over ranks
+    peak: float  # this rank's FLOP/s
+
+    @property
+    def words(self):
+        return sum(stats.words for stats in self.step_stats)
+
+
+def timed_blocks(trainer, batches, state, steps, steps_per_block, peak):
+    """Runs `steps` timed steps in blocks of `steps_per_block`, sampling the peak before and
+    after each block (the better of the two is the block's peak)."""
+    blocks, done = [], 0
+    while done < steps:
+        before = peak.sample()
+        times, step_stats = [], []
+        for _ in range(min(steps_per_block, steps - done)):
+            start = time.perf_counter()
+            state, stats = trainer.step(*batches[done % len(batches)], state)
+            times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
+            step_stats.append(stats)
+            done += 1
+        blocks.append(Block(times, step_stats, max(before, peak.sample())))
+    return blocks
 
 
 def peak_memory_bytes():
@@ -104,44 +146,49 @@ def bench(args):
 
     # Warm-up: tracing, first allocations, and rank 0's weights everywhere as in training.
     for index in range(args.warmup):
+        began = time.perf_counter()
         state, stats = trainer.step(*batches[index % len(batches)], state)
         if index == 0:
             distributed.broadcast_from_root(trainer.state_variables())
+    warm_step = max(distributed.gather_numbers([time.perf_counter() - began]))
+    steps_per_block = max(1, math.floor(BLOCK_SECONDS / warm_step))  # the same on every rank
 
-    distributed.sum_over_ranks(tf.zeros([1])).numpy()  # every rank measures the peak at once
-    peak = matmul_peak(PEAK_DTYPES[hps.precision])
-
+    peak = MatmulPeak(PEAK_DTYPES[hps.precision])
+    distributed.sum_over_ranks(tf.zeros([1])).numpy()  # every rank starts timing at once
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.start(args.profile_dir)
-    times, words, exchanged, duplicates = [], [], [], []
-    for index in range(args.steps):
-        start = time.perf_counter()
-        state, stats = trainer.step(*batches[index % len(batches)], state)
-        times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
-        words.append(stats.words)
-        exchanged.append(stats.exchange_bytes / size)
-        duplicates.append(stats.duplicate_bytes / size)
+    blocks = timed_blocks(trainer, batches, state, args.steps, steps_per_block, peak)
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
+    times = [t for block in blocks for t in block.step_times]
     step_time = statistics.median(times)
-    words_per_step = statistics.median(words)  # all ranks together
+    words_per_step = sum(block.words for block in blocks) / args.steps  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
-    peak_all_ranks = sum(distributed.gather_numbers([peak]))
-    memory = distributed.gather_numbers([peak_memory_bytes()])
+    # Each block's peak summed over ranks (they ran the block together), then its MFU.
+    rank_peaks = distributed.gather_numbers([block.peak for block in blocks])
+    block_peaks = [sum(rank_peaks[i::len(blocks)]) for i in range(len(blocks))]
+    block_mfu = [100 * block.words * flops_per_word / sum(block.step_times) / block_peak
+                 for block, block_peak in zip(blocks, block_peaks)]
     say(f"step time: median {step_time * 1e3:,.1f} ms over {args.steps} steps "
         f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")
     say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")
     say(f"achieved: {achieved / 1e9:,.1f} GFLOP/s | matmul peak ({hps.precision} {PEAK_SIZE}^3, "
-        f"measured now): {peak_all_ranks / 1e9:,.1f} GFLOP/s over {size} rank(s) | "
-        f"MFU {100 * achieved / peak_all_ranks:.1f}%")
+        f"measured around each block of steps): median {statistics.median(block_peaks) / 1e9:,.1f}, "
+        f"best {max(block_peaks) / 1e9:,.1f} GFLOP/s over {size} rank(s)")
+    say(f"MFU: {statistics.median(block_mfu):.1f}% (median over {len(blocks)} block(s) of "
+        f"{steps_per_block} step(s), each against the peak measured around it: "
+        + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
     if size > 1 and not args.no_exchange:
-        handed, saved = statistics.median(exchanged), statistics.median(duplicates)
+        all_stats = [stats for block in blocks for stats in block.step_stats]
+        handed = statistics.median(stats.exchange_bytes / size for stats in all_stats)
+        saved = statistics.median(stats.duplicate_bytes / size for stats in all_stats)
         say(f"exchange: {handed / 1e6:,.1f} MB of gradients handed to Horovod per rank per step "
             f"(summing duplicate rows first saved {saved / 1e6:,.1f} MB)")
+    memory = distributed.gather_numbers([peak_memory_bytes()])
     say("peak memory per rank: " + ", ".join(f"{m / 2 ** 30:.2f} GiB" for m in memory))
 
 

@@ -76,6 +76,18 @@ def unique_log_uniform_candidates(seed, num_sampled, range_max):
     return unique[:num_sampled], expected_count
 
 
+def accidental_hits(true_ids, candidates):
+    """(token, column) of every candidate that is its token's own target word, [hits, 2]: at
+    most one per token, since the candidates are unique. Found by binary search in the sorted
+    candidates, not by comparing all tokens x candidates."""
+    order = tf.argsort(candidates)
+    sorted_candidates = tf.gather(candidates, order)
+    at = tf.minimum(tf.searchsorted(sorted_candidates, true_ids), tf.size(candidates, tf.int32) - 1)
+    tokens = tf.where(tf.equal(tf.gather(sorted_candidates, at), true_ids))[:, 0]
+    columns = tf.cast(tf.gather(order, tf.gather(at, tokens)), tf.int64)
+    return tf.stack([tokens, columns], axis=1)
+
+
 class SoftmaxRows(typing.NamedTuple):
     """Rows of the sharded softmax that one batch's sampled softmax uses."""
     true_ids: tf.Tensor  # [tokens] target word of each token
@@ -238,9 +250,8 @@ class LSTMPLanguageModel(tf.Module):
         inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
         true_logits = tf.reduce_sum(inputs * rows.true_w, axis=1) + rows.true_b
         logits = ops.candidate_logits(inputs, rows.candidate_w, rows.candidate_b, self.compute_dtype)
-        hits = tf.equal(rows.true_ids[:, None], rows.candidates[None, :])
-        logits = tf.where(hits, logits.dtype.min, logits)
-        return tf.reshape(ops.true_first_cross_entropy(true_logits, logits), tf.shape(outputs)[:2])
+        losses = ops.true_first_cross_entropy(true_logits, logits, accidental_hits(rows.true_ids, rows.candidates))
+        return tf.reshape(losses, tf.shape(outputs)[:2])
 
     def sampled_softmax_losses(self, outputs, y, seed=None):
         return self.sampled_losses(outputs, self.softmax_rows(y, seed))

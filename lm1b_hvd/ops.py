@@ -156,18 +156,30 @@ def _candidate_logits(dtype):
     return logits_of
 
 
-@tf.custom_gradient
-def true_first_cross_entropy(true_logits, logits):
+def true_first_cross_entropy(true_logits, logits, excluded=None):
     """Per-row cross-entropy of a softmax over [true logit, candidate logits] whose label is the
-    true one: logsumexp(all) - true, without building the [n, k + 1] matrix or a one-hot label."""
+    true one: logsumexp(all) - true, without building the [n, k + 1] matrix or a one-hot label.
+    `excluded` [m, 2] lists (row, column) entries of `logits` left out of the softmax (the
+    sampled softmax's accidental hits): a few scattered zeros in place of a dense mask. They
+    still take part in the max that shifts each row for stability, so they must not exceed
+    the row's other logits by much; a hit's logit is its row's true logit."""
+    if excluded is None:
+        excluded = tf.zeros([0, 2], tf.int64)
+    return _true_first_cross_entropy(true_logits, logits, excluded)
+
+
+@tf.custom_gradient
+def _true_first_cross_entropy(true_logits, logits, excluded):
     top = tf.maximum(tf.reduce_max(logits, axis=1), true_logits)
     candidate_exp = tf.exp(logits - top[:, None])
+    candidate_exp = tf.tensor_scatter_nd_update(candidate_exp, excluded,
+                                                tf.zeros([tf.shape(excluded)[0]], candidate_exp.dtype))
     true_exp = tf.exp(true_logits - top)
     total = tf.reduce_sum(candidate_exp, axis=1) + true_exp
     losses = tf.math.log(total) + top - true_logits
 
     def backward(d_losses):
         scale = d_losses / total
-        return true_exp * scale - d_losses, candidate_exp * scale[:, None]
+        return true_exp * scale - d_losses, candidate_exp * scale[:, None], None
 
     return losses, backward

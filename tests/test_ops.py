@@ -96,8 +96,16 @@ def test_softmax_pieces_match_autodiff_of_the_textbook_versions():
     np.testing.assert_allclose(ops.column_sums(weights).numpy(), weights.numpy().sum(0), rtol=1e-12)
 
 
-def test_cross_entropy_is_finite_for_huge_logits_and_removed_candidates():
+def test_cross_entropy_is_finite_for_huge_logits_and_leaves_out_excluded_candidates():
     true = tf.constant([300.0, -300.0])
-    candidates = tf.constant([[299.0, tf.float32.min], [tf.float32.min, -299.0]])
-    losses = ops.true_first_cross_entropy(true, candidates).numpy()
-    np.testing.assert_allclose(losses, [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))], rtol=2e-5)
+    expected = [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))]
+    removed = tf.constant([[299.0, tf.float32.min], [tf.float32.min, -299.0]])
+    np.testing.assert_allclose(ops.true_first_cross_entropy(true, removed).numpy(), expected, rtol=2e-5)
+    # Accidental hits: each excluded entry is its row's true logit, and adds nothing.
+    hits = tf.Variable([[299.0, 300.0], [-300.0, -299.0]])
+    excluded = tf.constant([[0, 1], [1, 0]], tf.int64)
+    with tf.GradientTape() as tape:
+        losses = ops.true_first_cross_entropy(true, hits, excluded)
+    np.testing.assert_allclose(losses.numpy(), expected, rtol=2e-5)
+    gradient = tape.gradient(losses, hits).numpy()
+    assert gradient[0, 1] == gradient[1, 0] == 0.0 and gradient[0, 0] > 0 and gradient[1, 1] > 0
