@@ -249,8 +249,8 @@ class LSTMPLanguageModel(tf.Module):
         removed), computed with the hand-written pieces of `ops`."""
         inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
         true_logits = tf.reduce_sum(inputs * rows.true_w, axis=1) + rows.true_b
-        logits = ops.candidate_logits(inputs, rows.candidate_w, rows.candidate_b, self.compute_dtype)
-        losses = ops.true_first_cross_entropy(true_logits, logits, accidental_hits(rows.true_ids, rows.candidates))
+        losses = ops.sampled_cross_entropy(inputs, rows.candidate_w, rows.candidate_b, true_logits,
+                                           accidental_hits(rows.true_ids, rows.candidates), self.compute_dtype)
         return tf.reshape(losses, tf.shape(outputs)[:2])
 
     def sampled_softmax_losses(self, outputs, y, seed=None):

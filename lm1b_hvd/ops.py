@@ -4,9 +4,11 @@ What autodiff does badly here, measured on the CPU (README "Speed"):
 - a per-step LSTM cell does every weight-gradient matmul once per time step
   with only `batch_size` rows, then adds the 20 results;
 - column sums (bias gradients) through TensorFlow's reduction run ~10x slower
-  than the same sum as a matrix-vector product;
-- the sampled softmax concatenates the true logit to the candidates' and runs
-  a generic cross-entropy over a dense one-hot label matrix.
+  than one more row in a weight gradient's matmul;
+- the sampled softmax concatenates the true logit to the candidates', masks
+  accidental hits with a dense tokens x candidates matrix and runs a generic
+  cross-entropy over a dense one-hot label matrix: four passes over
+  [tokens, candidates] where one fused softmax does.
 Each function here keeps the math of the textbook version (tests compare them
 to autodiff of it) and only changes how it is computed.
 """
@@ -24,10 +26,14 @@ def _matmul(a, b, dtype, **kwargs):
     return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **kwargs), tf.float32)
 
 
-def column_sums(matrix):
-    """Sum over rows of a [rows, cols] matrix, as ones[1, rows] @ matrix (a fast matmul)."""
-    ones = tf.ones([1, tf.shape(matrix)[0]], matrix.dtype)
-    return tf.reshape(tf.matmul(ones, matrix), [-1])
+def with_column(matrix, column=None):
+    """[matrix, column] (a column of ones by default): multiplied as (this)^T @ G, the last row
+    of the product is G's column sums weighted by `column`, a bias gradient for the price of
+    one more row in a weight gradient's matmul (a column sum on its own runs ~10x slower
+    through TensorFlow's reduction, and a [1, n] matmul is slow for small n)."""
+    if column is None:
+        column = tf.ones([tf.shape(matrix)[0]], matrix.dtype)
+    return tf.concat([matrix, column[:, None]], axis=1)
 
 
 def _or_zeros(gradient, like):
@@ -118,68 +124,74 @@ def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection
             d_f = d_c * c_prev[t] * f * (1.0 - f)
             d_o = d_memory * tanh_c * o * (1.0 - o)
             d_gates[t] = tf.concat([d_i, d_j, d_f, d_o], axis=1)
-            d_c = d_c * f
-            d_h_next = matmul(d_gates[t], recurrent_t)
+            if t > 0:  # the incoming state gets no gradient
+                d_c = d_c * f
+                d_h_next = matmul(d_gates[t], recurrent_t)
         all_d_gates = _rows(d_gates)
-        layer_inputs = tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1)
-        d_weight = matmul(layer_inputs, all_d_gates, transpose_a=True)
+        layer_inputs = with_column(tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1))
+        d_weight_and_bias = matmul(layer_inputs, all_d_gates, transpose_a=True)
         d_projection = matmul(_rows(memories), _rows(d_hs), transpose_a=True)
         d_inputs = tf.reshape(matmul(all_d_gates, _transposed(input_weight)), tf.shape(inputs))
-        return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight,
-                column_sums(all_d_gates), d_projection)
+        return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight_and_bias[:-1],
+                d_weight_and_bias[-1], d_projection)
 
     return (tf.stack(outputs), c, h), backward
 
 
-def candidate_logits(inputs, weights, biases, compute_dtype=tf.float32):
-    """inputs [n, dim] @ weights[k, dim]^T + biases[k]: the logits of k shared candidates,
-    fp32, from operands in `compute_dtype`."""
-    return _candidate_logits(tf.as_dtype(compute_dtype))(inputs, weights, biases)
+def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded=None, compute_dtype=tf.float32):
+    """Per-row cross-entropy of a softmax over [true logit, k shared candidates' logits] whose
+    label is the true one: the candidates' logits are inputs [n, dim] @ weights [k, dim]^T +
+    biases [k], and `excluded` [m, 2] lists (row, column) candidates left out of a row's softmax
+    (the sampled softmax's accidental hits). Matmul operands in `compute_dtype`, the rest fp32.
+
+    tf.nn.sampled_softmax_loss's math without its [n, k + 1] concat, one-hot labels and dense
+    hit mask: the candidates' softmax is one fused kernel, the true logit and the left-out
+    candidates join through each row's log-sum-exp, and the backward never forms the logits'
+    gradient: it multiplies the probabilities by rows scaled beforehand and subtracts the few
+    left-out entries' terms from the results."""
+    if excluded is None:
+        excluded = tf.zeros([0, 2], tf.int64)
+    return _sampled_cross_entropy(tf.as_dtype(compute_dtype))(inputs, weights, biases, true_logits, excluded)
 
 
 @functools.lru_cache(maxsize=None)
-def _candidate_logits(dtype):
+def _sampled_cross_entropy(dtype):
     matmul = functools.partial(_matmul, dtype=dtype)
 
     @tf.custom_gradient
-    def logits_of(inputs, weights, biases):
+    def cross_entropy(inputs, weights, biases, true_logits, excluded):
         logits = matmul(inputs, weights, transpose_b=True) + biases
+        probabilities = tf.nn.softmax(logits)  # over the candidates alone
+        # Each row's log-sum-exp over the candidates, read off its most probable one (its
+        # probability is at least 1/k, so its log is exact).
+        best = tf.stack([tf.range(tf.shape(logits)[0]), tf.argmax(logits, axis=1, output_type=tf.int32)], 1)
+        candidates_lse = tf.gather_nd(logits, best) - tf.math.log(tf.gather_nd(probabilities, best))
+        excluded_rows, excluded_columns = excluded[:, 0], excluded[:, 1]
+        excluded_probabilities = tf.gather_nd(probabilities, excluded)
+        excluded_mass = tf.math.unsorted_segment_sum(excluded_probabilities, excluded_rows, tf.shape(logits)[0])
+        # What is left of the candidates' mass, which the true logit then joins. A left-out hit's
+        # logit is its row's true logit, so when it holds nearly all the mass the rounding left
+        # in 1 - mass is negligible next to the true word's own term.
+        kept_lse = candidates_lse + tf.math.log1p(-excluded_mass)
+        losses = tf.nn.softplus(kept_lse - true_logits)
 
-        def backward(d_logits):
-            # The weight gradient as one [dim, n] @ [n, k] matmul, transposed once (faster than
-            # the [k, n] @ [n, dim] autodiff would do).
-            d_weights = tf.transpose(matmul(inputs, d_logits, transpose_a=True))
-            return matmul(d_logits, weights), d_weights, column_sums(d_logits)
+        def backward(d_losses):
+            # d loss / d candidate logit = p * exp(candidates_lse - log Z), log Z = true + loss.
+            row_scale = d_losses * tf.exp(candidates_lse - true_logits - losses)
+            excluded_terms = excluded_probabilities * tf.gather(row_scale, excluded_rows)
+            d_inputs = matmul(probabilities, weights) * row_scale[:, None]
+            d_inputs = tf.tensor_scatter_nd_sub(
+                d_inputs, excluded_rows[:, None], excluded_terms[:, None] * tf.gather(weights, excluded_columns))
+            # [dim + 1, k]: the weights' gradient transposed, then the biases' in the last row.
+            scaled = with_column(inputs * row_scale[:, None], row_scale)
+            d_weights_and_biases = matmul(scaled, probabilities, transpose_a=True)
+            d_weights = tf.tensor_scatter_nd_sub(
+                tf.transpose(d_weights_and_biases[:-1]), excluded_columns[:, None],
+                excluded_terms[:, None] * tf.gather(inputs, excluded_rows))
+            d_biases = tf.tensor_scatter_nd_sub(d_weights_and_biases[-1], excluded_columns[:, None], excluded_terms)
+            d_true_logits = -d_losses * tf.sigmoid(kept_lse - true_logits)
+            return d_inputs, d_weights, d_biases, d_true_logits, None
 
-        return logits, backward
+        return losses, backward
 
-    return logits_of
-
-
-def true_first_cross_entropy(true_logits, logits, excluded=None):
-    """Per-row cross-entropy of a softmax over [true logit, candidate logits] whose label is the
-    true one: logsumexp(all) - true, without building the [n, k + 1] matrix or a one-hot label.
-    `excluded` [m, 2] lists (row, column) entries of `logits` left out of the softmax (the
-    sampled softmax's accidental hits): a few scattered zeros in place of a dense mask. They
-    still take part in the max that shifts each row for stability, so they must not exceed
-    the row's other logits by much; a hit's logit is its row's true logit."""
-    if excluded is None:
-        excluded = tf.zeros([0, 2], tf.int64)
-    return _true_first_cross_entropy(true_logits, logits, excluded)
-
-
-@tf.custom_gradient
-def _true_first_cross_entropy(true_logits, logits, excluded):
-    top = tf.maximum(tf.reduce_max(logits, axis=1), true_logits)
-    candidate_exp = tf.exp(logits - top[:, None])
-    candidate_exp = tf.tensor_scatter_nd_update(candidate_exp, excluded,
-                                                tf.zeros([tf.shape(excluded)[0]], candidate_exp.dtype))
-    true_exp = tf.exp(true_logits - top)
-    total = tf.reduce_sum(candidate_exp, axis=1) + true_exp
-    losses = tf.math.log(total) + top - true_logits
-
-    def backward(d_losses):
-        scale = d_losses / total
-        return true_exp * scale - d_losses, candidate_exp * scale[:, None], None
-
-    return losses, backward
+    return cross_entropy

@@ -1,5 +1,6 @@
-"""The hand-written LSTMP backward equals autodiff of the textbook per-step cell."""
+"""The hand-written LSTMP backward and sampled cross-entropy equal autodiff of their textbook versions."""
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from lm1b_hvd import ops
@@ -70,42 +71,51 @@ def test_compiled_graph_gives_the_eager_result():
     np.testing.assert_allclose(compiled[0][0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_pieces_match_autodiff_of_the_textbook_versions():
+def textbook_sampled_cross_entropy(inputs, weights, biases, true_logits, excluded):
+    logits = tf.matmul(inputs, weights, transpose_b=True) + biases
+    left_out = tf.scatter_nd(excluded, tf.ones([tf.shape(excluded)[0]], tf.bool), tf.shape(logits, tf.int64))
+    logits = tf.where(left_out, logits.dtype.min, logits)
+    return tf.reduce_logsumexp(tf.concat([true_logits[:, None], logits], 1), axis=1) - true_logits
+
+
+def losses_and_gradients(cross_entropy, inputs, weights, biases, true_logits, excluded, scale):
+    with tf.GradientTape() as tape:
+        tape.watch([inputs, weights, biases, true_logits])
+        losses = cross_entropy(inputs, weights, biases, true_logits, excluded)
+        loss = tf.reduce_sum(losses * scale)
+    gradients = tape.gradient(loss, [inputs, weights, biases, true_logits])
+    return [losses.numpy()] + [g.numpy() for g in gradients]
+
+
+@pytest.mark.parametrize("excluded", [[], [[0, 2], [3, 4], [5, 0]], [[1, 0], [1, 3]]])
+def test_sampled_cross_entropy_matches_autodiff_of_the_textbook_version(excluded):
+    """Including left-out candidates (accidental hits), one or two in a row."""
     rng = np.random.default_rng(3)
     inputs, weights, biases = (tf.constant(rng.normal(size=s)) for s in [(6, 4), (5, 4), (5,)])
-    true_logits = tf.constant(rng.normal(size=6))
-    scale = tf.constant(rng.normal(size=6))
-
-    def loss_of(logits_fn, cross_entropy_fn):
-        with tf.GradientTape() as tape:
-            tape.watch([inputs, weights, biases, true_logits])
-            losses = cross_entropy_fn(true_logits, logits_fn(inputs, weights, biases))
-            loss = tf.reduce_sum(losses * scale)
-        return [loss.numpy()] + [g.numpy() for g in tape.gradient(loss, [inputs, weights, biases, true_logits])]
-
-    def textbook_logits(x, w, b):
-        return tf.matmul(x, w, transpose_b=True) + b
-
-    def textbook_cross_entropy(true, candidates):
-        return tf.reduce_logsumexp(tf.concat([true[:, None], candidates], 1), axis=1) - true
-
-    got = loss_of(ops.candidate_logits, ops.true_first_cross_entropy)
-    expected = loss_of(textbook_logits, textbook_cross_entropy)
+    true_logits, scale = tf.constant(rng.normal(size=6)), tf.constant(rng.normal(size=6))
+    excluded = tf.constant(np.array(excluded, np.int64).reshape(-1, 2))
+    got = losses_and_gradients(ops.sampled_cross_entropy, inputs, weights, biases, true_logits, excluded, scale)
+    expected = losses_and_gradients(textbook_sampled_cross_entropy, inputs, weights, biases, true_logits,
+                                     excluded, scale)
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(ops.column_sums(weights).numpy(), weights.numpy().sum(0), rtol=1e-12)
 
 
-def test_cross_entropy_is_finite_for_huge_logits_and_leaves_out_excluded_candidates():
-    true = tf.constant([300.0, -300.0])
-    expected = [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))]
-    removed = tf.constant([[299.0, tf.float32.min], [tf.float32.min, -299.0]])
-    np.testing.assert_allclose(ops.true_first_cross_entropy(true, removed).numpy(), expected, rtol=2e-5)
-    # Accidental hits: each excluded entry is its row's true logit, and adds nothing.
-    hits = tf.Variable([[299.0, 300.0], [-300.0, -299.0]])
+def test_sampled_cross_entropy_is_finite_for_huge_logits_and_left_out_hits():
+    # Row 0's candidate logits are [299, 300], row 1's [-300, -299]; each row leaves out the
+    # candidate equal to its true logit (an accidental hit), as the sampled softmax does.
+    inputs = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    weights = tf.constant([[299.0, -300.0], [300.0, -299.0]])
+    true_logits = tf.constant([300.0, -300.0])
     excluded = tf.constant([[0, 1], [1, 0]], tf.int64)
-    with tf.GradientTape() as tape:
-        losses = ops.true_first_cross_entropy(true, hits, excluded)
-    np.testing.assert_allclose(losses.numpy(), expected, rtol=2e-5)
-    gradient = tape.gradient(losses, hits).numpy()
-    assert gradient[0, 1] == gradient[1, 0] == 0.0 and gradient[0, 0] > 0 and gradient[1, 1] > 0
+    losses, d_inputs, d_weights, d_biases, d_true = losses_and_gradients(
+        ops.sampled_cross_entropy, inputs, weights, tf.zeros([2]), true_logits, excluded, tf.ones([2]))
+    np.testing.assert_allclose(losses, [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))], rtol=2e-5)
+    # Only the kept candidates get gradient: column 0 from row 0, column 1 from row 1.
+    np.testing.assert_allclose(d_biases, [1 / (1 + np.e), np.e / (1 + np.e)], rtol=2e-5)
+    assert all(np.isfinite(g).all() for g in (d_inputs, d_weights, d_true))
+    # A left-out hit that holds all of the candidates' mass: the loss is the true word's alone.
+    losses, *gradients = losses_and_gradients(
+        ops.sampled_cross_entropy, inputs[:1], tf.constant([[300.0, 0.0], [-300.0, 0.0]]), tf.zeros([2]),
+        true_logits[:1], tf.constant([[0, 0]], tf.int64), tf.ones([1]))
+    assert 0.0 <= losses[0] < 1e-6 and all(np.isfinite(g).all() for g in gradients)
