@@ -138,7 +138,7 @@ def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection
     return (tf.stack(outputs), c, h), backward
 
 
-def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded=None, compute_dtype=tf.float32):
+def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded, compute_dtype=tf.float32):
     """Per-row cross-entropy of a softmax over [true logit, k shared candidates' logits] whose
     label is the true one: the candidates' logits are inputs [n, dim] @ weights [k, dim]^T +
     biases [k], and `excluded` [m, 2] lists (row, column) candidates left out of a row's softmax
@@ -149,8 +149,6 @@ def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded=None, c
     candidates join through each row's log-sum-exp, and the backward never forms the logits'
     gradient: it multiplies the probabilities by rows scaled beforehand and subtracts the few
     left-out entries' terms from the results."""
-    if excluded is None:
-        excluded = tf.zeros([0, 2], tf.int64)
     return _sampled_cross_entropy(tf.as_dtype(compute_dtype))(inputs, weights, biases, true_logits, excluded)
 
 
