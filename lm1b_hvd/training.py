@@ -56,6 +56,32 @@ class ExponentialMovingAverage:
                 target.assign(value)
 
 
+class FusedAdagrad(tf.keras.optimizers.Adagrad):
+    """Keras's Adagrad, with its slots (so the same checkpoints), updating each variable with
+    TensorFlow's fused Adagrad kernels: one pass over a variable and its accumulator where
+    Keras's update makes five (the default LSTM weight: 22 -> 9 ms a step on a 2-core CPU).
+
+    The original's tf.train.AdagradOptimizer: accumulators start at 1.0, no epsilon. Sparse
+    gradients must have unique rows (training.sum_duplicates), as the kernel applies each row
+    in turn."""
+
+    def __init__(self, learning_rate):
+        # No XLA: Keras would compile each update on a GPU, and the kernels are already fused.
+        super().__init__(learning_rate=learning_rate, initial_accumulator_value=1.0, epsilon=0.0,
+                         jit_compile=False)
+
+    def update_step(self, gradient, variable):
+        accumulator = self._accumulators[self._index_dict[self._var_key(variable)]]
+        lr = tf.cast(self.learning_rate, variable.dtype)
+        epsilon = tf.zeros([], variable.dtype)
+        if isinstance(gradient, tf.IndexedSlices):
+            tf.raw_ops.ResourceSparseApplyAdagradV2(var=variable.handle, accum=accumulator.handle, lr=lr,
+                                                    epsilon=epsilon, grad=gradient.values, indices=gradient.indices)
+        else:
+            tf.raw_ops.ResourceApplyAdagradV2(var=variable.handle, accum=accumulator.handle, lr=lr,
+                                              epsilon=epsilon, grad=gradient)
+
+
 @dataclasses.dataclass(frozen=True)
 class Votes:
     """What a rank asks of this step. Summed over ranks with the step's statistics, so that
@@ -102,8 +128,7 @@ class Trainer:
         hps = model.hps
         self.model = model
         self.exchange = exchange
-        self.optimizer = tf.keras.optimizers.Adagrad(
-            learning_rate=hps.learning_rate, initial_accumulator_value=1.0)
+        self.optimizer = FusedAdagrad(hps.learning_rate)
         self.optimizer.build(model.all_variables)
         # fp16 needs dynamic loss scaling; its state is not checkpointed (it re-adapts in steps).
         # Keras starts at 2^15, where this model's first steps overflow and are skipped.
