@@ -73,7 +73,7 @@ class FusedAdagrad(tf.keras.optimizers.Adagrad):
     def update_step(self, gradient, variable):
         accumulator = self._accumulators[self._index_dict[self._var_key(variable)]]
         lr = tf.cast(self.learning_rate, variable.dtype)
-        epsilon = tf.zeros([], variable.dtype)
+        epsilon = tf.cast(self.epsilon, variable.dtype)
         if isinstance(gradient, tf.IndexedSlices):
             tf.raw_ops.ResourceSparseApplyAdagradV2(var=variable.handle, accum=accumulator.handle, lr=lr,
                                                     epsilon=epsilon, grad=gradient.values, indices=gradient.indices)
