@@ -1,7 +1,10 @@
-"""Package metadata; the pinned stack is read from requirements.txt."""
+"""Package metadata, and the build of the LSTM cell kernels; the pinned stack is read from
+requirements.txt. The kernels compile against the installed TensorFlow's headers and library,
+so TensorFlow comes first and pip runs without build isolation (install.sh does both)."""
+import platform
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 
 def pinned_requirements():
@@ -9,11 +12,26 @@ def pinned_requirements():
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def lstmp_cell_kernels():
+    """The TensorFlow op library of lm1b_hvd/kernels/lstmp_cell.cc (loaded by lm1b_hvd.ops)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise SystemExit("lm1b_hvd: building its LSTM cell kernels needs TensorFlow installed first, "
+                         "and pip run with --no-build-isolation (bash install.sh does both)")
+    # AVX2 and FMA: what TensorFlow's own CPU kernels need to run fast, on any x86 CPU since 2013.
+    vector_flags = ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
+    return Extension("lm1b_hvd._lstmp_cell", sources=["lm1b_hvd/kernels/lstmp_cell.cc"], language="c++",
+                     extra_compile_args=tf.sysconfig.get_compile_flags() + ["-O3"] + vector_flags,
+                     extra_link_args=tf.sysconfig.get_link_flags())
+
+
 setup(
     name="lm1b_hvd",
     version="0.1.0",
     description="LSTM language models on the One Billion Word benchmark, trained with Horovod",
     packages=find_packages(include=["lm1b_hvd", "lm1b_hvd.*"]),
+    ext_modules=[lstmp_cell_kernels()],
     python_requires=">=3.9,<3.12",
     install_requires=pinned_requirements(),
     entry_points={

@@ -172,6 +172,12 @@ class LSTMPLanguageModel(tf.Module):
         """The dtype of the matmuls; weights, the cell state and the losses stay fp32."""
         return COMPUTE_DTYPES[self.hps.precision]
 
+    @property
+    def fused_cell(self):
+        """Whether the LSTM's gate arithmetic runs in lm1b_hvd's CPU kernels (ops.FusedCell): not
+        where XLA compiles the layers, nor where TensorFlow places them on a GPU."""
+        return not self.hps.xla and not tf.config.list_logical_devices("GPU")
+
     def _dropout(self, values, training, seed, site):
         """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs), its mask drawn from
         the step's stateless `seed`."""
@@ -192,7 +198,7 @@ class LSTMPLanguageModel(tf.Module):
         new_state = []
         for layer, (c, h) in enumerate(state):
             outputs, c, h = ops.lstmp_layer(inputs, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
-                                            self.lstm_projections[layer], self.compute_dtype)
+                                            self.lstm_projections[layer], self.compute_dtype, self.fused_cell)
             inputs = self._dropout(outputs, training, seed, layer + 1)
             new_state.append((c, h))
         return tf.transpose(inputs, [1, 0, 2]), new_state

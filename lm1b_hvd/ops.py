@@ -13,6 +13,7 @@ Each function here keeps the math of the textbook version (tests compare them
 to autodiff of it) and only changes how it is computed.
 """
 import functools
+import importlib.util
 
 import tensorflow as tf
 
@@ -52,7 +53,7 @@ def _transposed(matrix):
     return tf.raw_ops.Snapshot(input=tf.transpose(matrix))
 
 
-def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32):
+def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32, fused_cell=False):
     """One LSTM-with-projection layer over a whole window.
 
     inputs [steps, batch, in] (time-major), state c [batch, state] and h [batch, proj]; the
@@ -61,8 +62,10 @@ def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32
     matmul and the projection are per step; the input half of the gates is one matmul over all
     steps, and so is every weight gradient in the backward. The incoming state is the carried
     state of truncated BPTT and gets no gradient (zeros). Under mixed precision the matmul
-    operands are `compute_dtype`; the gates, the cell state and every gradient stay fp32."""
-    return _lstmp_layer(tf.as_dtype(compute_dtype))(inputs, c, h, weight, bias, projection)
+    operands are `compute_dtype`; the gates, the cell state and every gradient stay fp32.
+    `fused_cell`: each step's gate arithmetic is one kernel of lm1b_hvd/kernels (CPU only, not
+    under XLA), forward and backward, instead of ~25 TensorFlow ops."""
+    return _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell)(inputs, c, h, weight, bias, projection)
 
 
 def lstmp_step(inputs, c, h, weight, bias, projection):
@@ -74,36 +77,83 @@ def lstmp_step(inputs, c, h, weight, bias, projection):
     return c, tf.matmul(tf.sigmoid(o) * tf.tanh(c), projection)
 
 
+class ComposedCell:
+    """A step's gate arithmetic in TensorFlow ops: runs on any device and under XLA."""
+
+    @staticmethod
+    def forward(input_gates, recurrent_gates, c_prev):
+        """(c, memory, what backward needs) from the step's two halves of the gates and c_prev."""
+        i, j, f, o = tf.split(input_gates + recurrent_gates, 4, axis=1)
+        i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + FORGET_BIAS), tf.sigmoid(o)
+        c = f * c_prev + i * j
+        tanh_c = tf.tanh(c)
+        return c, o * tanh_c, (i, j, f, o, tanh_c)
+
+    @staticmethod
+    def backward(saved, c_prev, d_c, d_memory):
+        """(gradient of the gates before their activations, of c_prev) from d_c, the gradient
+        reaching c from later steps, and d_memory."""
+        i, j, f, o, tanh_c = saved
+        d_c = d_c + d_memory * o * (1.0 - tf.square(tanh_c))
+        d_i = d_c * j * i * (1.0 - i)
+        d_j = d_c * i * (1.0 - tf.square(j))
+        d_f = d_c * c_prev * f * (1.0 - f)
+        d_o = d_memory * tanh_c * o * (1.0 - o)
+        return tf.concat([d_i, d_j, d_f, d_o], axis=1), d_c * f
+
+
+class FusedCell:
+    """ComposedCell's math, forward and backward each one CPU kernel (lm1b_hvd/kernels)."""
+
+    @staticmethod
+    def forward(input_gates, recurrent_gates, c_prev):
+        c, memory, activations, tanh_c = _cell_kernels().lstmp_cell(
+            input_gates, recurrent_gates, c_prev, forget_bias=FORGET_BIAS)
+        return c, memory, (activations, tanh_c)
+
+    @staticmethod
+    def backward(saved, c_prev, d_c, d_memory):
+        activations, tanh_c = saved
+        return _cell_kernels().lstmp_cell_grad(activations, tanh_c, c_prev, d_c, d_memory)
+
+
 @functools.lru_cache(maxsize=None)
-def _lstmp_layer(dtype):
-    """The custom-gradient layer for one compute dtype (custom gradients take only tensors)."""
+def _cell_kernels():
+    """The op library that setup.py builds from lm1b_hvd/kernels/lstmp_cell.cc."""
+    spec = importlib.util.find_spec("lm1b_hvd._lstmp_cell")
+    if spec is None:
+        raise RuntimeError("lm1b_hvd's LSTM cell kernels are not built: reinstall the package with "
+                           "`pip install --no-build-isolation .` (bash install.sh does)")
+    return tf.load_op_library(spec.origin)
+
+
+@functools.lru_cache(maxsize=None)
+def _lstmp_layer(dtype, fused_cell):
+    """The custom-gradient layer for one compute dtype and cell (custom gradients take only tensors)."""
     matmul = functools.partial(_matmul, dtype=dtype)
     cast = (lambda t: t) if dtype == tf.float32 else (lambda t: tf.cast(t, dtype))
+    cell = FusedCell if fused_cell else ComposedCell
 
     @tf.custom_gradient
     def layer(inputs, c, h, weight, bias, projection):
-        return _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection)
+        return _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, projection)
 
     return layer
 
 
-def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection):
+def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, projection):
     steps, in_size = inputs.shape[0], inputs.shape[2]
     batch = tf.shape(inputs)[1]
     input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
-    input_gates = tf.reshape(matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1])
-    c_prev, h_prev, gate_values, tanh_cells, memories, outputs = [], [], [], [], [], []
+    input_gates = tf.unstack(tf.reshape(
+        matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1]))
+    c_prev, h_prev, saved, memories, outputs = [], [], [], [], []
     for t in range(steps):
-        gates = input_gates[t] + matmul(h, recurrent_weight)
-        i, j, f, o = tf.split(gates, 4, axis=1)
-        i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + FORGET_BIAS), tf.sigmoid(o)
         c_prev.append(c)
         h_prev.append(h)
-        c = f * c + i * j
-        tanh_cells.append(tf.tanh(c))
-        memory = o * tanh_cells[-1]
+        c, memory, saved_t = cell.forward(input_gates[t], matmul(h, recurrent_weight), c)
         h = matmul(memory, projection_)
-        gate_values.append((i, j, f, o))
+        saved.append(saved_t)
         memories.append(memory)
         outputs.append(h)
 
@@ -116,22 +166,14 @@ def _lstmp_forward_backward(matmul, cast, inputs, c, h, weight, bias, projection
             d_c = _or_zeros(d_c_last, c)
             d_h_next = _or_zeros(d_h_last, h)
             projection_t, recurrent_t = _transposed(projection_), _transposed(recurrent_weight)
+            d_outputs = tf.unstack(d_outputs)
         d_gates, d_hs = [None] * steps, [None] * steps
         for t in reversed(range(steps)):
-            i, j, f, o = gate_values[t]
             d_h = d_outputs[t] + d_h_next
             d_hs[t] = d_h
             with tf.control_dependencies([d_h]):  # step t's derivatives once step t is reached
-                d_memory = matmul(d_h, projection_t)
-                tanh_c = tanh_cells[t]
-                d_c = d_c + d_memory * o * (1.0 - tf.square(tanh_c))
-                d_i = d_c * j * i * (1.0 - i)
-                d_j = d_c * i * (1.0 - tf.square(j))
-                d_f = d_c * c_prev[t] * f * (1.0 - f)
-                d_o = d_memory * tanh_c * o * (1.0 - o)
-                d_gates[t] = tf.concat([d_i, d_j, d_f, d_o], axis=1)
+                d_gates[t], d_c = cell.backward(saved[t], c_prev[t], d_c, matmul(d_h, projection_t))
             if t > 0:  # the incoming state gets no gradient
-                d_c = d_c * f
                 d_h_next = matmul(d_gates[t], recurrent_t)
         with tf.control_dependencies([d_gates[0]]):
             all_d_gates = _rows(d_gates)

@@ -1,9 +1,13 @@
 """The hand-written LSTMP backward and sampled cross-entropy equal autodiff of their textbook versions."""
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from lm1b_hvd import ops
+from lm1b_hvd.hparams import HParams
+from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.ops import FORGET_BIAS, lstmp_layer
 
 STEPS, BATCH, INPUTS, STATE, PROJ = 5, 3, 4, 6, 2
@@ -69,6 +73,40 @@ def test_compiled_graph_gives_the_eager_result():
     eager, _ = outputs_and_gradients(lstmp_layer, arguments, False)
     compiled = tf.function(lambda *a: outputs_and_gradients(lstmp_layer, list(a), False))(*arguments)
     np.testing.assert_allclose(compiled[0][0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_final_state_loss", [True, False])
+def test_fused_cell_kernels_match_autodiff(with_final_state_loss):
+    """The CPU kernels of lm1b_hvd/kernels, fp32 only, against float64 autodiff of the textbook."""
+    arguments = random_arguments(3)
+    expected, expected_grads = outputs_and_gradients(reference_layer, arguments, with_final_state_loss)
+    fused = functools.partial(lstmp_layer, fused_cell=True)
+    got, got_grads = outputs_and_gradients(fused, [tf.cast(a, tf.float32) for a in arguments],
+                                           with_final_state_loss)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5)
+    names = ["inputs", "c", "h", "weight", "bias", "projection"]
+    for name, a, b in zip(names, got_grads, expected_grads):
+        if name in ("c", "h"):  # the carried state, never trained
+            assert not np.any(a.numpy()), name
+        else:
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_the_model_runs_the_fused_kernels_on_the_cpu_and_composed_ops_under_xla():
+    def op_types(hps):
+        model = LSTMPLanguageModel(hps, 50)
+        step = tf.function(lambda x: model.forward(x, model.zero_state(2), training=False)[0])
+        return {op.type for op in step.get_concrete_function(tf.zeros([2, 3], tf.int32)).graph.get_operations()}
+
+    small = dict(num_layers=1, batch_size=2, num_steps=3, emb_size=4, state_size=6, projected_size=2, num_shards=1)
+    assert "LstmpCell" in op_types(HParams(**small))
+    assert "LstmpCell" not in op_types(HParams(**small, xla=True))
+
+
+def test_fused_cell_rejects_mismatched_shapes_by_name():
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: gates \[3,20\]"):
+        ops.FusedCell.forward(tf.zeros([3, 20]), tf.zeros([3, 20]), tf.zeros([3, 6]))
 
 
 def textbook_sampled_cross_entropy(inputs, weights, biases, true_logits, excluded):
