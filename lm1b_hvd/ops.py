@@ -17,6 +17,8 @@ import importlib.util
 
 import tensorflow as tf
 
+from lm1b_hvd import console
+
 FORGET_BIAS = 1.0
 
 
@@ -122,9 +124,13 @@ def _cell_kernels():
     """The op library that setup.py builds from lm1b_hvd/kernels/lstmp_cell.cc."""
     spec = importlib.util.find_spec("lm1b_hvd._lstmp_cell")
     if spec is None:
-        raise RuntimeError("lm1b_hvd's LSTM cell kernels are not built: reinstall the package with "
-                           "`pip install --no-build-isolation .` (bash install.sh does)")
-    return tf.load_op_library(spec.origin)
+        raise console.UserError("lm1b_hvd's LSTM cell kernels are not built: reinstall the package with "
+                                "`pip install --no-build-isolation .` (bash install.sh does)")
+    try:
+        return tf.load_op_library(spec.origin)
+    except tf.errors.NotFoundError as error:  # built against another TensorFlow
+        raise console.UserError(f"lm1b_hvd's LSTM cell kernels do not load into this TensorFlow: {error}; "
+                                "rebuild them with `pip install --no-build-isolation .` (bash install.sh does)") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,11 +1,12 @@
 """The hand-written LSTMP backward and sampled cross-entropy equal autodiff of their textbook versions."""
 import functools
+import importlib.util
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import ops
+from lm1b_hvd import console, ops
 from lm1b_hvd.hparams import HParams
 from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.ops import FORGET_BIAS, lstmp_layer
@@ -107,6 +108,16 @@ def test_the_model_runs_the_fused_kernels_on_the_cpu_and_composed_ops_under_xla(
 def test_fused_cell_rejects_mismatched_shapes_by_name():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: gates \[3,20\]"):
         ops.FusedCell.forward(tf.zeros([3, 20]), tf.zeros([3, 20]), tf.zeros([3, 6]))
+
+
+def test_unbuilt_kernels_are_a_one_line_error_naming_the_fix(monkeypatch):
+    ops._cell_kernels.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    try:
+        with pytest.raises(console.UserError, match=r"not built: reinstall .*pip install --no-build-isolation"):
+            ops._cell_kernels()
+    finally:
+        ops._cell_kernels.cache_clear()
 
 
 def textbook_sampled_cross_entropy(inputs, weights, biases, true_logits, excluded):
