@@ -19,7 +19,7 @@ def lstmp_cell_kernels():
     except ImportError:
         raise SystemExit("lm1b_hvd: building its LSTM cell kernels needs TensorFlow installed first, "
                          "and pip run with --no-build-isolation (bash install.sh does both)")
-    # AVX2 and FMA: what TensorFlow's own CPU kernels need to run fast, on any x86 CPU since 2013.
+    # AVX2 and FMA (x86 CPUs since 2013): Eigen vectorizes the cells' tanh 8 floats at a time.
     vector_flags = ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
     return Extension("lm1b_hvd._lstmp_cell", sources=["lm1b_hvd/kernels/lstmp_cell.cc"], language="c++",
                      extra_compile_args=tf.sysconfig.get_compile_flags() + ["-O3"] + vector_flags,
