@@ -12,7 +12,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import ops
+from lm1b_hvd import devices, ops
 
 
 def _uniform(shape, fan_in, seed):
@@ -176,7 +176,7 @@ class LSTMPLanguageModel(tf.Module):
     def fused_cell(self):
         """Whether the LSTM's gate arithmetic runs in lm1b_hvd's CPU kernels (ops.FusedCell): not
         where XLA compiles the layers, nor where TensorFlow places them on a GPU."""
-        return not self.hps.xla and not tf.config.list_logical_devices("GPU")
+        return not self.hps.xla and not devices.on_gpu()
 
     def _dropout(self, values, training, seed, site):
         """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs), its mask drawn from

@@ -122,15 +122,15 @@ class FusedCell:
 @functools.lru_cache(maxsize=None)
 def _cell_kernels():
     """The op library that setup.py builds from lm1b_hvd/kernels/lstmp_cell.cc."""
+    rebuild = "reinstall the package with `pip install --no-build-isolation .` (bash install.sh does)"
     spec = importlib.util.find_spec("lm1b_hvd._lstmp_cell")
     if spec is None:
-        raise console.UserError("lm1b_hvd's LSTM cell kernels are not built: reinstall the package with "
-                                "`pip install --no-build-isolation .` (bash install.sh does)")
+        raise console.UserError(f"lm1b_hvd's LSTM cell kernels are not built: {rebuild}")
     try:
         return tf.load_op_library(spec.origin)
     except tf.errors.NotFoundError as error:  # built against another TensorFlow
         raise console.UserError(f"lm1b_hvd's LSTM cell kernels do not load into this TensorFlow: {error}; "
-                                "rebuild them with `pip install --no-build-isolation .` (bash install.sh does)") from None
+                                f"{rebuild}") from None
 
 
 @functools.lru_cache(maxsize=None)
