@@ -80,43 +80,73 @@ def lstmp_step(inputs, c, h, weight, bias, projection):
 
 
 class ComposedCell:
-    """A step's gate arithmetic in TensorFlow ops: runs on any device and under XLA."""
+    """A step's gate arithmetic in TensorFlow ops: runs on any device and under XLA.
+
+    Both cells hold the layer's per-step values in a window over the steps that forward and
+    backward take and return: at first each step's input half of the gates (one matmul for all
+    steps), which the forward replaces with the step's gate activations and the backward then
+    with their gradients. After the backward, `window_rows` is all steps' gate gradients as one
+    [steps * batch, 4 * state] matrix, for the weight gradients' matmuls."""
 
     @staticmethod
-    def forward(input_gates, recurrent_gates, c_prev):
-        """(c, memory, what backward needs) from the step's two halves of the gates and c_prev."""
-        i, j, f, o = tf.split(input_gates + recurrent_gates, 4, axis=1)
+    def window(input_gates):
+        """The window of input_gates [steps, batch, 4 * state]."""
+        return tuple(tf.unstack(input_gates))
+
+    @staticmethod
+    def forward(window, recurrent_gates, c_prev, step):
+        """(c, memory, tanh(c), window) from the step's recurrent half of the gates and c_prev."""
+        i, j, f, o = tf.split(window[step] + recurrent_gates, 4, axis=1)
         i, j, f, o = tf.sigmoid(i), tf.tanh(j), tf.sigmoid(f + FORGET_BIAS), tf.sigmoid(o)
         c = f * c_prev + i * j
         tanh_c = tf.tanh(c)
-        return c, o * tanh_c, (i, j, f, o, tanh_c)
+        return c, o * tanh_c, tanh_c, _replaced(window, step, (i, j, f, o))
 
     @staticmethod
-    def backward(saved, c_prev, d_c, d_memory):
-        """(gradient of the gates before their activations, of c_prev) from d_c, the gradient
-        reaching c from later steps, and d_memory."""
-        i, j, f, o, tanh_c = saved
+    def backward(window, tanh_c, c_prev, d_c, d_memory, step):
+        """(window, the step's gate gradients [batch, 4 * state], the gradient of c_prev) from
+        d_c, the gradient reaching c from later steps, and d_memory. The gate gradients are
+        taken before the activations."""
+        i, j, f, o = window[step]
         d_c = d_c + d_memory * o * (1.0 - tf.square(tanh_c))
         d_i = d_c * j * i * (1.0 - i)
         d_j = d_c * i * (1.0 - tf.square(j))
         d_f = d_c * c_prev * f * (1.0 - f)
         d_o = d_memory * tanh_c * o * (1.0 - o)
-        return tf.concat([d_i, d_j, d_f, d_o], axis=1), d_c * f
+        d_gates = tf.concat([d_i, d_j, d_f, d_o], axis=1)
+        return _replaced(window, step, d_gates), d_gates, d_c * f
+
+    @staticmethod
+    def window_rows(window):
+        return _rows(window)
+
+
+def _replaced(items, index, item):
+    return items[:index] + (item,) + items[index + 1:]
 
 
 class FusedCell:
-    """ComposedCell's math, forward and backward each one CPU kernel (lm1b_hvd/kernels)."""
+    """ComposedCell's math, forward and backward each one CPU kernel (lm1b_hvd/kernels). The
+    window is the [steps, batch, 4 * state] tensor itself, which the kernels write in place."""
 
     @staticmethod
-    def forward(input_gates, recurrent_gates, c_prev):
-        c, memory, activations, tanh_c = _cell_kernels().lstmp_cell(
-            input_gates, recurrent_gates, c_prev, forget_bias=FORGET_BIAS)
-        return c, memory, (activations, tanh_c)
+    def window(input_gates):
+        return input_gates
 
     @staticmethod
-    def backward(saved, c_prev, d_c, d_memory):
-        activations, tanh_c = saved
-        return _cell_kernels().lstmp_cell_grad(activations, tanh_c, c_prev, d_c, d_memory)
+    def forward(window, recurrent_gates, c_prev, step):
+        c, memory, window, tanh_c = _cell_kernels().lstmp_cell(
+            window, recurrent_gates, c_prev, forget_bias=FORGET_BIAS, step=step)
+        return c, memory, tanh_c, window
+
+    @staticmethod
+    def backward(window, tanh_c, c_prev, d_c, d_memory, step):
+        window, d_c_prev = _cell_kernels().lstmp_cell_grad(window, tanh_c, c_prev, d_c, d_memory, step=step)
+        return window, window[step], d_c_prev
+
+    @staticmethod
+    def window_rows(window):
+        return tf.reshape(window, [-1, window.shape[-1]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,15 +181,15 @@ def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, proj
     steps, in_size = inputs.shape[0], inputs.shape[2]
     batch = tf.shape(inputs)[1]
     input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
-    input_gates = tf.unstack(tf.reshape(
+    window = cell.window(tf.reshape(
         matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1]))
-    c_prev, h_prev, saved, memories, outputs = [], [], [], [], []
+    c_prev, h_prev, tanh_cs, memories, outputs = [], [], [], [], []
     for t in range(steps):
         c_prev.append(c)
         h_prev.append(h)
-        c, memory, saved_t = cell.forward(input_gates[t], matmul(h, recurrent_weight), c)
+        c, memory, tanh_c, window = cell.forward(window, matmul(h, recurrent_weight), c, t)
         h = matmul(memory, projection_)
-        saved.append(saved_t)
+        tanh_cs.append(tanh_c)
         memories.append(memory)
         outputs.append(h)
 
@@ -173,16 +203,17 @@ def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, proj
             d_h_next = _or_zeros(d_h_last, h)
             projection_t, recurrent_t = _transposed(projection_), _transposed(recurrent_weight)
             d_outputs = tf.unstack(d_outputs)
-        d_gates, d_hs = [None] * steps, [None] * steps
+        gates_window, d_hs = window, [None] * steps
         for t in reversed(range(steps)):
             d_h = d_outputs[t] + d_h_next
             d_hs[t] = d_h
             with tf.control_dependencies([d_h]):  # step t's derivatives once step t is reached
-                d_gates[t], d_c = cell.backward(saved[t], c_prev[t], d_c, matmul(d_h, projection_t))
+                gates_window, d_gates, d_c = cell.backward(gates_window, tanh_cs[t], c_prev[t], d_c,
+                                                           matmul(d_h, projection_t), t)
             if t > 0:  # the incoming state gets no gradient
-                d_h_next = matmul(d_gates[t], recurrent_t)
-        with tf.control_dependencies([d_gates[0]]):
-            all_d_gates = _rows(d_gates)
+                d_h_next = matmul(d_gates, recurrent_t)
+        all_d_gates = cell.window_rows(gates_window)
+        with tf.control_dependencies([all_d_gates]):
             layer_inputs = with_column(tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1))
             d_weight_and_bias = matmul(layer_inputs, all_d_gates, transpose_a=True)
             d_projection = matmul(_rows(memories), _rows(d_hs), transpose_a=True)

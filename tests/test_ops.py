@@ -106,8 +106,28 @@ def test_the_model_runs_the_fused_kernels_on_the_cpu_and_composed_ops_under_xla(
 
 
 def test_fused_cell_rejects_mismatched_shapes_by_name():
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: gates \[3,20\]"):
-        ops.FusedCell.forward(tf.zeros([3, 20]), tf.zeros([3, 20]), tf.zeros([3, 6]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: recurrent gates \[3,20\]"):
+        ops.FusedCell.forward(tf.zeros([2, 3, 20]), tf.zeros([3, 20]), tf.zeros([3, 6]), 0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: no step 2 .* window \[2,3,24\]"):
+        ops.FusedCell.forward(tf.zeros([2, 3, 24]), tf.zeros([3, 24]), tf.zeros([3, 6]), 2)
+
+
+def test_fused_cell_leaves_a_window_the_caller_still_holds_intact():
+    """The kernels write their window in place only where nothing else holds it."""
+    input_gates = tf.random.stateless_normal([2, 3, 24], [1, 2])
+    recurrent_gates, c = tf.random.stateless_normal([3, 24], [3, 4]), tf.random.stateless_normal([3, 6], [5, 6])
+    _, _, tanh_c, activations = ops.FusedCell.forward(input_gates, recurrent_gates, c, 1)
+    _, _, _, expected = ops.ComposedCell.forward(ops.ComposedCell.window(input_gates), recurrent_gates, c, 1)
+    np.testing.assert_allclose(activations[1].numpy(), tf.concat(expected[1], axis=1).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(activations[0].numpy(), input_gates[0].numpy())
+    d_memory = tf.random.stateless_normal([3, 6], [7, 8])
+    gradients, d_gates, _ = ops.FusedCell.backward(activations, tanh_c, c, tf.zeros_like(c), d_memory, 1)
+    _, expected_d_gates, _ = ops.ComposedCell.backward(expected, tanh_c, c, tf.zeros_like(c), d_memory, 1)
+    np.testing.assert_allclose(d_gates.numpy(), expected_d_gates.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(gradients[0].numpy(), input_gates[0].numpy())
+    # Each op's input is still what it was: the forward's gates, the backward's activations.
+    np.testing.assert_array_equal(input_gates.numpy(), tf.random.stateless_normal([2, 3, 24], [1, 2]).numpy())
+    np.testing.assert_allclose(activations[1].numpy(), tf.concat(expected[1], axis=1).numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_unbuilt_kernels_are_a_one_line_error_naming_the_fix(monkeypatch):
