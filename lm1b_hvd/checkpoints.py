@@ -10,6 +10,7 @@ Layout of a log directory:
 import json
 import os
 import re
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +25,14 @@ CHECKPOINT_NAME = "ckpt"  # tf.train.CheckpointManager's default prefix
 
 class CheckpointError(console.UserError):
     """A log directory that cannot be resumed with the requested settings."""
+
+
+class RankPosition(typing.NamedTuple):
+    """What one rank saved: its data position (a StreamPosition dict) and its LSTM rows (an
+    array); or neither, and why this run cannot continue from them."""
+    stream: dict = None
+    row_state: np.ndarray = None
+    unusable: str = ""
 
 
 class RunPosition(tf.Module):
@@ -41,18 +50,19 @@ class RunPosition(tf.Module):
         self.row_states.assign(np.stack(row_states))
 
     def for_rank(self, rank, num_ranks, seed, batch_size):
-        """(position dict, row-state array) this rank saved, or (None, reason) when the saved run
-        differs (rank count, batch size, seed) or saved no position."""
+        """The RankPosition this rank saved; unusable where the saved run differs (rank count,
+        batch size, seed) or saved no position."""
         text = self.streams.numpy().decode()
         if not text:
-            return None, "the checkpoint holds no data position"
+            return RankPosition(unusable="the checkpoint holds no data position")
         saved = json.loads(text)
         positions = saved["positions"]
         if len(positions) != num_ranks:
-            return None, f"the checkpoint was written by {len(positions)} rank(s), this run has {num_ranks}"
+            return RankPosition(
+                unusable=f"the checkpoint was written by {len(positions)} rank(s), this run has {num_ranks}")
         if saved["batch_size"] != batch_size or saved["seed"] != seed:
-            return None, "the checkpoint's batch_size or seed differs from this run's"
-        return positions[rank], self.row_states.numpy()[rank]
+            return RankPosition(unusable="the checkpoint's batch_size or seed differs from this run's")
+        return RankPosition(stream=positions[rank], row_state=self.row_states.numpy()[rank])
 
 
 def make_checkpoint(trainer, run_position=None):

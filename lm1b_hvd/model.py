@@ -262,11 +262,6 @@ class LSTMPLanguageModel(tf.Module):
     def sampled_softmax_losses(self, outputs, y, seed=None):
         return self.sampled_losses(outputs, self.softmax_rows(y, seed))
 
-    def training_losses(self, outputs, y, seed=None):
-        if self.uses_sampled_softmax():
-            return self.sampled_softmax_losses(outputs, y, seed)
-        return self.full_softmax_losses(outputs, y)
-
     def true_logits(self, outputs, y):
         """The logit the sampled softmax gives each target word: row y of the sharded weights."""
         rows = tf.nn.embedding_lookup(self.softmax_w, y)

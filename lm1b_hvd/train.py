@@ -186,15 +186,15 @@ class Run:
         if not path:
             self.log("starting from scratch")
             return step, position, state
-        saved, row_state = self.run_position.for_rank(self.rank, self.size, self.hps.seed, self.hps.batch_size)
-        if saved is None:
-            self.log(f"resumed from {path} at step {step}; {row_state}: the data order restarts "
+        saved = self.run_position.for_rank(self.rank, self.size, self.hps.seed, self.hps.batch_size)
+        if saved.unusable:
+            self.log(f"resumed from {path} at step {step}; {saved.unusable}: the data order restarts "
                      "and the LSTM rows start from zero")
             return step, position, state
-        position = data.StreamPosition.from_dict(saved)
+        position = data.StreamPosition.from_dict(saved.stream)
         self.log(f"resumed from {path} at step {step} (epoch {position.epoch}, the same data position "
                  "and LSTM rows)")
-        return step, position, self.model.state_from_array(row_state)
+        return step, position, self.model.state_from_array(saved.row_state)
 
     def training_batches(self, position):
         return data.prefetch(self.train_data.iterate_forever(
