@@ -41,7 +41,7 @@ def original_two_tower_update(steps):
             x, y, w = towers[tower][step]
             with tf.GradientTape() as tape:
                 outputs, states[tower] = model.forward(x, states[tower], training=False)
-                loss = tf.reduce_mean(model.training_losses(outputs, y) * w) * hps.num_steps
+                loss = tf.reduce_mean(model.sampled_softmax_losses(outputs, y) * w) * hps.num_steps
             grads = tape.gradient(loss, variables)
             emb = [tf.convert_to_tensor(g).numpy() * hps.batch_size for g in grads[:n_emb]]
             lstm, _ = tf.clip_by_global_norm(grads[n_emb:n_emb + n_lstm], hps.max_grad_norm)
