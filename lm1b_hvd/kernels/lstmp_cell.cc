@@ -77,7 +77,7 @@ REGISTER_OP("LstmpCellGrad")
     });
 
 // Whether `gates` is [batch, 4 * state] for a cell state `c` [batch, state].
-bool GatesMatch(const Tensor& gates, const Tensor& c) {
+bool GatesMatch(const TensorShape& gates, const Tensor& c) {
   return c.dims() == 2 && gates.dims() == 2 && gates.dim_size(0) == c.dim_size(0) &&
          gates.dim_size(1) == 4 * c.dim_size(1);
 }
@@ -87,8 +87,8 @@ bool GatesMatch(const Tensor& gates, const Tensor& c) {
 // the window's row block `step`.
 Status StepOfWindow(OpKernelContext* ctx, int index, int output, int64_t step, const Tensor& c, float** rows) {
   const Tensor& window = ctx->input(index);
-  if (window.dims() != 3 || step >= window.dim_size(0) || c.dims() != 2 ||
-      window.dim_size(1) != c.dim_size(0) || window.dim_size(2) != 4 * c.dim_size(1)) {
+  if (window.dims() != 3 || step >= window.dim_size(0) ||
+      !GatesMatch(TensorShape({window.dim_size(1), window.dim_size(2)}), c)) {
     return errors::InvalidArgument(ctx->op_kernel().type_string(), ": no step ", step, " for a cell state ",
                                    c.shape().DebugString(), " in a window ", window.shape().DebugString());
   }
@@ -111,7 +111,7 @@ class LstmpCellOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& recurrent_gates = ctx->input(1);
     const Tensor& c_prev = ctx->input(2);
-    OP_REQUIRES(ctx, GatesMatch(recurrent_gates, c_prev),
+    OP_REQUIRES(ctx, GatesMatch(recurrent_gates.shape(), c_prev),
                 errors::InvalidArgument("LstmpCell: recurrent gates ", recurrent_gates.shape().DebugString(),
                                         " for a cell state ", c_prev.shape().DebugString()));
     const int64_t batch = c_prev.dim_size(0), state = c_prev.dim_size(1);
