@@ -108,7 +108,13 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_checkpoi
 
 
 def mount_or_skip(*args):
+    """Runs mount; a remount read-only is refused as busy while the trainer has a file open for
+    writing under it (a checkpoint being written), so "busy" is retried for a few seconds."""
+    deadline = time.monotonic() + 10
     result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    while result.returncode != 0 and "busy" in result.stderr and time.monotonic() < deadline:
+        time.sleep(0.05)
+        result = subprocess.run(["mount", *args], capture_output=True, text=True)
     if result.returncode != 0:
         message = f"mount {' '.join(args)} failed here: {result.stderr.strip()}"
         if os.environ.get("LM1B_REQUIRE_MOUNT") == "1":
