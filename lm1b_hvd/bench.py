@@ -166,9 +166,16 @@ def bench(args):
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
+    report_figures(blocks, hps, vocab_size, exchange=size > 1 and not args.no_exchange, say=say)
+
+
+def report_figures(blocks, hps, vocab_size, exchange, say):
+    """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls it)."""
+    size = distributed.size()
     times = [t for block in blocks for t in block.step_times]
+    step_stats = [stats for block in blocks for stats in block.step_stats]
     step_time = statistics.median(times)
-    words_per_step = sum(block.words for block in blocks) / args.steps  # all ranks together
+    words_per_step = sum(stats.words for stats in step_stats) / len(times)  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
     # Each block's peak summed over ranks (they ran the block together), then its MFU.
@@ -176,7 +183,7 @@ def bench(args):
     block_peaks = [sum(rank_peaks[i::len(blocks)]) for i in range(len(blocks))]
     block_mfu = [100 * block.words * flops_per_word / sum(block.step_times) / block_peak
                  for block, block_peak in zip(blocks, block_peaks)]
-    say(f"step time: median {step_time * 1e3:,.1f} ms over {args.steps} steps "
+    say(f"step time: median {step_time * 1e3:,.1f} ms over {len(times)} steps "
         f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")
@@ -185,12 +192,11 @@ def bench(args):
         f"measured around each block of steps): median {statistics.median(block_peaks) / 1e9:,.1f}, "
         f"best {max(block_peaks) / 1e9:,.1f} GFLOP/s over {size} rank(s)")
     say(f"MFU: {statistics.median(block_mfu):.1f}% (median over {len(blocks)} block(s) of "
-        f"{steps_per_block} step(s), each against the peak measured around it: "
+        f"{len(blocks[0].step_times)} step(s), each against the peak measured around it: "
         + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
-    if size > 1 and not args.no_exchange:
-        all_stats = [stats for block in blocks for stats in block.step_stats]
-        handed = statistics.median(stats.exchange_bytes / size for stats in all_stats)
-        saved = statistics.median(stats.duplicate_bytes / size for stats in all_stats)
+    if exchange:
+        handed = statistics.median(stats.exchange_bytes / size for stats in step_stats)
+        saved = statistics.median(stats.duplicate_bytes / size for stats in step_stats)
         say(f"exchange: {handed / 1e6:,.1f} MB of gradients handed to Horovod per rank per step "
             f"(summing duplicate rows first saved {saved / 1e6:,.1f} MB)")
     memory = distributed.gather_numbers([peak_memory_bytes()])

@@ -27,14 +27,14 @@ class Evaluator:
 
     def sums(self, dataset, max_batches=0, allow_empty=False):
         """(loss sum, word count) over every sentence of `dataset` once (at most `max_batches`
-        batches when > 0), row state carried; `allow_empty` as in ShardedDataset.iterate_once."""
+        batches when > 0), row state carried; `allow_empty` as in ShardedDataset.sentences_once."""
         hps = self.model.hps
-        batches = dataset.iterate_once(hps.batch_size, hps.num_steps, allow_empty)
+        sentences, total = self._sentences_and_total(dataset, max_batches, allow_empty)
+        meter = console.Meter("evaluation (full softmax)", total, "words", report=self.report or (lambda _: None))
         state = self.model.zero_state(hps.batch_size)
         loss_sum, words = 0.0, 0.0
-        meter = self._meter(dataset, max_batches)
         with self.ema.swapped_in() if self.ema else contextlib.nullcontext():
-            for index, (x, y, w) in enumerate(batches):
+            for index, (x, y, w) in enumerate(data.pack_batches(sentences, hps.batch_size, hps.num_steps)):
                 if max_batches and index >= max_batches:
                     break
                 state, batch_loss, batch_words = self.step(x, y, w, state)
@@ -43,14 +43,15 @@ class Evaluator:
                 meter.update(words)
         return loss_sum, words
 
-    def _meter(self, dataset, max_batches):
-        """Words evaluated against the words to evaluate (this rank's), for the progress lines."""
-        if self.report is None:
-            return console.Meter("evaluation", 0, "words", report=lambda _: None)
-        hps = self.model.hps
-        total = (max_batches * hps.batch_size * hps.num_steps if max_batches
-                 else sum(len(sentence) - 1 for sentence in dataset.sentences_once(allow_empty=True)))
-        return console.Meter("evaluation (full softmax)", total, "words", report=self.report)
+    def _sentences_and_total(self, dataset, max_batches, allow_empty):
+        """This rank's sentences and the words to evaluate in them (the progress lines' total).
+        A whole split is read once into memory and counted there (a heldout split is small);
+        a capped one is streamed, its total the cap."""
+        sentences = dataset.sentences_once(allow_empty)
+        if max_batches:
+            return sentences, max_batches * self.model.hps.batch_size * self.model.hps.num_steps
+        sentences = list(sentences)
+        return sentences, sum(len(sentence) - 1 for sentence in sentences)
 
     def perplexity_over_ranks(self, dataset, max_batches=0):
         """(perplexity, words) of every rank's share of a split, sums reduced over ranks first.
