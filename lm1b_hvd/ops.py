@@ -216,7 +216,9 @@ def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, proj
         with tf.control_dependencies([all_d_gates]):
             layer_inputs = with_column(tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1))
             d_weight_and_bias = matmul(layer_inputs, all_d_gates, transpose_a=True)
-            d_projection = matmul(_rows(memories), _rows(d_hs), transpose_a=True)
+            # Its transpose [proj, state] then a 4 MB transpose: oneDNN's transposed-A product
+            # runs ~10-25% faster with the wide matrix as the output's columns.
+            d_projection = tf.transpose(matmul(_rows(d_hs), _rows(memories), transpose_a=True))
             d_inputs = tf.reshape(matmul(all_d_gates, _transposed(input_weight)), tf.shape(inputs))
         return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight_and_bias[:-1],
                 d_weight_and_bias[-1], d_projection)
