@@ -198,9 +198,6 @@ class ShardedDataset:
                 raise self._no_sentences()
             position.epoch, position.file_index = position.epoch + 1, 0
 
-    def iterate_once(self, batch_size, num_steps, allow_empty=False):
-        return pack_batches(self.sentences_once(allow_empty), batch_size, num_steps)
-
     def iterate_forever(self, batch_size, num_steps, seed, position=None):
         """Endless `(x, y, w, position)`: each batch with the StreamPosition just after it."""
         position = dataclasses.replace(position) if position else StreamPosition()

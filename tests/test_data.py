@@ -102,7 +102,7 @@ def test_rank_without_sentences_is_an_error(tmp_path):
     v = vocab.load(str(root / data.VOCAB_FILE))
     ds = data.ShardedDataset.for_rank(str(root), "train", v)
     with pytest.raises(data.DataError, match="no sentences in .*news.en-00001-of-00100"):
-        list(ds.iterate_once(2, 3))
+        list(data.pack_batches(ds.sentences_once(), 2, 3))
     with pytest.raises(data.DataError, match="no sentences in"):
         next(ds.iterate_forever(2, 3, seed=[0]))
 
@@ -154,7 +154,7 @@ def test_reads_the_real_lm1b_sample(lm1b_sample):
     heldout = data.ShardedDataset.for_rank(str(lm1b_sample), "heldout", v)
     sentences = list(heldout.sentences_once())
     assert len(sentences) == 1216
-    batches = list(heldout.iterate_once(16, 20))
+    batches = list(data.pack_batches(heldout.sentences_once(), 16, 20))
     predictions = sum(int(b[2].sum()) for b in batches)
     assert predictions == sum(len(s) - 1 for s in sentences)
     unk_rate = sum(int(np.sum(s == v.unk_id)) for s in sentences) / predictions

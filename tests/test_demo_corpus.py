@@ -43,7 +43,7 @@ def test_oracle_matches_brute_force_on_the_heldout_file(tmp_path):
     total = sum(brute_force_log_prob(language, s) for s in sentences if len(s) <= 9)
     assert all(len(s) <= 9 for s in sentences), "tiny spec keeps sentences short"
     # The model's evaluation counts one prediction per packed position with w = 1.
-    predictions = sum(int(b[2].sum()) for b in heldout.iterate_once(4, 5))
+    predictions = sum(int(b[2].sum()) for b in data.pack_batches(heldout.sentences_once(), 4, 5))
     assert info["heldout_predictions"] == predictions
     assert math.isclose(info["oracle_perplexity"], math.exp(-total / predictions), rel_tol=1e-9)
 
