@@ -1,4 +1,4 @@
-"""Package metadata, and the build of the LSTM cell kernels; the pinned stack is read from
+"""Package metadata, and the build of the CPU kernels; the pinned stack is read from
 requirements.txt. The kernels compile against the installed TensorFlow's headers and library,
 so TensorFlow comes first and pip runs without build isolation (install.sh does both)."""
 import platform
@@ -12,16 +12,18 @@ def pinned_requirements():
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def lstmp_cell_kernels():
-    """The TensorFlow op library of lm1b_hvd/kernels/lstmp_cell.cc (loaded by lm1b_hvd.ops)."""
+def cpu_kernels():
+    """The TensorFlow op library of lm1b_hvd/kernels/*.cc, loaded by lm1b_hvd.ops: the LSTM
+    cell's gate arithmetic and the sampled softmax's forward."""
     try:
         import tensorflow as tf
     except ImportError:
-        raise SystemExit("lm1b_hvd: building its LSTM cell kernels needs TensorFlow installed first, "
+        raise SystemExit("lm1b_hvd: building its CPU kernels needs TensorFlow installed first, "
                          "and pip run with --no-build-isolation (bash install.sh does both)")
-    # AVX2 and FMA (x86 CPUs since 2013): Eigen vectorizes the cells' tanh 8 floats at a time.
+    # AVX2 and FMA (x86 CPUs since 2013): Eigen vectorizes the kernels' tanh and exp 8 floats at a time.
     vector_flags = ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
-    return Extension("lm1b_hvd._lstmp_cell", sources=["lm1b_hvd/kernels/lstmp_cell.cc"], language="c++",
+    sources = sorted(str(path) for path in Path("lm1b_hvd/kernels").glob("*.cc"))
+    return Extension("lm1b_hvd._kernels", sources=sources, language="c++",
                      extra_compile_args=tf.sysconfig.get_compile_flags() + ["-O3"] + vector_flags,
                      extra_link_args=tf.sysconfig.get_link_flags())
 
@@ -31,7 +33,7 @@ setup(
     version="0.1.0",
     description="LSTM language models on the One Billion Word benchmark, trained with Horovod",
     packages=find_packages(include=["lm1b_hvd", "lm1b_hvd.*"]),
-    ext_modules=[lstmp_cell_kernels()],
+    ext_modules=[cpu_kernels()],
     python_requires=">=3.9,<3.12",
     install_requires=pinned_requirements(),
     entry_points={

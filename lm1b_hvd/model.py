@@ -173,9 +173,9 @@ class LSTMPLanguageModel(tf.Module):
         return COMPUTE_DTYPES[self.hps.precision]
 
     @property
-    def fused_cell(self):
-        """Whether the LSTM's gate arithmetic runs in lm1b_hvd's CPU kernels (ops.FusedCell): not
-        where XLA compiles the layers, nor where TensorFlow places them on a GPU."""
+    def cpu_kernels(self):
+        """Whether the LSTM's gate arithmetic (ops.FusedCell) and the sampled softmax's forward run
+        in lm1b_hvd's CPU kernels: not where XLA compiles them, nor on a GPU."""
         return not self.hps.xla and not devices.on_gpu()
 
     def _dropout(self, values, training, seed, site):
@@ -198,7 +198,7 @@ class LSTMPLanguageModel(tf.Module):
         new_state = []
         for layer, (c, h) in enumerate(state):
             outputs, c, h = ops.lstmp_layer(inputs, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
-                                            self.lstm_projections[layer], self.compute_dtype, self.fused_cell)
+                                            self.lstm_projections[layer], self.compute_dtype, self.cpu_kernels)
             inputs = self._dropout(outputs, training, seed, layer + 1)
             new_state.append((c, h))
         return tf.transpose(inputs, [1, 0, 2]), new_state
@@ -256,7 +256,8 @@ class LSTMPLanguageModel(tf.Module):
         inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
         true_logits = tf.reduce_sum(inputs * rows.true_w, axis=1) + rows.true_b
         losses = ops.sampled_cross_entropy(inputs, rows.candidate_w, rows.candidate_b, true_logits,
-                                           accidental_hits(rows.true_ids, rows.candidates), self.compute_dtype)
+                                           accidental_hits(rows.true_ids, rows.candidates), self.compute_dtype,
+                                           self.cpu_kernels)
         return tf.reshape(losses, tf.shape(outputs)[:2])
 
     def sampled_softmax_losses(self, outputs, y, seed=None):

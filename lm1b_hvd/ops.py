@@ -135,13 +135,13 @@ class FusedCell:
 
     @staticmethod
     def forward(window, recurrent_gates, c_prev, step):
-        c, memory, window, tanh_c = _cell_kernels().lstmp_cell(
+        c, memory, window, tanh_c = _kernels().lstmp_cell(
             window, recurrent_gates, c_prev, forget_bias=FORGET_BIAS, step=step)
         return c, memory, tanh_c, window
 
     @staticmethod
     def backward(window, tanh_c, c_prev, d_c, d_memory, step):
-        window, d_c_prev = _cell_kernels().lstmp_cell_grad(window, tanh_c, c_prev, d_c, d_memory, step=step)
+        window, d_c_prev = _kernels().lstmp_cell_grad(window, tanh_c, c_prev, d_c, d_memory, step=step)
         return window, window[step], d_c_prev
 
     @staticmethod
@@ -150,16 +150,16 @@ class FusedCell:
 
 
 @functools.lru_cache(maxsize=None)
-def _cell_kernels():
-    """The op library that setup.py builds from lm1b_hvd/kernels/lstmp_cell.cc."""
+def _kernels():
+    """The op library that setup.py builds from lm1b_hvd/kernels/*.cc."""
     rebuild = "reinstall the package with `pip install --no-build-isolation .` (bash install.sh does)"
-    spec = importlib.util.find_spec("lm1b_hvd._lstmp_cell")
+    spec = importlib.util.find_spec("lm1b_hvd._kernels")
     if spec is None:
-        raise console.UserError(f"lm1b_hvd's LSTM cell kernels are not built: {rebuild}")
+        raise console.UserError(f"lm1b_hvd's CPU kernels are not built: {rebuild}")
     try:
         return tf.load_op_library(spec.origin)
     except tf.errors.NotFoundError as error:  # built against another TensorFlow
-        raise console.UserError(f"lm1b_hvd's LSTM cell kernels do not load into this TensorFlow: {error}; "
+        raise console.UserError(f"lm1b_hvd's CPU kernels do not load into this TensorFlow: {error}; "
                                 f"{rebuild}") from None
 
 
@@ -226,39 +226,55 @@ def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, proj
     return (tf.stack(outputs), c, h), backward
 
 
-def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded, compute_dtype=tf.float32):
+def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded, compute_dtype=tf.float32,
+                          fused_softmax=False):
     """Per-row cross-entropy of a softmax over [true logit, k shared candidates' logits] whose
     label is the true one: the candidates' logits are inputs [n, dim] @ weights [k, dim]^T +
     biases [k], and `excluded` [m, 2] lists (row, column) candidates left out of a row's softmax
     (the sampled softmax's accidental hits). Matmul operands in `compute_dtype`, the rest fp32.
 
     tf.nn.sampled_softmax_loss's math without its [n, k + 1] concat, one-hot labels and dense
-    hit mask: the candidates' softmax is one fused kernel, the true logit and the left-out
+    hit mask: the candidates' softmax is one pass over them, the true logit and the left-out
     candidates join through each row's log-sum-exp, and the backward never forms the logits'
     gradient: it multiplies the probabilities by rows scaled beforehand and subtracts the few
-    left-out entries' terms from the results."""
-    return _sampled_cross_entropy(tf.as_dtype(compute_dtype))(inputs, weights, biases, true_logits, excluded)
+    left-out entries' terms from the results. `fused_softmax`: the candidates' softmax and
+    log-sum-exp are one kernel of lm1b_hvd/kernels (CPU only, not under XLA)."""
+    return _sampled_cross_entropy(tf.as_dtype(compute_dtype), fused_softmax)(
+        inputs, weights, biases, true_logits, excluded)
+
+
+def composed_candidate_softmax(logits, biases):
+    """(softmax, log-sum-exp) of each row of logits + biases, in TensorFlow ops. The log-sum-exp
+    is read off the row's most probable candidate (its probability is at least 1/k, so its log
+    is exact). Its logit is read first, so that the softmax, then the logits' last reader,
+    computes in their buffer (80 MB less at the step's memory peak for the default model)."""
+    logits = logits + biases
+    best = tf.stack([tf.range(tf.shape(logits)[0]), tf.argmax(logits, axis=1, output_type=tf.int32)], 1)
+    best_logits = tf.gather_nd(logits, best)
+    with tf.control_dependencies([best_logits]):
+        probabilities = tf.nn.softmax(logits)
+    return probabilities, best_logits - tf.math.log(tf.gather_nd(probabilities, best))
+
+
+def fused_candidate_softmax(logits, biases):
+    """composed_candidate_softmax as one kernel: one pass over the logits out of cache, in
+    their buffer, where the composed ops make three."""
+    return _kernels().candidate_softmax(logits, biases)
 
 
 @functools.lru_cache(maxsize=None)
-def _sampled_cross_entropy(dtype):
+def _sampled_cross_entropy(dtype, fused_softmax):
     matmul = functools.partial(_matmul, dtype=dtype)
+    candidate_softmax = fused_candidate_softmax if fused_softmax else composed_candidate_softmax
 
     @tf.custom_gradient
     def cross_entropy(inputs, weights, biases, true_logits, excluded):
-        logits = matmul(inputs, weights, transpose_b=True) + biases
-        # Each row's log-sum-exp over the candidates, read off its most probable one (its
-        # probability is at least 1/k, so its log is exact). Its logit is read first, so that
-        # the softmax, then the logits' last reader, computes in their buffer (80 MB less at
-        # the step's memory peak for the default model).
-        best = tf.stack([tf.range(tf.shape(logits)[0]), tf.argmax(logits, axis=1, output_type=tf.int32)], 1)
-        best_logits = tf.gather_nd(logits, best)
-        with tf.control_dependencies([best_logits]):
-            probabilities = tf.nn.softmax(logits)  # over the candidates alone
-        candidates_lse = best_logits - tf.math.log(tf.gather_nd(probabilities, best))
+        # Over the candidates alone; the true logit joins through the log-sum-exp.
+        probabilities, candidates_lse = candidate_softmax(matmul(inputs, weights, transpose_b=True), biases)
         excluded_rows, excluded_columns = excluded[:, 0], excluded[:, 1]
         excluded_probabilities = tf.gather_nd(probabilities, excluded)
-        excluded_mass = tf.math.unsorted_segment_sum(excluded_probabilities, excluded_rows, tf.shape(logits)[0])
+        excluded_mass = tf.math.unsorted_segment_sum(excluded_probabilities, excluded_rows,
+                                                     tf.shape(probabilities)[0])
         # What is left of the candidates' mass, which the true logit then joins. A left-out hit's
         # logit is its row's true logit, so when it holds nearly all the mass the rounding left
         # in 1 - mass is negligible next to the true word's own term.

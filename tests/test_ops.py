@@ -97,12 +97,14 @@ def test_fused_cell_kernels_match_autodiff(with_final_state_loss):
 def test_the_model_runs_the_fused_kernels_on_the_cpu_and_composed_ops_under_xla():
     def op_types(hps):
         model = LSTMPLanguageModel(hps, 50)
-        step = tf.function(lambda x: model.forward(x, model.zero_state(2), training=False)[0])
+        step = tf.function(lambda x: model.sampled_softmax_losses(
+            model.forward(x, model.zero_state(2), training=False)[0], x, tf.constant([1, 2], tf.int64)))
         return {op.type for op in step.get_concrete_function(tf.zeros([2, 3], tf.int32)).graph.get_operations()}
 
-    small = dict(num_layers=1, batch_size=2, num_steps=3, emb_size=4, state_size=6, projected_size=2, num_shards=1)
-    assert "LstmpCell" in op_types(HParams(**small))
-    assert "LstmpCell" not in op_types(HParams(**small, xla=True))
+    small = dict(num_layers=1, batch_size=2, num_steps=3, emb_size=4, state_size=6, projected_size=2, num_shards=1,
+                 num_sampled=8)
+    assert {"LstmpCell", "CandidateSoftmax"} <= op_types(HParams(**small))
+    assert not {"LstmpCell", "CandidateSoftmax"} & op_types(HParams(**small, xla=True))
 
 
 def test_fused_cell_rejects_mismatched_shapes_by_name():
@@ -131,13 +133,13 @@ def test_fused_cell_leaves_a_window_the_caller_still_holds_intact():
 
 
 def test_unbuilt_kernels_are_a_one_line_error_naming_the_fix(monkeypatch):
-    ops._cell_kernels.cache_clear()
+    ops._kernels.cache_clear()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     try:
         with pytest.raises(console.UserError, match=r"not built: reinstall .*pip install --no-build-isolation"):
-            ops._cell_kernels()
+            ops._kernels()
     finally:
-        ops._cell_kernels.cache_clear()
+        ops._kernels.cache_clear()
 
 
 def textbook_sampled_cross_entropy(inputs, weights, biases, true_logits, excluded):
@@ -168,23 +170,46 @@ def test_sampled_cross_entropy_matches_autodiff_of_the_textbook_version(excluded
                                      excluded, scale)
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # The CPU kernel's softmax, fp32 only, against the same float64 textbook.
+    fused = functools.partial(ops.sampled_cross_entropy, fused_softmax=True)
+    got = losses_and_gradients(fused, *(tf.cast(t, tf.float32) for t in (inputs, weights, biases, true_logits)),
+                               excluded, tf.cast(scale, tf.float32))
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-def test_sampled_cross_entropy_is_finite_for_huge_logits_and_left_out_hits():
+def test_candidate_softmax_kernel_on_wide_rows_and_a_logits_buffer_the_caller_still_holds():
+    """Rows wider than a vector, logits of very different scales; the caller's logits stay intact."""
+    row_scales = tf.constant([[0.1], [1.0], [10.0], [100.0], [1000.0]])
+    logits = tf.random.stateless_normal([5, 1003], [1, 2]) * row_scales
+    expected_logits = logits.numpy()
+    biases = tf.random.stateless_normal([1003], [3, 4])
+    probabilities, log_sum_exp = ops.fused_candidate_softmax(logits, biases)
+    x = tf.cast(logits + biases, tf.float64)
+    np.testing.assert_allclose(probabilities.numpy(), tf.nn.softmax(x).numpy(), rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(log_sum_exp.numpy(), tf.reduce_logsumexp(x, axis=1).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(logits.numpy(), expected_logits)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"CandidateSoftmax: biases \[4\] for logits \[5,1003\]"):
+        ops.fused_candidate_softmax(logits, biases[:4])
+
+
+@pytest.mark.parametrize("fused_softmax", [False, True])
+def test_sampled_cross_entropy_is_finite_for_huge_logits_and_left_out_hits(fused_softmax):
     # Row 0's candidate logits are [299, 300], row 1's [-300, -299]; each row leaves out the
     # candidate equal to its true logit (an accidental hit), as the sampled softmax does.
     inputs = tf.constant([[1.0, 0.0], [0.0, 1.0]])
     weights = tf.constant([[299.0, -300.0], [300.0, -299.0]])
     true_logits = tf.constant([300.0, -300.0])
     excluded = tf.constant([[0, 1], [1, 0]], tf.int64)
+    cross_entropy = functools.partial(ops.sampled_cross_entropy, fused_softmax=fused_softmax)
     losses, d_inputs, d_weights, d_biases, d_true = losses_and_gradients(
-        ops.sampled_cross_entropy, inputs, weights, tf.zeros([2]), true_logits, excluded, tf.ones([2]))
+        cross_entropy, inputs, weights, tf.zeros([2]), true_logits, excluded, tf.ones([2]))
     np.testing.assert_allclose(losses, [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))], rtol=2e-5)
     # Only the kept candidates get gradient: column 0 from row 0, column 1 from row 1.
     np.testing.assert_allclose(d_biases, [1 / (1 + np.e), np.e / (1 + np.e)], rtol=2e-5)
     assert all(np.isfinite(g).all() for g in (d_inputs, d_weights, d_true))
     # A left-out hit that holds all of the candidates' mass: the loss is the true word's alone.
     losses, *gradients = losses_and_gradients(
-        ops.sampled_cross_entropy, inputs[:1], tf.constant([[300.0, 0.0], [-300.0, 0.0]]), tf.zeros([2]),
+        cross_entropy, inputs[:1], tf.constant([[300.0, 0.0], [-300.0, 0.0]]), tf.zeros([2]),
         true_logits[:1], tf.constant([[0, 0]], tf.int64), tf.ones([1]))
     assert 0.0 <= losses[0] < 1e-6 and all(np.isfinite(g).all() for g in gradients)
