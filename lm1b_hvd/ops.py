@@ -289,8 +289,11 @@ def _sampled_cross_entropy(dtype, fused_softmax):
             d_inputs = tf.tensor_scatter_nd_sub(
                 d_inputs, excluded_rows[:, None], excluded_terms[:, None] * tf.gather(weights, excluded_columns))
             # [dim + 1, k]: the weights' gradient transposed, then the biases' in the last row.
-            scaled = with_column(inputs * row_scale[:, None], row_scale)
-            d_weights_and_biases = matmul(scaled, probabilities, transpose_a=True)
+            # After d_inputs, which the LSTM's backward waits for: so it runs beside that backward's
+            # per-step matmuls, which leave the cores idle part of the time, not beside d_inputs.
+            with tf.control_dependencies([d_inputs]):
+                scaled = with_column(inputs * row_scale[:, None], row_scale)
+                d_weights_and_biases = matmul(scaled, probabilities, transpose_a=True)
             d_weights = tf.tensor_scatter_nd_sub(
                 tf.transpose(d_weights_and_biases[:-1]), excluded_columns[:, None],
                 excluded_terms[:, None] * tf.gather(inputs, excluded_rows))
