@@ -41,9 +41,14 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
      "${SLURM_NTASKS:-?} ranks, launcher $LAUNCHER, $(date -u +%FT%TZ)"
 
+# srun exits 0 when no task could be launched ("task 0 launch failed: ..."), so each task
+# first marks a file on its node: the first node, this one, always runs tasks.
+launch_mark=$(mktemp -u "${TMPDIR:-/tmp}/lm1b-launched-${SLURM_JOB_ID:-0}.XXXXXX")
+
 case "$LAUNCHER" in
   srun)
-    srun --mpi="${LM1B_SRUN_MPI:-pmix}" --kill-on-bad-exit=1 "$PYTHON" -m lm1b_hvd.train "$@" &
+    srun --mpi="${LM1B_SRUN_MPI:-pmix}" --kill-on-bad-exit=1 \
+      bash -c ': > "$0"; exec "$@"' "$launch_mark" "$PYTHON" -m lm1b_hvd.train "$@" &
     ;;
   mpirun)
     # Open MPI reads the allocation from Slurm; as root it also needs the two OMPI_ALLOW_* variables.
@@ -71,6 +76,14 @@ while true; do
   status=$?
   kill -0 "$launcher_pid" 2>/dev/null || break
 done
+
+if [ "$LAUNCHER" = srun ]; then
+  if [ "$status" -eq 0 ] && [ ! -e "$launch_mark" ]; then
+    echo "error: srun exited 0 but started no task on $(hostname) (its errors are above); the trainer never ran" >&2
+    status=1
+  fi
+  rm -f "$launch_mark"
+fi
 
 if [ "$preempted" -eq 1 ] && [ "$status" -eq 0 ]; then
   echo "checkpoint saved; requeueing job $SLURM_JOB_ID to resume"

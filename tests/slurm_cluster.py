@@ -3,6 +3,10 @@
 Started by tests/test_slurm.py; every daemon it starts is stopped again by PID. The node may
 declare GPUs it does not have: their device files are copies of /dev/null, so a job that asks
 for GPUs gets Slurm's GPU variables (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES) on a CPU machine.
+
+TmpFS is the cluster's own: srun's PMIx plugin makes each step a directory there named by user,
+job and step (/tmp/spmix_appdir_0_1.0 by default), and job numbers restart at 1 in every
+cluster, so one left in /tmp by an earlier cluster would make the same step fail to launch.
 """
 import os
 import shutil
@@ -49,7 +53,7 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": self.conf}
 
     def _write_config(self):
-        for sub in ("state", "spool", "log", "munge"):
+        for sub in ("state", "spool", "log", "munge", "tmp"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         r = self.root
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20) // 2
@@ -73,6 +77,7 @@ AuthInfo=socket={r}/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
+TmpFS={r}/tmp
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log

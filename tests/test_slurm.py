@@ -82,6 +82,22 @@ def test_sbatch_train_sh_then_eval_sh(cluster, corpus, tmp_path, launcher):
     assert os.listdir(logdir / "eval_test_ave")
 
 
+def test_a_job_whose_tasks_cannot_launch_fails(cluster, corpus, tmp_path):
+    """srun itself exits 0 when its tasks fail to launch: the job must still end FAILED."""
+    logdir = tmp_path / "log"
+    # PMIx cannot make the step's directory under a parent that does not exist.
+    job_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
+                    ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
+                     "--hpconfig", TINY, "--max_steps", "4"],
+                    env_extra={"SLURM_PMIX_TMPDIR": str(tmp_path / "missing" / "dir"), "TMPDIR": str(tmp_path)})
+    assert cluster.wait_for(job_id) == "FAILED", job_output(tmp_path, job_id)
+    log = job_output(tmp_path, job_id)
+    assert "task 0 launch failed" in log
+    assert "error: srun exited 0 but started no task on " in log.splitlines()[-1]
+    assert not logdir.exists()
+    assert not list(tmp_path.glob("lm1b-launched-*"))
+
+
 def test_a_job_given_gpus_tensorflow_cannot_see_stops_at_start_unless_allowed(cluster, corpus, tmp_path):
     """The node declares 2 GPUs it does not have: a CPU-only TensorFlow must not quietly train."""
     logdir = tmp_path / "log"
