@@ -20,6 +20,7 @@ import tensorflow as tf
 from lm1b_hvd import console
 
 FORGET_BIAS = 1.0
+TIME_CHUNKS = 2  # 3 is as fast on LSTM-2048-512, 4 slower: one more add of the weight gradient each
 
 
 def _matmul(a, b, dtype, **kwargs):
@@ -61,13 +62,14 @@ def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32
     inputs [steps, batch, in] (time-major), state c [batch, state] and h [batch, proj]; the
     weight is the original's [in + proj, 4 * state] matrix, gates in the order i, j, f, o.
     Returns outputs [steps, batch, proj] and the state after the last step. Only the recurrent
-    matmul and the projection are per step; the input half of the gates is one matmul over all
-    steps, and so is every weight gradient in the backward. The incoming state is the carried
+    matmul and the projection are per step; the input half of the gates is one matmul over each
+    of TIME_CHUNKS chunks of steps, and so is every weight gradient in the backward, so that a
+    chunk's big matmuls run beside another chunk's per-step ones. The incoming state is the carried
     state of truncated BPTT and gets no gradient (zeros). Under mixed precision the matmul
     operands are `compute_dtype`; the gates, the cell state and every gradient stay fp32.
     `fused_cell`: each step's gate arithmetic is one kernel of lm1b_hvd/kernels (CPU only, not
     under XLA), forward and backward, instead of ~25 TensorFlow ops."""
-    return _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell)(inputs, c, h, weight, bias, projection)
+    return _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell, TIME_CHUNKS)(inputs, c, h, weight, bias, projection)
 
 
 def lstmp_step(inputs, c, h, weight, bias, projection):
@@ -164,34 +166,47 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _lstmp_layer(dtype, fused_cell):
-    """The custom-gradient layer for one compute dtype and cell (custom gradients take only tensors)."""
+def _lstmp_layer(dtype, fused_cell, time_chunks):
+    """The custom-gradient layer for one compute dtype, cell and number of time chunks (custom
+    gradients take only tensors)."""
     matmul = functools.partial(_matmul, dtype=dtype)
     cast = (lambda t: t) if dtype == tf.float32 else (lambda t: tf.cast(t, dtype))
     cell = FusedCell if fused_cell else ComposedCell
 
     @tf.custom_gradient
     def layer(inputs, c, h, weight, bias, projection):
-        return _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, projection)
+        return _lstmp_forward_backward(cell, matmul, cast, time_chunks, inputs, c, h, weight, bias, projection)
 
     return layer
 
 
-def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, projection):
+def _time_chunks(steps, chunks):
+    """The steps as `chunks` consecutive ranges of near-equal length."""
+    bounds = [steps * k // chunks for k in range(chunks + 1)]
+    return [range(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
+
+
+def _lstmp_forward_backward(cell, matmul, cast, time_chunks, inputs, c, h, weight, bias, projection):
     steps, in_size = inputs.shape[0], inputs.shape[2]
     batch = tf.shape(inputs)[1]
     input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
-    window = cell.window(tf.reshape(
-        matmul(tf.reshape(inputs, [-1, in_size]), input_weight) + bias, [steps, batch, -1]))
+    chunks = _time_chunks(steps, time_chunks)
+    chunk_inputs = [tf.reshape(inputs[chunk.start:chunk.stop], [-1, in_size]) for chunk in chunks]
+    # A window per chunk: the recurrence starts once the first chunk's input gates are there,
+    # and the later chunks' matmuls run beside its per-step matmuls.
+    windows = [cell.window(tf.reshape(matmul(rows, input_weight) + bias, [len(chunk), batch, -1]))
+               for rows, chunk in zip(chunk_inputs, chunks)]
     c_prev, h_prev, tanh_cs, memories, outputs = [], [], [], [], []
-    for t in range(steps):
-        c_prev.append(c)
-        h_prev.append(h)
-        c, memory, tanh_c, window = cell.forward(window, matmul(h, recurrent_weight), c, t)
-        h = matmul(memory, projection_)
-        tanh_cs.append(tanh_c)
-        memories.append(memory)
-        outputs.append(h)
+    for k, chunk in enumerate(chunks):
+        for t in chunk:
+            c_prev.append(c)
+            h_prev.append(h)
+            c, memory, tanh_c, windows[k] = cell.forward(windows[k], matmul(h, recurrent_weight), c,
+                                                         t - chunk.start)
+            h = matmul(memory, projection_)
+            tanh_cs.append(tanh_c)
+            memories.append(memory)
+            outputs.append(h)
 
     def backward(d_outputs, d_c_last, d_h_last):
         # TensorFlow runs an op as soon as its inputs are ready: without these control
@@ -202,24 +217,33 @@ def _lstmp_forward_backward(cell, matmul, cast, inputs, c, h, weight, bias, proj
             d_c = _or_zeros(d_c_last, c)
             d_h_next = _or_zeros(d_h_last, h)
             projection_t, recurrent_t = _transposed(projection_), _transposed(recurrent_weight)
+            input_weight_t = _transposed(input_weight)
             d_outputs = tf.unstack(d_outputs)
-        gates_window, d_hs = window, [None] * steps
-        for t in reversed(range(steps)):
-            d_h = d_outputs[t] + d_h_next
-            d_hs[t] = d_h
-            with tf.control_dependencies([d_h]):  # step t's derivatives once step t is reached
-                gates_window, d_gates, d_c = cell.backward(gates_window, tanh_cs[t], c_prev[t], d_c,
-                                                           matmul(d_h, projection_t), t)
-            if t > 0:  # the incoming state gets no gradient
-                d_h_next = matmul(d_gates, recurrent_t)
-        all_d_gates = cell.window_rows(gates_window)
-        with tf.control_dependencies([all_d_gates]):
-            layer_inputs = with_column(tf.concat([tf.reshape(inputs, [-1, in_size]), _rows(h_prev)], axis=1))
-            d_weight_and_bias = matmul(layer_inputs, all_d_gates, transpose_a=True)
-            # Its transpose [proj, state] then a 4 MB transpose: oneDNN's transposed-A product
-            # runs ~10-25% faster with the wide matrix as the output's columns.
-            d_projection = tf.transpose(matmul(_rows(d_hs), _rows(memories), transpose_a=True))
-            d_inputs = tf.reshape(matmul(all_d_gates, _transposed(input_weight)), tf.shape(inputs))
+        d_hs, d_chunk_inputs, d_weight_and_bias = [None] * steps, [None] * len(chunks), None
+        for k in reversed(range(len(chunks))):
+            chunk = chunks[k]
+            for t in reversed(chunk):
+                d_h = d_outputs[t] + d_h_next
+                d_hs[t] = d_h
+                with tf.control_dependencies([d_h]):  # step t's derivatives once step t is reached
+                    windows[k], d_gates, d_c = cell.backward(windows[k], tanh_cs[t], c_prev[t], d_c,
+                                                             matmul(d_h, projection_t), t - chunk.start)
+                if t > 0:  # the incoming state gets no gradient
+                    d_h_next = matmul(d_gates, recurrent_t)
+            # The chunk's weight gradients once its gate gradients are all there: beside the
+            # earlier chunks' per-step matmuls.
+            chunk_d_gates = cell.window_rows(windows[k])
+            with tf.control_dependencies([chunk_d_gates]):
+                layer_inputs = with_column(tf.concat([chunk_inputs[k], _rows(h_prev[chunk.start:chunk.stop])],
+                                                     axis=1))
+                chunk_d_weight_and_bias = matmul(layer_inputs, chunk_d_gates, transpose_a=True)
+                d_chunk_inputs[k] = matmul(chunk_d_gates, input_weight_t)
+            d_weight_and_bias = (chunk_d_weight_and_bias if d_weight_and_bias is None
+                                 else d_weight_and_bias + chunk_d_weight_and_bias)
+        # Its transpose [proj, state] then a 4 MB transpose: oneDNN's transposed-A product
+        # runs ~10-25% faster with the wide matrix as the output's columns.
+        d_projection = tf.transpose(matmul(_rows(d_hs), _rows(memories), transpose_a=True))
+        d_inputs = tf.reshape(tf.concat(d_chunk_inputs, axis=0), tf.shape(inputs))
         return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight_and_bias[:-1],
                 d_weight_and_bias[-1], d_projection)
 

@@ -61,6 +61,20 @@ def test_forward_and_weight_and_input_gradients_match_autodiff():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11, err_msg=name)
 
 
+@pytest.mark.parametrize("fused_cell", [False, True])
+@pytest.mark.parametrize("time_chunks", [1, 3, STEPS])
+def test_any_number_of_time_chunks_gives_the_same_layer(monkeypatch, fused_cell, time_chunks):
+    """The steps split into chunks of 1-5 (uneven for 3) for overlap: the same outputs and gradients."""
+    arguments = [tf.cast(a, tf.float32) for a in random_arguments(4)]
+    monkeypatch.setattr(ops, "TIME_CHUNKS", 2)
+    layer = functools.partial(lstmp_layer, fused_cell=fused_cell)
+    expected, expected_grads = outputs_and_gradients(layer, arguments, True)
+    monkeypatch.setattr(ops, "TIME_CHUNKS", time_chunks)
+    got, got_grads = outputs_and_gradients(layer, arguments, True)
+    for a, b in zip([*got, *got_grads], [*expected, *expected_grads]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_without_a_loss_on_the_final_state():
     arguments = random_arguments(1)
     _, expected_grads = outputs_and_gradients(reference_layer, arguments, False)
