@@ -178,13 +178,16 @@ class LSTMPLanguageModel(tf.Module):
         in lm1b_hvd's CPU kernels: not where XLA compiles them, nor on a GPU."""
         return not self.hps.xla and not devices.on_gpu()
 
-    def _dropout(self, values, training, seed, site):
-        """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs), its mask drawn from
-        the step's stateless `seed`."""
-        if training and self.hps.keep_prob < 1.0:
-            return tf.nn.experimental.stateless_dropout(values, rate=1.0 - self.hps.keep_prob,
-                                                        seed=sub_seed(seed, CANDIDATES_STREAM + 1 + site))
-        return values
+    def _dropout(self, chunks, training, seed, site):
+        """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs) of values given in time
+        chunks, its mask drawn from the step's stateless `seed` for all of them at once: the same
+        mask, and the same result, as dropout of the values whole."""
+        if not training or self.hps.keep_prob >= 1.0:
+            return chunks
+        shape = tf.concat([[sum(chunk.shape[0] for chunk in chunks)], tf.shape(chunks[0])[1:]], axis=0)
+        masks = tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.hps.keep_prob,
+                                                     seed=sub_seed(seed, CANDIDATES_STREAM + 1 + site))
+        return [chunk * mask for chunk, mask in zip(chunks, tf.split(masks, [c.shape[0] for c in chunks]))]
 
     def embed(self, x):
         """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size]."""
@@ -192,16 +195,22 @@ class LSTMPLanguageModel(tf.Module):
 
     def run_layers(self, embedded, state, training, seed=None):
         """LSTM outputs [batch, steps, projected_size] of time-major embeddings, and the state
-        after the last step. Time-major inside: each step's rows are contiguous. Training with
-        dropout needs the step's `seed`."""
-        inputs = self._dropout(embedded, training, seed, 0)
+        after the last step. Training with dropout needs the step's `seed`."""
+        output_chunks, new_state = self.run_layers_in_chunks(embedded, state, training, seed)
+        return tf.transpose(tf.concat(output_chunks, axis=0), [1, 0, 2]), new_state
+
+    def run_layers_in_chunks(self, embedded, state, training, seed=None):
+        """run_layers' outputs time-major, in ops.time_chunks: each chunk is there once its steps
+        are, for the sampled softmax to start on it beside the next chunk's steps. Time-major
+        inside: each step's rows are contiguous."""
+        chunks = self._dropout(ops.time_chunks(embedded), training, seed, 0)
         new_state = []
         for layer, (c, h) in enumerate(state):
-            outputs, c, h = ops.lstmp_layer(inputs, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
-                                            self.lstm_projections[layer], self.compute_dtype, self.cpu_kernels)
-            inputs = self._dropout(outputs, training, seed, layer + 1)
+            chunks, c, h = ops.lstmp_layer_chunks(chunks, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
+                                                  self.lstm_projections[layer], self.compute_dtype, self.cpu_kernels)
+            chunks = self._dropout(chunks, training, seed, layer + 1)
             new_state.append((c, h))
-        return tf.transpose(inputs, [1, 0, 2]), new_state
+        return chunks, new_state
 
     def forward(self, x, state, training, seed=None):
         """LSTM outputs [batch, steps, projected_size] and the state after the last step."""
@@ -234,10 +243,11 @@ class LSTMPLanguageModel(tf.Module):
         return candidates, expected_count(labels), expected_count(candidates)
 
     def softmax_rows(self, y, seed=None):
-        """The sampled softmax's gathered rows for targets `y` [batch, steps]: what the loss needs
-        from the sharded matrices, gathered outside any compiled part (gathers over shards give
-        the sparse gradients). Biases carry the log-expected-count correction."""
-        labels = tf.reshape(tf.cast(y, tf.int64), [-1, 1])
+        """The sampled softmax's gathered rows for targets `y` [batch, steps], time-major as the
+        LSTM's outputs: what the loss needs from the sharded matrices, gathered outside any
+        compiled part (gathers over shards give the sparse gradients). Biases carry the
+        log-expected-count correction."""
+        labels = tf.reshape(tf.cast(tf.transpose(y), tf.int64), [-1, 1])
         candidates, true_expected, candidate_expected = (
             tf.stop_gradient(v) for v in self.sample_candidates(labels, seed))
         candidates = tf.cast(candidates, tf.int64)
@@ -250,15 +260,26 @@ class LSTMPLanguageModel(tf.Module):
             candidate_b=tf.gather(self.softmax_b, candidates) - tf.math.log(candidate_expected))
 
     def sampled_losses(self, outputs, rows):
-        """Per-token sampled-softmax loss [batch, steps] from the gathered `rows`:
-        tf.nn.sampled_softmax_loss's math (candidates shared by all tokens, accidental hits
-        removed), computed with the hand-written pieces of `ops`."""
-        inputs = tf.reshape(outputs, [-1, self.hps.projected_size])
-        true_logits = tf.reduce_sum(inputs * rows.true_w, axis=1) + rows.true_b
-        losses = ops.sampled_cross_entropy(inputs, rows.candidate_w, rows.candidate_b, true_logits,
-                                           accidental_hits(rows.true_ids, rows.candidates), self.compute_dtype,
-                                           self.cpu_kernels)
-        return tf.reshape(losses, tf.shape(outputs)[:2])
+        """Per-token sampled-softmax loss [batch, steps] of outputs [batch, steps, projected_size]."""
+        return self.sampled_losses_in_chunks(ops.time_chunks(tf.transpose(outputs, [1, 0, 2])), rows)
+
+    def sampled_losses_in_chunks(self, output_chunks, rows):
+        """Per-token sampled-softmax loss [batch, steps] from the LSTM's time-major output chunks
+        and the gathered `rows`: tf.nn.sampled_softmax_loss's math (candidates shared by all
+        tokens, accidental hits removed), computed with the hand-written pieces of `ops`, one
+        chunk at a time so that a chunk's logits are computed beside the next chunk's steps."""
+        batch = tf.shape(output_chunks[0])[1]
+        tokens = [chunk.shape[0] * batch for chunk in output_chunks]
+        losses = []
+        for chunk, true_ids, true_w, true_b in zip(output_chunks, tf.split(rows.true_ids, tokens),
+                                                   tf.split(rows.true_w, tokens), tf.split(rows.true_b, tokens)):
+            inputs = tf.reshape(chunk, [-1, self.hps.projected_size])
+            true_logits = tf.reduce_sum(inputs * true_w, axis=1) + true_b
+            chunk_losses = ops.sampled_cross_entropy(inputs, rows.candidate_w, rows.candidate_b, true_logits,
+                                                     accidental_hits(true_ids, rows.candidates), self.compute_dtype,
+                                                     self.cpu_kernels)
+            losses.append(tf.reshape(chunk_losses, [chunk.shape[0], batch]))
+        return tf.transpose(tf.concat(losses, axis=0))
 
     def sampled_softmax_losses(self, outputs, y, seed=None):
         return self.sampled_losses(outputs, self.softmax_rows(y, seed))

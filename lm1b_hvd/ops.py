@@ -63,13 +63,31 @@ def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32
     weight is the original's [in + proj, 4 * state] matrix, gates in the order i, j, f, o.
     Returns outputs [steps, batch, proj] and the state after the last step. Only the recurrent
     matmul and the projection are per step; the input half of the gates is one matmul over each
-    of TIME_CHUNKS chunks of steps, and so is every weight gradient in the backward, so that a
+    time chunk (time_chunks), and so is every weight gradient in the backward, so that a
     chunk's big matmuls run beside another chunk's per-step ones. The incoming state is the carried
     state of truncated BPTT and gets no gradient (zeros). Under mixed precision the matmul
     operands are `compute_dtype`; the gates, the cell state and every gradient stay fp32.
     `fused_cell`: each step's gate arithmetic is one kernel of lm1b_hvd/kernels (CPU only, not
     under XLA), forward and backward, instead of ~25 TensorFlow ops."""
-    return _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell, TIME_CHUNKS)(inputs, c, h, weight, bias, projection)
+    output_chunks, c, h = lstmp_layer_chunks(time_chunks(inputs), c, h, weight, bias, projection,
+                                             compute_dtype, fused_cell)
+    return tf.concat(output_chunks, axis=0), c, h
+
+
+def lstmp_layer_chunks(input_chunks, c, h, weight, bias, projection, compute_dtype=tf.float32, fused_cell=False):
+    """lstmp_layer with its inputs and outputs in time chunks: a chunk's outputs are there once
+    its steps are, so what reads them (the sampled softmax, the next layer) can start on them
+    beside the next chunk's steps."""
+    layer = _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell)
+    *output_chunks, c, h = layer(c, h, weight, bias, projection, *input_chunks)
+    return output_chunks, c, h
+
+
+def time_chunks(values):
+    """values [steps, ...] as TIME_CHUNKS consecutive chunks of near-equal numbers of steps."""
+    steps = values.shape[0]
+    bounds = [steps * k // TIME_CHUNKS for k in range(TIME_CHUNKS + 1)]
+    return tf.split(values, [stop - start for start, stop in zip(bounds, bounds[1:]) if stop > start], axis=0)
 
 
 def lstmp_step(inputs, c, h, weight, bias, projection):
@@ -166,36 +184,33 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _lstmp_layer(dtype, fused_cell, time_chunks):
-    """The custom-gradient layer for one compute dtype, cell and number of time chunks (custom
-    gradients take only tensors)."""
+def _lstmp_layer(dtype, fused_cell):
+    """The custom-gradient layer for one compute dtype and cell (custom gradients take only tensors)."""
     matmul = functools.partial(_matmul, dtype=dtype)
     cast = (lambda t: t) if dtype == tf.float32 else (lambda t: tf.cast(t, dtype))
     cell = FusedCell if fused_cell else ComposedCell
 
     @tf.custom_gradient
-    def layer(inputs, c, h, weight, bias, projection):
-        return _lstmp_forward_backward(cell, matmul, cast, time_chunks, inputs, c, h, weight, bias, projection)
+    def layer(c, h, weight, bias, projection, *input_chunks):
+        return _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias, projection)
 
     return layer
 
 
-def _time_chunks(steps, chunks):
-    """The steps as `chunks` consecutive ranges of near-equal length."""
-    bounds = [steps * k // chunks for k in range(chunks + 1)]
-    return [range(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
-
-
-def _lstmp_forward_backward(cell, matmul, cast, time_chunks, inputs, c, h, weight, bias, projection):
-    steps, in_size = inputs.shape[0], inputs.shape[2]
-    batch = tf.shape(inputs)[1]
+def _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias, projection):
+    in_size = input_chunks[0].shape[2]
+    batch = tf.shape(input_chunks[0])[1]
     input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
-    chunks = _time_chunks(steps, time_chunks)
-    chunk_inputs = [tf.reshape(inputs[chunk.start:chunk.stop], [-1, in_size]) for chunk in chunks]
+    chunks, start = [], 0  # each chunk's range of steps
+    for chunk_inputs in input_chunks:
+        chunks.append(range(start, start + chunk_inputs.shape[0]))
+        start += chunk_inputs.shape[0]
+    steps = start
+    chunk_rows = [tf.reshape(chunk_inputs, [-1, in_size]) for chunk_inputs in input_chunks]
     # A window per chunk: the recurrence starts once the first chunk's input gates are there,
     # and the later chunks' matmuls run beside its per-step matmuls.
     windows = [cell.window(tf.reshape(matmul(rows, input_weight) + bias, [len(chunk), batch, -1]))
-               for rows, chunk in zip(chunk_inputs, chunks)]
+               for rows, chunk in zip(chunk_rows, chunks)]
     c_prev, h_prev, tanh_cs, memories, outputs = [], [], [], [], []
     for k, chunk in enumerate(chunks):
         for t in chunk:
@@ -208,22 +223,23 @@ def _lstmp_forward_backward(cell, matmul, cast, time_chunks, inputs, c, h, weigh
             memories.append(memory)
             outputs.append(h)
 
-    def backward(d_outputs, d_c_last, d_h_last):
+    def backward(*d_output_chunks_and_state):
+        *d_output_chunks, d_c_last, d_h_last = d_output_chunks_and_state
         # TensorFlow runs an op as soon as its inputs are ready: without these control
         # dependencies the parts that need only forward values (weight transposes, gate
         # derivatives, stacked inputs) would run during the forward and sit in memory through
         # the step's peak, the sampled softmax.
-        with tf.control_dependencies([d_outputs]):
+        with tf.control_dependencies([d_output_chunks[-1]]):
             d_c = _or_zeros(d_c_last, c)
             d_h_next = _or_zeros(d_h_last, h)
             projection_t, recurrent_t = _transposed(projection_), _transposed(recurrent_weight)
             input_weight_t = _transposed(input_weight)
-            d_outputs = tf.unstack(d_outputs)
-        d_hs, d_chunk_inputs, d_weight_and_bias = [None] * steps, [None] * len(chunks), None
+        d_hs, d_input_chunks, d_weight_and_bias = [None] * steps, [None] * len(chunks), None
         for k in reversed(range(len(chunks))):
             chunk = chunks[k]
+            d_outputs = tf.unstack(_or_zeros(d_output_chunks[k], output_chunks[k]))
             for t in reversed(chunk):
-                d_h = d_outputs[t] + d_h_next
+                d_h = d_outputs[t - chunk.start] + d_h_next
                 d_hs[t] = d_h
                 with tf.control_dependencies([d_h]):  # step t's derivatives once step t is reached
                     windows[k], d_gates, d_c = cell.backward(windows[k], tanh_cs[t], c_prev[t], d_c,
@@ -234,20 +250,19 @@ def _lstmp_forward_backward(cell, matmul, cast, time_chunks, inputs, c, h, weigh
             # earlier chunks' per-step matmuls.
             chunk_d_gates = cell.window_rows(windows[k])
             with tf.control_dependencies([chunk_d_gates]):
-                layer_inputs = with_column(tf.concat([chunk_inputs[k], _rows(h_prev[chunk.start:chunk.stop])],
-                                                     axis=1))
+                layer_inputs = with_column(tf.concat([chunk_rows[k], _rows(h_prev[chunk.start:chunk.stop])], axis=1))
                 chunk_d_weight_and_bias = matmul(layer_inputs, chunk_d_gates, transpose_a=True)
-                d_chunk_inputs[k] = matmul(chunk_d_gates, input_weight_t)
+                d_input_chunks[k] = tf.reshape(matmul(chunk_d_gates, input_weight_t), tf.shape(input_chunks[k]))
             d_weight_and_bias = (chunk_d_weight_and_bias if d_weight_and_bias is None
                                  else d_weight_and_bias + chunk_d_weight_and_bias)
         # Its transpose [proj, state] then a 4 MB transpose: oneDNN's transposed-A product
         # runs ~10-25% faster with the wide matrix as the output's columns.
         d_projection = tf.transpose(matmul(_rows(d_hs), _rows(memories), transpose_a=True))
-        d_inputs = tf.reshape(tf.concat(d_chunk_inputs, axis=0), tf.shape(inputs))
-        return (d_inputs, tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight_and_bias[:-1],
-                d_weight_and_bias[-1], d_projection)
+        return (tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight_and_bias[:-1], d_weight_and_bias[-1],
+                d_projection, *d_input_chunks)
 
-    return (tf.stack(outputs), c, h), backward
+    output_chunks = [tf.stack(outputs[chunk.start:chunk.stop]) for chunk in chunks]
+    return (*output_chunks, c, h), backward
 
 
 def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded, compute_dtype=tf.float32,

@@ -177,11 +177,12 @@ class Trainer:
     def _token_losses(self, embedded, state, softmax_rows, y, w, seed):
         """Weighted per-token training losses [batch, steps] and the new row state."""
         model = self.model
-        outputs, new_state = model.run_layers(embedded, state, training=True, seed=seed)
         if softmax_rows is None:
+            outputs, new_state = model.run_layers(embedded, state, training=True, seed=seed)
             losses = model.full_softmax_losses(outputs, y)
         else:
-            losses = model.sampled_losses(outputs, softmax_rows)
+            output_chunks, new_state = model.run_layers_in_chunks(embedded, state, training=True, seed=seed)
+            losses = model.sampled_losses_in_chunks(output_chunks, softmax_rows)
         return losses * w, new_state
 
     def _gradients(self, x, y, w, state):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import hparams
+from lm1b_hvd import hparams, ops
 from lm1b_hvd.model import LSTMPLanguageModel, unique_log_uniform_candidates
 from lm1b_hvd.training import sum_duplicates
 
@@ -79,6 +79,26 @@ def test_dropout_only_in_training_and_state_is_carried():
     _, state = model.forward(x, model.zero_state(3), training=False)
     d, _ = model.forward(x, state, training=False)
     assert not np.allclose(a.numpy(), d.numpy())
+
+
+def test_time_chunks_change_nothing_but_the_order_of_work(monkeypatch):
+    """Dropout masks, LSTM outputs and sampled losses in 1, 3 or 4 time chunks: the same numbers."""
+    hps = tiny(keep_prob=0.5, num_steps=4)
+    model = LSTMPLanguageModel(hps, VOCAB)
+    x, y = batch(5, hps)
+    seed = tf.constant([1, 7])
+    rows = model.softmax_rows(y, seed)
+
+    def losses_and_outputs(chunks):
+        monkeypatch.setattr(ops, "TIME_CHUNKS", chunks)
+        output_chunks, _ = model.run_layers_in_chunks(model.embed(x), model.zero_state(3), True, seed)
+        assert len(output_chunks) == chunks
+        return model.sampled_losses_in_chunks(output_chunks, rows).numpy(), tf.concat(output_chunks, 0).numpy()
+
+    whole = losses_and_outputs(1)
+    for chunks in (3, 4):
+        for got, expected in zip(losses_and_outputs(chunks), whole):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_sampled, range_max", [(64, 1000), (30, 40)])
