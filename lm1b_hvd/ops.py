@@ -102,11 +102,11 @@ def lstmp_step(inputs, c, h, weight, bias, projection):
 class ComposedCell:
     """A step's gate arithmetic in TensorFlow ops: runs on any device and under XLA.
 
-    Both cells hold the layer's per-step values in a window over the steps that forward and
-    backward take and return: at first each step's input half of the gates (one matmul for all
-    steps), which the forward replaces with the step's gate activations and the backward then
-    with their gradients. After the backward, `window_rows` is all steps' gate gradients as one
-    [steps * batch, 4 * state] matrix, for the weight gradients' matmuls."""
+    Both cells hold the layer's per-step values in a window over one time chunk's steps that
+    forward and backward take and return: at first each step's input half of the gates (one
+    matmul for the chunk), which the forward replaces with the step's gate activations and the
+    backward then with their gradients. After the backward, `window_rows` is the chunk's gate
+    gradients as one [steps * batch, 4 * state] matrix, for the weight gradients' matmuls."""
 
     @staticmethod
     def window(input_gates):
