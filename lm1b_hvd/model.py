@@ -73,25 +73,23 @@ def unique_log_uniform_candidates(seed, num_sampled, range_max):
         p = log_uniform_probability(targets, range_max)
         return tf.cast(-tf.math.expm1(tries * tf.math.log1p(-p)), tf.float32)
 
-    return unique[:num_sampled], expected_count
+    return tf.ensure_shape(unique[:num_sampled], [num_sampled]), expected_count
 
 
 def accidental_hits(true_ids, candidates):
-    """(token, column) of every candidate that is its token's own target word, [hits, 2]: at
-    most one per token, since the candidates are unique. Found by binary search in the sorted
-    candidates, not by comparing all tokens x candidates."""
+    """Per token, the column of the candidate that is its own target word, or -1: at most one
+    per token, since the candidates are unique. One number per token, so the shape stays the
+    same from step to step (XLA compiles a step's backward again for every new shape). Found by
+    binary search in the sorted candidates, not by comparing all tokens x candidates."""
     order = tf.argsort(candidates)
     sorted_candidates = tf.gather(candidates, order)
     at = tf.minimum(tf.searchsorted(sorted_candidates, true_ids), tf.size(candidates, tf.int32) - 1)
-    tokens = tf.where(tf.equal(tf.gather(sorted_candidates, at), true_ids))[:, 0]
-    columns = tf.cast(tf.gather(order, tf.gather(at, tokens)), tf.int64)
-    return tf.stack([tokens, columns], axis=1)
+    return tf.where(tf.equal(tf.gather(sorted_candidates, at), true_ids), tf.gather(order, at), -1)
 
 
 class SoftmaxRows(typing.NamedTuple):
     """Rows of the sharded softmax that one batch's sampled softmax uses."""
-    true_ids: tf.Tensor  # [tokens] target word of each token
-    candidates: tf.Tensor  # [num_sampled] shared candidate words
+    hit_columns: tf.Tensor  # [tokens] int32: the candidate that is the token's target word, or -1
     true_w: tf.Tensor  # [tokens, projected_size]
     true_b: tf.Tensor  # [tokens], minus log expected count
     candidate_w: tf.Tensor  # [num_sampled, projected_size]
@@ -245,15 +243,15 @@ class LSTMPLanguageModel(tf.Module):
     def softmax_rows(self, y, seed=None):
         """The sampled softmax's gathered rows for targets `y` [batch, steps], time-major as the
         LSTM's outputs: what the loss needs from the sharded matrices, gathered outside any
-        compiled part (gathers over shards give the sparse gradients). Biases carry the
-        log-expected-count correction."""
+        compiled part (gathers over shards give the sparse gradients), and the accidental hits.
+        Biases carry the log-expected-count correction."""
         labels = tf.reshape(tf.cast(tf.transpose(y), tf.int64), [-1, 1])
         candidates, true_expected, candidate_expected = (
             tf.stop_gradient(v) for v in self.sample_candidates(labels, seed))
         candidates = tf.cast(candidates, tf.int64)
         true_ids = tf.reshape(labels, [-1])
         return SoftmaxRows(
-            true_ids=true_ids, candidates=candidates,
+            hit_columns=accidental_hits(true_ids, candidates),
             true_w=tf.nn.embedding_lookup(self.softmax_w, true_ids),
             true_b=tf.gather(self.softmax_b, true_ids) - tf.math.log(tf.reshape(true_expected, [-1])),
             candidate_w=tf.nn.embedding_lookup(self.softmax_w, candidates),
@@ -271,13 +269,12 @@ class LSTMPLanguageModel(tf.Module):
         batch = tf.shape(output_chunks[0])[1]
         tokens = [chunk.shape[0] * batch for chunk in output_chunks]
         losses = []
-        for chunk, true_ids, true_w, true_b in zip(output_chunks, tf.split(rows.true_ids, tokens),
-                                                   tf.split(rows.true_w, tokens), tf.split(rows.true_b, tokens)):
+        for chunk, hit_columns, true_w, true_b in zip(output_chunks, tf.split(rows.hit_columns, tokens),
+                                                      tf.split(rows.true_w, tokens), tf.split(rows.true_b, tokens)):
             inputs = tf.reshape(chunk, [-1, self.hps.projected_size])
             true_logits = tf.reduce_sum(inputs * true_w, axis=1) + true_b
             chunk_losses = ops.sampled_cross_entropy(inputs, rows.candidate_w, rows.candidate_b, true_logits,
-                                                     accidental_hits(true_ids, rows.candidates), self.compute_dtype,
-                                                     self.cpu_kernels)
+                                                     hit_columns, self.compute_dtype, self.cpu_kernels)
             losses.append(tf.reshape(chunk_losses, [chunk.shape[0], batch]))
         return tf.transpose(tf.concat(losses, axis=0))
 

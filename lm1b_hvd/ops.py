@@ -269,13 +269,14 @@ def sampled_cross_entropy(inputs, weights, biases, true_logits, excluded, comput
                           fused_softmax=False):
     """Per-row cross-entropy of a softmax over [true logit, k shared candidates' logits] whose
     label is the true one: the candidates' logits are inputs [n, dim] @ weights [k, dim]^T +
-    biases [k], and `excluded` [m, 2] lists (row, column) candidates left out of a row's softmax
-    (the sampled softmax's accidental hits). Matmul operands in `compute_dtype`, the rest fp32.
+    biases [k], and `excluded` [n] int32 names the candidate left out of each row's softmax, or
+    is -1 (the sampled softmax's accidental hits). Matmul operands in `compute_dtype`, the rest
+    fp32.
 
     tf.nn.sampled_softmax_loss's math without its [n, k + 1] concat, one-hot labels and dense
     hit mask: the candidates' softmax is one pass over them, the true logit and the left-out
     candidates join through each row's log-sum-exp, and the backward never forms the logits'
-    gradient: it multiplies the probabilities by rows scaled beforehand and subtracts the few
+    gradient: it multiplies the probabilities by rows scaled beforehand and subtracts the
     left-out entries' terms from the results. `fused_softmax`: the candidates' softmax and
     log-sum-exp are one kernel of lm1b_hvd/kernels (CPU only, not under XLA)."""
     return _sampled_cross_entropy(tf.as_dtype(compute_dtype), fused_softmax)(
@@ -310,33 +311,30 @@ def _sampled_cross_entropy(dtype, fused_softmax):
     def cross_entropy(inputs, weights, biases, true_logits, excluded):
         # Over the candidates alone; the true logit joins through the log-sum-exp.
         probabilities, candidates_lse = candidate_softmax(matmul(inputs, weights, transpose_b=True), biases)
-        excluded_rows, excluded_columns = excluded[:, 0], excluded[:, 1]
-        excluded_probabilities = tf.gather_nd(probabilities, excluded)
-        excluded_mass = tf.math.unsorted_segment_sum(excluded_probabilities, excluded_rows,
-                                                     tf.shape(probabilities)[0])
+        # Rows without a left-out candidate read column 0 and count it as nothing.
+        columns = tf.maximum(excluded, 0)
+        excluded_probabilities = tf.where(excluded >= 0, tf.gather(probabilities, columns, batch_dims=1), 0.0)
         # What is left of the candidates' mass, which the true logit then joins. A left-out hit's
         # logit is its row's true logit, so when it holds nearly all the mass the rounding left
         # in 1 - mass is negligible next to the true word's own term.
-        kept_lse = candidates_lse + tf.math.log1p(-excluded_mass)
+        kept_lse = candidates_lse + tf.math.log1p(-excluded_probabilities)
         losses = tf.nn.softplus(kept_lse - true_logits)
 
         def backward(d_losses):
             # d loss / d candidate logit = p * exp(candidates_lse - log Z), log Z = true + loss.
             row_scale = d_losses * tf.exp(candidates_lse - true_logits - losses)
-            excluded_terms = excluded_probabilities * tf.gather(row_scale, excluded_rows)
-            d_inputs = matmul(probabilities, weights) * row_scale[:, None]
-            d_inputs = tf.tensor_scatter_nd_sub(
-                d_inputs, excluded_rows[:, None], excluded_terms[:, None] * tf.gather(weights, excluded_columns))
+            excluded_terms = excluded_probabilities * row_scale
+            d_inputs = (matmul(probabilities, weights) * row_scale[:, None]
+                        - excluded_terms[:, None] * tf.gather(weights, columns))
             # [dim + 1, k]: the weights' gradient transposed, then the biases' in the last row.
             # After d_inputs, which the LSTM's backward waits for: so it runs beside that backward's
             # per-step matmuls, which leave the cores idle part of the time, not beside d_inputs.
             with tf.control_dependencies([d_inputs]):
                 scaled = with_column(inputs * row_scale[:, None], row_scale)
                 d_weights_and_biases = matmul(scaled, probabilities, transpose_a=True)
-            d_weights = tf.tensor_scatter_nd_sub(
-                tf.transpose(d_weights_and_biases[:-1]), excluded_columns[:, None],
-                excluded_terms[:, None] * tf.gather(inputs, excluded_rows))
-            d_biases = tf.tensor_scatter_nd_sub(d_weights_and_biases[-1], excluded_columns[:, None], excluded_terms)
+            d_weights = tf.tensor_scatter_nd_sub(tf.transpose(d_weights_and_biases[:-1]), columns[:, None],
+                                                 excluded_terms[:, None] * inputs)
+            d_biases = tf.tensor_scatter_nd_sub(d_weights_and_biases[-1], columns[:, None], excluded_terms)
             d_true_logits = -d_losses * tf.sigmoid(kept_lse - true_logits)
             return d_inputs, d_weights, d_biases, d_true_logits, None
 
