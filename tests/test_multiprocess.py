@@ -13,7 +13,7 @@ import tensorflow as tf
 from lm1b_hvd import demo_corpus
 from lm1b_hvd.model import LSTMPLanguageModel
 from tests.conftest import run, write_tiny_demo_corpus
-from tests.workers import equivalence as eq
+from tests.workers import broadcast, equivalence as eq
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
 
@@ -74,6 +74,17 @@ def test_two_ranks_apply_the_original_two_tower_update(tmp_path):
     moved = [np.max(np.abs(ranks[0][n] - r)) for n, r in zip(names, original_two_tower_update(0))]
     assert max(moved) > 1e-3, "the steps changed the weights"
 
+
+
+def test_every_rank_gets_rank_0s_state(tmp_path):
+    result = horovodrun(["-m", "tests.workers.broadcast", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = broadcast.rank_values(0)
+    assert not np.array_equal(expected[0], broadcast.rank_values(1)[0])
+    for rank in range(2):
+        saved = np.load(tmp_path / f"rank{rank}.npz")
+        for index, value in enumerate(expected):
+            np.testing.assert_array_equal(saved[f"arr_{index}"], value, err_msg=f"rank {rank}, variable {index}")
 
 TINY_RUN = ["--preset", "demo", "--hpconfig",
             "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16",
