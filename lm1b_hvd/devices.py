@@ -67,5 +67,26 @@ def describe(threads):
     return f"{host} {gpus[0].name.replace('/physical_device:', '')} ({name})"
 
 
+# oneDNN's avx512_core, the least AVX-512 its matmuls use, and the ISA caps below it.
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+CAPS_BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
+def onednn_avx512(cpuinfo="/proc/cpuinfo", environ=None):
+    """Whether oneDNN's fp32 matmuls run AVX-512 kernels here: the CPU has AVX-512 and
+    ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) does not cap them at AVX2 or below.
+    Where the CPU's flags cannot be read, assumes it has."""
+    environ = os.environ if environ is None else environ
+    cap = environ.get("ONEDNN_MAX_CPU_ISA", environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if cap in CAPS_BELOW_AVX512:
+        return False
+    try:
+        with open(cpuinfo) as lines:
+            flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or all(flag in flags for flag in AVX512_FLAGS)
+
+
 def on_gpu():
     return bool(tf.config.get_visible_devices("GPU"))

@@ -56,7 +56,8 @@ def _transposed(matrix):
     return tf.raw_ops.Snapshot(input=tf.transpose(matrix))
 
 
-def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32, fused_cell=False):
+def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32, fused_cell=False,
+                transposed_step_weights=False):
     """One LSTM-with-projection layer over a whole window.
 
     inputs [steps, batch, in] (time-major), state c [batch, state] and h [batch, proj]; the
@@ -68,17 +69,21 @@ def lstmp_layer(inputs, c, h, weight, bias, projection, compute_dtype=tf.float32
     state of truncated BPTT and gets no gradient (zeros). Under mixed precision the matmul
     operands are `compute_dtype`; the gates, the cell state and every gradient stay fp32.
     `fused_cell`: each step's gate arithmetic is one kernel of lm1b_hvd/kernels (CPU only, not
-    under XLA), forward and backward, instead of ~25 TensorFlow ops."""
+    under XLA), forward and backward, instead of ~25 TensorFlow ops. `transposed_step_weights`:
+    the per-step matmuls take their weights transposed ([n, k], transpose_b), which oneDNN's
+    AVX2 kernels multiply by `batch` rows up to 1.9x faster (its AVX-512 ones are faster with
+    [k, n]: devices.onednn_avx512)."""
     output_chunks, c, h = lstmp_layer_chunks(time_chunks(inputs), c, h, weight, bias, projection,
-                                             compute_dtype, fused_cell)
+                                             compute_dtype, fused_cell, transposed_step_weights)
     return tf.concat(output_chunks, axis=0), c, h
 
 
-def lstmp_layer_chunks(input_chunks, c, h, weight, bias, projection, compute_dtype=tf.float32, fused_cell=False):
+def lstmp_layer_chunks(input_chunks, c, h, weight, bias, projection, compute_dtype=tf.float32, fused_cell=False,
+                       transposed_step_weights=False):
     """lstmp_layer with its inputs and outputs in time chunks: a chunk's outputs are there once
     its steps are, so what reads them (the sampled softmax, the next layer) can start on them
     beside the next chunk's steps."""
-    layer = _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell)
+    layer = _lstmp_layer(tf.as_dtype(compute_dtype), fused_cell, transposed_step_weights)
     *output_chunks, c, h = layer(c, h, weight, bias, projection, *input_chunks)
     return output_chunks, c, h
 
@@ -184,23 +189,32 @@ def _kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _lstmp_layer(dtype, fused_cell):
-    """The custom-gradient layer for one compute dtype and cell (custom gradients take only tensors)."""
+def _lstmp_layer(dtype, fused_cell, transposed_step_weights):
+    """The custom-gradient layer for one compute dtype, cell and form of the per-step weights
+    (custom gradients take only tensors)."""
     matmul = functools.partial(_matmul, dtype=dtype)
     cast = (lambda t: t) if dtype == tf.float32 else (lambda t: tf.cast(t, dtype))
     cell = FusedCell if fused_cell else ComposedCell
 
     @tf.custom_gradient
     def layer(c, h, weight, bias, projection, *input_chunks):
-        return _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias, projection)
+        return _lstmp_forward_backward(cell, matmul, transposed_step_weights, cast, input_chunks, c, h, weight, bias,
+                                       projection)
 
     return layer
 
 
-def _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias, projection):
+def _lstmp_forward_backward(cell, matmul, transposed_step_weights, cast, input_chunks, c, h, weight, bias,
+                            projection):
     in_size = input_chunks[0].shape[2]
     batch = tf.shape(input_chunks[0])[1]
     input_weight, recurrent_weight, projection_ = cast(weight[:in_size]), cast(weight[in_size:]), cast(projection)
+    # The per-step matmuls' weights: as they are, or transposed for step_matmul's transpose_b.
+    step_matmul = functools.partial(matmul, transpose_b=transposed_step_weights)
+    if transposed_step_weights:
+        recurrent_step, projection_step = _transposed(recurrent_weight), _transposed(projection_)
+    else:
+        recurrent_step, projection_step = recurrent_weight, projection_
     chunks, start = [], 0  # each chunk's range of steps
     for chunk_inputs in input_chunks:
         chunks.append(range(start, start + chunk_inputs.shape[0]))
@@ -216,9 +230,9 @@ def _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias
         for t in chunk:
             c_prev.append(c)
             h_prev.append(h)
-            c, memory, tanh_c, windows[k] = cell.forward(windows[k], matmul(h, recurrent_weight), c,
+            c, memory, tanh_c, windows[k] = cell.forward(windows[k], step_matmul(h, recurrent_step), c,
                                                          t - chunk.start)
-            h = matmul(memory, projection_)
+            h = step_matmul(memory, projection_step)
             tanh_cs.append(tanh_c)
             memories.append(memory)
             outputs.append(h)
@@ -232,8 +246,11 @@ def _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias
         with tf.control_dependencies([d_output_chunks[-1]]):
             d_c = _or_zeros(d_c_last, c)
             d_h_next = _or_zeros(d_h_last, h)
-            projection_t, recurrent_t = _transposed(projection_), _transposed(recurrent_weight)
             input_weight_t = _transposed(input_weight)
+            if transposed_step_weights:
+                projection_back, recurrent_back = projection_, recurrent_weight
+            else:
+                projection_back, recurrent_back = _transposed(projection_), _transposed(recurrent_weight)
         d_hs, d_input_chunks, d_weight_and_bias = [None] * steps, [None] * len(chunks), None
         for k in reversed(range(len(chunks))):
             chunk = chunks[k]
@@ -243,9 +260,9 @@ def _lstmp_forward_backward(cell, matmul, cast, input_chunks, c, h, weight, bias
                 d_hs[t] = d_h
                 with tf.control_dependencies([d_h]):  # step t's derivatives once step t is reached
                     windows[k], d_gates, d_c = cell.backward(windows[k], tanh_cs[t], c_prev[t], d_c,
-                                                             matmul(d_h, projection_t), t - chunk.start)
+                                                             step_matmul(d_h, projection_back), t - chunk.start)
                 if t > 0:  # the incoming state gets no gradient
-                    d_h_next = matmul(d_gates, recurrent_t)
+                    d_h_next = step_matmul(d_gates, recurrent_back)
             # The chunk's weight gradients once its gate gradients are all there: beside the
             # earlier chunks' per-step matmuls.
             chunk_d_gates = cell.window_rows(windows[k])

@@ -55,3 +55,25 @@ def test_every_command_refuses_before_writing_anything(tmp_path, command):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: CUDA_VISIBLE_DEVICES=0 says this job has GPUs, but {CAUSE}"), last
     assert not logdir.exists()
+
+
+AVX2_FLAGS = "fpu sse4_2 avx avx2 fma"
+AVX512_FLAGS = AVX2_FLAGS + " avx512f avx512dq avx512bw avx512vl avx512_bf16"
+
+
+@pytest.mark.parametrize("flags, environ, expected", [
+    (AVX512_FLAGS, {}, True),
+    (AVX2_FLAGS, {}, False),
+    (AVX2_FLAGS + " avx512f", {}, False),  # not all that oneDNN's avx512_core needs
+    (AVX512_FLAGS, {"ONEDNN_MAX_CPU_ISA": "avx2"}, False),
+    (AVX512_FLAGS, {"DNNL_MAX_CPU_ISA": "AVX2_VNNI"}, False),
+    (AVX512_FLAGS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+    (AVX512_FLAGS, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+])
+def test_onednn_avx512_reads_the_cpu_flags_and_the_isa_cap(tmp_path, flags, environ, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nflags\t\t: {flags}\n")
+    assert devices.onednn_avx512(str(cpuinfo), environ) is expected
+    assert devices.onednn_avx512(str(tmp_path / "absent"), environ) is ("MAX_CPU_ISA" not in str(environ)
+                                                                          or expected)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import console, ops
+from lm1b_hvd import console, devices, ops
 from lm1b_hvd.hparams import HParams
 from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.ops import FORGET_BIAS, lstmp_layer
@@ -46,10 +46,12 @@ def outputs_and_gradients(layer, arguments, with_final_state_loss):
     return [outputs, c, h], gradients
 
 
-def test_forward_and_weight_and_input_gradients_match_autodiff():
+@pytest.mark.parametrize("transposed_step_weights", [False, True])
+def test_forward_and_weight_and_input_gradients_match_autodiff(transposed_step_weights):
     arguments = random_arguments(0)
     expected, expected_grads = outputs_and_gradients(reference_layer, arguments, True)
-    got, got_grads = outputs_and_gradients(lstmp_layer, arguments, True)
+    layer = functools.partial(lstmp_layer, transposed_step_weights=transposed_step_weights)
+    got, got_grads = outputs_and_gradients(layer, arguments, True)
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
     names = ["inputs", "c", "h", "weight", "bias", "projection"]
@@ -90,12 +92,13 @@ def test_compiled_graph_gives_the_eager_result():
     np.testing.assert_allclose(compiled[0][0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("with_final_state_loss", [True, False])
-def test_fused_cell_kernels_match_autodiff(with_final_state_loss):
+@pytest.mark.parametrize("with_final_state_loss, transposed_step_weights", [(True, False), (False, False),
+                                                                            (True, True)])
+def test_fused_cell_kernels_match_autodiff(with_final_state_loss, transposed_step_weights):
     """The CPU kernels of lm1b_hvd/kernels, fp32 only, against float64 autodiff of the textbook."""
     arguments = random_arguments(3)
     expected, expected_grads = outputs_and_gradients(reference_layer, arguments, with_final_state_loss)
-    fused = functools.partial(lstmp_layer, fused_cell=True)
+    fused = functools.partial(lstmp_layer, fused_cell=True, transposed_step_weights=transposed_step_weights)
     got, got_grads = outputs_and_gradients(fused, [tf.cast(a, tf.float32) for a in arguments],
                                            with_final_state_loss)
     for a, b in zip(got, expected):
@@ -119,6 +122,29 @@ def test_the_model_runs_the_fused_kernels_on_the_cpu_and_composed_ops_under_xla(
                  num_sampled=8)
     assert {"LstmpCell", "CandidateSoftmax"} <= op_types(HParams(**small))
     assert not {"LstmpCell", "CandidateSoftmax"} & op_types(HParams(**small, xla=True))
+
+
+def test_the_per_step_matmuls_take_transposed_weights_where_onednn_runs_avx2(monkeypatch):
+    hps = HParams(num_layers=1, batch_size=2, num_steps=4, emb_size=4, state_size=6, projected_size=2, num_shards=1,
+                  num_sampled=8)
+    model = LSTMPLanguageModel(hps, 50)
+
+    def per_step_matmuls_transpose_b():
+        forward = tf.function(lambda x: model.forward(x, model.zero_state(2), training=False)[0])
+        graph = forward.get_concrete_function(tf.zeros([2, 4], tf.int32)).graph
+        # The per-step matmuls have `batch` rows (the time chunks' have 2 steps' worth): [2, proj]
+        # x the recurrent weight, [2, state] x the projection.
+        return {op.get_attr("transpose_b") for op in graph.get_operations()
+                if op.type == "MatMul" and op.outputs[0].shape[0] == 2}
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert model.transposed_step_weights and per_step_matmuls_transpose_b() == {True}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    avx512 = devices.onednn_avx512()
+    assert model.transposed_step_weights is not avx512
+    assert per_step_matmuls_transpose_b() == {not avx512}
+    assert not LSTMPLanguageModel(hps.replace(xla=True), 50).transposed_step_weights
 
 
 def test_fused_cell_rejects_mismatched_shapes_by_name():
