@@ -75,10 +75,11 @@ def make_checkpoint(trainer, run_position=None):
 
 def first_line(err):
     """The part of an error a user needs: its first line, without TensorFlow's op decorations
-    ('{{function_node ...}} path; No space left on device [Op:SaveV2]' -> 'No space left on device')."""
+    ('{{function_node ...}} path; No space left on device [Op:SaveV2]' -> 'No space left on device';
+    an eager op's ends '[Op:CreateSummaryFileWriter] name: ')."""
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if isinstance(err, tf.errors.OpError):
-        text = re.sub(r"\s*\[Op:\w+\]$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text))
+        text = re.sub(r"\s*\[Op:\w+\](\s*name:.*)?$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text))
         text = text.rsplit("; ", 1)[-1]
     return text
 

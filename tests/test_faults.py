@@ -124,9 +124,11 @@ def mount_or_skip(*args):
 
 def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint(corpus, tmp_path):
     logdir = tmp_path / "log"
-    victim = start(train_command(corpus, logdir, 100_000, "--checkpoint_steps", "5"))
+    # A checkpoint every 100 steps, so that the remount below finds moments when none is being
+    # written (every 5 steps it was refused as busy for 10 s now and then).
+    victim = start(train_command(corpus, logdir, 100_000, "--checkpoint_steps", "100"))
     deadline = time.monotonic() + 120
-    while latest_step(logdir) < 5:
+    while latest_step(logdir) < 100:
         assert victim.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     try:
@@ -139,6 +141,22 @@ def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint
         subprocess.run(["umount", "-l", str(logdir)], capture_output=True)
     assert victim.returncode == 1
     last = stderr.strip().splitlines()[-1]
+    # Whichever write comes first: the next checkpoint, or a summary writer made on first use.
     assert re.fullmatch(rf"error: {logdir}: saving the checkpoint of step \d+ failed \(Read-only file system\); "
-                        rf"the previous one, {logdir}/ckpt-\d+, is kept", last), last
+                        rf"the previous one, {logdir}/ckpt-\d+, is kept|"
+                        rf"error: {logdir}/(train|eval): cannot create the TensorBoard event file "
+                        rf"\(Read-only file system\)", last), last
+    assert_restorable(logdir)
+
+
+def test_a_summary_folder_that_cannot_be_made_is_one_line_and_keeps_the_checkpoints(corpus, tmp_path):
+    """The summary writers are made on first use (step 20 here), after checkpoints were written."""
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    (logdir / "train").write_text("a file where the summaries' folder goes\n")
+    result = run(train_command(corpus, logdir, 40, "--checkpoint_steps", "5"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {logdir}/train: cannot create the TensorBoard event file (Not a directory)")
+    assert latest_step(logdir) == 15
     assert_restorable(logdir)
