@@ -75,7 +75,6 @@ def test_two_ranks_apply_the_original_two_tower_update(tmp_path):
     assert max(moved) > 1e-3, "the steps changed the weights"
 
 
-
 def test_every_rank_gets_rank_0s_state(tmp_path):
     result = horovodrun(["-m", "tests.workers.broadcast", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -85,6 +84,7 @@ def test_every_rank_gets_rank_0s_state(tmp_path):
         saved = np.load(tmp_path / f"rank{rank}.npz")
         for index, value in enumerate(expected):
             np.testing.assert_array_equal(saved[f"arr_{index}"], value, err_msg=f"rank {rank}, variable {index}")
+
 
 TINY_RUN = ["--preset", "demo", "--hpconfig",
             "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16",
