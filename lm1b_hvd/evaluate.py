@@ -24,7 +24,7 @@ class CheckpointEvaluator:
         self.hps, self.checkpoint = weights.hps, weights.checkpoint
         self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], weights.vocab)
         self.evaluator = evaluation.Evaluator(weights.model, weights.ema, report=console.say)
-        self.writer = tf.summary.create_file_writer(os.path.join(logdir, mode))
+        self.writer = evaluation.summary_writer(os.path.join(logdir, mode))
 
     def evaluate(self, path):
         """Perplexity of checkpoint `path`; writes its summaries at the checkpoint's step."""

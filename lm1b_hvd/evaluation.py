@@ -8,7 +8,7 @@ import math
 
 import tensorflow as tf
 
-from lm1b_hvd import console, data, distributed
+from lm1b_hvd import checkpoints, console, data, distributed
 
 
 class Evaluator:
@@ -61,6 +61,16 @@ class Evaluator:
         if words <= 0:
             raise data.DataError(f"no sentences in {dataset.source}, on any rank")
         return perplexity(loss_sum, words), int(words)
+
+
+def summary_writer(path):
+    """A TensorBoard writer of event files in `path`, or a one-line error naming it when the
+    folder cannot be made there (the log directory read-only, full, or a file in the way)."""
+    try:
+        return tf.summary.create_file_writer(path)
+    except tf.errors.OpError as err:
+        raise console.UserError(f"{path}: cannot create the TensorBoard event file "
+                                f"({checkpoints.first_line(err)})") from None
 
 
 def write_summaries(writer, step, value):

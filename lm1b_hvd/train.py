@@ -175,12 +175,7 @@ class Run:
     def _summary_writer(self, name):
         if not self.is_root:
             return tf.summary.create_noop_writer()
-        path = os.path.join(self.config.logdir, name)
-        try:
-            return tf.summary.create_file_writer(path)
-        except tf.errors.OpError as err:  # the log directory turned read-only, full, or vanished
-            raise console.UserError(f"{path}: cannot create the TensorBoard event file "
-                                    f"({checkpoints.first_line(err)})") from None
+        return evaluation.summary_writer(os.path.join(self.config.logdir, name))
 
     def restore(self):
         """(step, data position, row state) to start from: the latest checkpoint's, exactly, when

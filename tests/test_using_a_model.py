@@ -176,10 +176,13 @@ def test_projector_files_are_what_tensorboard_reads(trained, tmp_path):
     ("score", "no checkpoint", r"error: .*: no checkpoint here"),
     ("sample", "no hparams", r"error: .*hparams.json: not found; is .* a training log directory\?"),
     ("export", "other vocabulary", r"error: .*hparams.json: 'vocab_size' is \d+ in this log directory but \d+ now; .*"),
+    ("evaluate", "a file where the summaries go",
+     r"error: .*/eval_test_ave: cannot create the TensorBoard event file \(Not a directory\)"),
 ])
 def test_bad_input_is_one_line(trained, tmp_path, command, setup, message):
     corpus, logdir, _ = trained
-    extra = {"score": ["--input", str(tmp_path / "empty.txt")], "sample": [], "export": ["--out", str(tmp_path / "o")]}
+    extra = {"score": ["--input", str(tmp_path / "empty.txt")], "sample": [], "export": ["--out", str(tmp_path / "o")],
+             "evaluate": ["--once"]}
     (tmp_path / "empty.txt").write_text("\n  \n")
     if setup == "no checkpoint":
         shutil.copytree(logdir, tmp_path / "log", ignore=shutil.ignore_patterns("ckpt-*", "checkpoint"))
@@ -191,6 +194,10 @@ def test_bad_input_is_one_line(trained, tmp_path, command, setup, message):
         with open(tmp_path / "c" / "1b_word_vocab.txt", "a") as vocab:
             vocab.write("extra 1\n")
         corpus = tmp_path / "c"
+    elif setup == "a file where the summaries go":  # (another test's evaluate may have made the folder)
+        shutil.copytree(logdir, tmp_path / "log", ignore=shutil.ignore_patterns("eval_test_ave"))
+        logdir = tmp_path / "log"
+        (logdir / "eval_test_ave").write_text("not a folder\n")
     result = tool(command, corpus, logdir, *extra[command])
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr
