@@ -1,6 +1,7 @@
-"""Package metadata, and the build of the CPU kernels; the pinned stack is read from
-requirements.txt. The kernels compile against the installed TensorFlow's headers and library,
+"""Package metadata, and the build of the CPU kernels (CPU installs only); the pinned stack is
+read from requirements.txt. The kernels compile against the installed TensorFlow's headers and library,
 so TensorFlow comes first and pip runs without build isolation (install.sh does both)."""
+import os
 import platform
 from pathlib import Path
 
@@ -13,19 +14,24 @@ def pinned_requirements():
 
 
 def cpu_kernels():
-    """The TensorFlow op library of lm1b_hvd/kernels/*.cc, loaded by lm1b_hvd.ops: the LSTM
-    cell's gate arithmetic and the sampled softmax's forward."""
+    """The TensorFlow op library of lm1b_hvd/kernels/*.cc, loaded by lm1b_hvd.cpu_kernels: the
+    LSTM cell's gate arithmetic and the sampled softmax's forward. Built for CPU installs only:
+    a GPU install (TensorFlow's CUDA build) runs the portable ops (lm1b_hvd.compute_plan), so
+    it builds none unless LM1B_HVD_CPU_KERNELS=1; LM1B_HVD_CPU_KERNELS=0 skips them anywhere."""
     try:
         import tensorflow as tf
     except ImportError:
         raise SystemExit("lm1b_hvd: building its CPU kernels needs TensorFlow installed first, "
                          "and pip run with --no-build-isolation (bash install.sh does both)")
+    wanted = os.environ.get("LM1B_HVD_CPU_KERNELS", "")
+    if wanted == "0" or (wanted != "1" and tf.test.is_built_with_cuda()):
+        return []
     # AVX2 and FMA (x86 CPUs since 2013): Eigen vectorizes the kernels' tanh and exp 8 floats at a time.
     vector_flags = ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
     sources = sorted(str(path) for path in Path("lm1b_hvd/kernels").glob("*.cc"))
-    return Extension("lm1b_hvd._kernels", sources=sources, language="c++",
-                     extra_compile_args=tf.sysconfig.get_compile_flags() + ["-O3"] + vector_flags,
-                     extra_link_args=tf.sysconfig.get_link_flags())
+    return [Extension("lm1b_hvd._kernels", sources=sources, language="c++",
+                      extra_compile_args=tf.sysconfig.get_compile_flags() + ["-O3"] + vector_flags,
+                      extra_link_args=tf.sysconfig.get_link_flags())]
 
 
 setup(
@@ -33,7 +39,7 @@ setup(
     version="0.1.0",
     description="LSTM language models on the One Billion Word benchmark, trained with Horovod",
     packages=find_packages(include=["lm1b_hvd", "lm1b_hvd.*"]),
-    ext_modules=[cpu_kernels()],
+    ext_modules=cpu_kernels(),
     python_requires=">=3.9,<3.12",
     install_requires=pinned_requirements(),
     entry_points={

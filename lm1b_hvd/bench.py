@@ -8,10 +8,9 @@ peak of a large matmul measured in this same run, their ratio (MFU), bytes
 handed to Horovod per rank per step, and peak memory per rank.
 
 The compute a shared machine gives a process can change from one second to
-the next (a 2048^3 matmul here runs at 160 or 320 GFLOP/s by the minute), so
-the steps are timed in blocks of about half a second with the matmul peak
-measured just before and after each block, and the MFU is the median over
-blocks of each block's rate against its own peak.
+the next, so the steps are timed in blocks of about half a second with the
+matmul peak measured just before and after each block, and the MFU is the
+median over blocks of each block's rate against its own peak.
 
 Examples:
   python -m lm1b_hvd.bench                                # LSTM-2048-512, vocabulary 793,470
@@ -109,7 +108,7 @@ def peak_memory_bytes():
 
 
 def parse_args(argv):
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.bench")
     parser.add_argument("--preset", default="default", choices=sorted(hparams.PRESETS))
     parser.add_argument("--hpconfig", default="", help="overrides, e.g. precision=bf16,xla=true")
     parser.add_argument("--vocab", type=int, default=0,
@@ -146,6 +145,7 @@ def bench(args):
         say(line)
 
     trainer = Trainer(LSTMPLanguageModel(hps, vocab_size), exchange=not args.no_exchange)
+    say(trainer.model.plan.describe())
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
     state = trainer.model.zero_state(hps.batch_size)
 

@@ -25,7 +25,7 @@ def measure(dataset, batch_size, num_steps, seconds, seed=0):
 
 def main(argv=None):
     defaults = hparams.PRESETS["default"]
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.benchmark_data")
     parser.add_argument("--datadir", default=None, help="lm1b layout; default: the demo corpus")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--num_steps", type=int, default=defaults.num_steps)

@@ -7,6 +7,7 @@ Layout of a log directory:
   best/ckpt-STEP.*, best/best.json   the checkpoint with the lowest heldout perplexity so far
   train/, eval/         TensorBoard event files of the trainer (and eval_*/ of evaluate.py)
 """
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import console, hparams as hparams_lib
+from lm1b_hvd import console, data, distributed, hparams as hparams_lib
 
 HPARAMS_FILE = "hparams.json"
 BEST_DIR = "best"
@@ -63,6 +64,71 @@ class RunPosition(tf.Module):
         if saved["batch_size"] != batch_size or saved["seed"] != seed:
             return RankPosition(unusable="the checkpoint's batch_size or seed differs from this run's")
         return RankPosition(stream=positions[rank], row_state=self.row_states.numpy()[rank])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPoint:
+    """Where one rank's run stands between two steps: what the loop carries from step to step
+    and what a checkpoint gives back, so that the run continues exactly."""
+    step: int
+    position: data.StreamPosition  # this rank's training stream
+    row_state: list  # this rank's LSTM rows: per layer an ops.LSTMState
+
+    @classmethod
+    def start(cls, step, model):
+        """Step `step` at the start of the data, the LSTM rows zero."""
+        return cls(step, data.StreamPosition(), model.zero_state(model.hps.batch_size))
+
+
+class RunCheckpoints:
+    """A training run's checkpoints: the trainer's weights, Adagrad slots, step and EMA with
+    every rank's RunPoint, in one checkpoint that rank 0 writes (`writer`)."""
+
+    def __init__(self, logdir, trainer, keep, writer):
+        self.trainer = trainer
+        self.positions = RunPosition()
+        self.keeper = CheckpointKeeper(logdir, make_checkpoint(trainer, self.positions), keep, writer)
+
+    def set_writer(self, writer):
+        self.keeper.writer = writer
+
+    def restore(self, log):
+        """The RunPoint to start from: the latest checkpoint's, exactly, when it was written by as
+        many ranks with the same batch and seed; else its weights from the start of the data;
+        without a checkpoint, step 0. Says which in one line through `log`."""
+        path = self.keeper.restore_latest()
+        model, hps = self.trainer.model, self.trainer.model.hps
+        fresh = RunPoint.start(int(self.trainer.global_step), model)
+        if not path:
+            log("starting from scratch")
+            return fresh
+        saved = self.positions.for_rank(distributed.rank(), distributed.size(), hps.seed, hps.batch_size)
+        if saved.unusable:
+            log(f"resumed from {path} at step {fresh.step}; {saved.unusable}: the data order restarts "
+                "and the LSTM rows start from zero")
+            return fresh
+        position = data.StreamPosition.from_dict(saved.stream)
+        log(f"resumed from {path} at step {fresh.step} (epoch {position.epoch}, the same data position "
+            "and LSTM rows)")
+        return RunPoint(fresh.step, position, model.state_from_array(saved.row_state))
+
+    def _record_every_rank(self, point):
+        """Every rank's data position and LSTM rows, into the checkpoint rank 0 will write (a
+        collective: every rank calls it)."""
+        model, hps = self.trainer.model, self.trainer.model.hps
+        entries = distributed.gather_objects((point.position.to_dict(), model.state_to_array(point.row_state)))
+        if self.keeper.writer:
+            self.positions.store(hps.seed, hps.batch_size, [entry[0] for entry in entries],
+                                 [entry[1] for entry in entries])
+
+    def save(self, point):
+        self._record_every_rank(point)
+        self.keeper.save(point.step)
+
+    def save_if_best(self, point, perplexity):
+        """Keeps `point` under best/ when `perplexity` beats the best so far; whether it did."""
+        self._record_every_rank(point)
+        return self.keeper.save_if_best(point.step, perplexity)
 
 
 def make_checkpoint(trainer, run_position=None):

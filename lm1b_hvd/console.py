@@ -4,6 +4,7 @@ Launchers (horovodrun, mpirun, srun) tag each chunk a process writes; a line wri
 pieces gets the next tag in its middle. So every line goes out in one write.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -19,16 +20,56 @@ def say(text, stream=None):
     stream.flush()
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """The entry points' parser: the module docstring (with its example) as --help, and a bad
-    flag as one line, 'error: argument --max_steps: invalid int value: 'x' (see ... --help)'."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default after its help line (not for
+    switches and empty defaults, whose help line says what they mean)."""
 
-    def __init__(self, description=None, **kwargs):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS or (
+                isinstance(action.default, (str, tuple)) and not action.default):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' parser: `python -m MODULE` as the usage, the module docstring (with its
+    example) as --help, every flag's default shown, and a bad flag as one line, 'error: argument
+    --max_steps: invalid int value: 'x' (see ... --help)'."""
+
+    def __init__(self, description=None, module=None, **kwargs):
+        if module:
+            kwargs["prog"] = f"python -m {module}"
+        super().__init__(description=description, formatter_class=_HelpFormatter, **kwargs)
 
     def error(self, message):
         say(f"error: {message} (see {self.prog} --help)", sys.stderr)
         sys.exit(2)
+
+
+def option(default, help, **argparse_options):
+    """A field of a config record that is also the command-line flag --FIELD: its default and
+    help line live here once (add_options makes the flag, from_options the record)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+
+def add_options(parser, record):
+    """A flag for each option() field of the dataclass `record`: a bool is a switch, any other
+    default gives the flag's type unless the option names one."""
+    for field in dataclasses.fields(record):
+        if "help" not in field.metadata:
+            continue
+        options = dict(field.metadata)
+        if isinstance(field.default, bool):
+            options["action"] = "store_true"
+        else:
+            options.setdefault("type", type(field.default))
+        parser.add_argument(f"--{field.name}", default=field.default, **options)
+
+
+def from_options(record, args):
+    """The `record` of parsed flags."""
+    return record(**{field.name: getattr(args, field.name) for field in dataclasses.fields(record)
+                     if "help" in field.metadata})
 
 
 def run_main(body):

@@ -67,15 +67,14 @@ def parts_for_rank(paths, rank, num_ranks):
 
 
 def read_sentences(part, vocab):
-    """The sentences of one file part as int32 arrays `<S> ids <S>`."""
-    ids, unk, mark = vocab.ids, vocab.unk_id, vocab.sentence_id
+    """The sentences of one file part as int32 arrays `<S> ids <S>` (Vocabulary.sentence_ids)."""
     with open(part.path, "rb") as handle:
         lines = handle.read().splitlines()
     sentences = []
     for line in lines[part.offset::part.stride]:
         tokens = line.split()
         if tokens:
-            sentences.append(np.array([mark, *[ids.get(t, unk) for t in tokens], mark], np.int32))
+            sentences.append(vocab.sentence_ids(tokens))
     return sentences
 
 

@@ -141,9 +141,9 @@ def gather_numbers(numbers):
 def broadcast_from_root(variables):
     """Makes every rank hold rank 0's values of `variables`: Horovod's in-place broadcast, one
     variable at a time, so no copy of a weight is made. Broadcasting them all at once, in place
-    or not, held a second copy of every weight (6.5 GB more per rank for the default model and
-    its slots); assigning blocks of rows copied the whole variable at every block (sparsely
-    read variables are copied on write), ~5x slower and ~0.25 GiB more per rank."""
+    or not, holds a second copy of every weight (for the default model and its slots, more than
+    a rank's memory can spare); assigning blocks of rows copies the whole variable at every
+    block, since TensorFlow copies a sparsely read variable on write."""
     if hvd.size() == 1:
         return
     for variable in variables:
@@ -154,11 +154,13 @@ class ElasticState(horovod_elastic.State):
     """Horovod elastic state of a list of variables: commit() copies them to host memory, a
     reset after a lost rank puts that copy back, and sync() gives every rank rank 0's values
     (in place, as broadcast_from_root). Horovod's own TensorFlowState broadcasts nothing on
-    a reset under TF2's eager mode, hence this one."""
+    a reset under TF2's eager mode, hence this one. `restart_point` is where the caller's
+    training function starts when Horovod (re)runs it; the caller's reset callbacks set it."""
 
-    def __init__(self, variables):
+    def __init__(self, variables, restart_point=None):
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self.variables = list(variables)
+        self.restart_point = restart_point
         self.save()
 
     def save(self):

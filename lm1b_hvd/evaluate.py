@@ -30,7 +30,7 @@ class CheckpointEvaluator:
         """Perplexity of checkpoint `path`; writes its summaries at the checkpoint's step."""
         self.checkpoint.restore(path).expect_partial()
         step = checkpoints.step_of(path)
-        sums = self.evaluator.sums(self.dataset, self.eval_steps)
+        sums = self.evaluator.sums(self.dataset.sentences_once(), self.eval_steps)
         value = evaluation.perplexity(*sums)
         evaluation.write_summaries(self.writer, step, value)
         console.say(f"{self.mode} step {step} | perplexity {value:.2f} | log perplexity {math.log(value):.4f} "
@@ -39,7 +39,7 @@ class CheckpointEvaluator:
 
 
 def main(argv=None):
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.evaluate")
     parser.add_argument("--logdir", required=True)
     parser.add_argument("--datadir", default="", help="default: the demo corpus")
     parser.add_argument("--mode", default="eval_test_ave", choices=sorted(MODES))

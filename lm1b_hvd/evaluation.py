@@ -8,15 +8,16 @@ import math
 
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, console, data, distributed
+from lm1b_hvd import checkpoints, console, data, distributed, training
 
 
 class Evaluator:
-    """Full-softmax loss sums of a model, with the EMA weights (`ema`) when the run averages them."""
+    """Full-softmax loss sums of a model, with the EMA weights (`ema`) when the run averages
+    them (training.evaluation_weights); `ema=None` evaluates the weights the model holds."""
 
     def __init__(self, model, ema, report=None):
         self.model = model
-        self.ema = ema if model.hps.average_params else None
+        self.ema = ema
         self.report = report  # where progress lines of a long evaluation go (None: nowhere)
         self.step = tf.function(self._step)
 
@@ -25,15 +26,20 @@ class Evaluator:
         losses = self.model.full_softmax_losses(outputs, y) * w
         return new_state, tf.reduce_sum(losses), tf.reduce_sum(w)
 
-    def sums(self, dataset, max_batches=0, allow_empty=False):
-        """(loss sum, word count) over every sentence of `dataset` once (at most `max_batches`
-        batches when > 0), row state carried; `allow_empty` as in ShardedDataset.sentences_once."""
+    def sums(self, sentences, max_batches=0):
+        """(loss sum, word count) over `sentences` (id arrays `<S> .. <S>`) laid back to back in
+        the run's batch rows, row state carried; at most `max_batches` batches when > 0."""
         hps = self.model.hps
-        sentences, total = self._sentences_and_total(dataset, max_batches, allow_empty)
+        if max_batches:  # a cap: the sentences are streamed, the progress lines' total is the cap
+            total = max_batches * hps.batch_size * hps.num_steps
+        else:  # a whole split is read into memory (a heldout split is small) and counted there
+            sentences = list(sentences)
+            total = sum(len(sentence) - 1 for sentence in sentences)
         meter = console.Meter("evaluation (full softmax)", total, "words", report=self.report or (lambda _: None))
         state = self.model.zero_state(hps.batch_size)
         loss_sum, words = 0.0, 0.0
-        with self.ema.swapped_in() if self.ema else contextlib.nullcontext():
+        averaged = training.evaluation_weights(self.ema, hps) if self.ema else contextlib.nullcontext()
+        with averaged:
             for index, (x, y, w) in enumerate(data.pack_batches(sentences, hps.batch_size, hps.num_steps)):
                 if max_batches and index >= max_batches:
                     break
@@ -43,20 +49,10 @@ class Evaluator:
                 meter.update(words)
         return loss_sum, words
 
-    def _sentences_and_total(self, dataset, max_batches, allow_empty):
-        """This rank's sentences and the words to evaluate in them (the progress lines' total).
-        A whole split is read once into memory and counted there (a heldout split is small);
-        a capped one is streamed, its total the cap."""
-        sentences = dataset.sentences_once(allow_empty)
-        if max_batches:
-            return sentences, max_batches * self.model.hps.batch_size * self.model.hps.num_steps
-        sentences = list(sentences)
-        return sentences, sum(len(sentence) - 1 for sentence in sentences)
-
     def perplexity_over_ranks(self, dataset, max_batches=0):
         """(perplexity, words) of every rank's share of a split, sums reduced over ranks first.
         A rank whose share holds no sentence adds zeros; no word at all is an error."""
-        sums = self.sums(dataset, max_batches, allow_empty=True)
+        sums = self.sums(dataset.sentences_once(allow_empty=True), max_batches)
         loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
         if words <= 0:
             raise data.DataError(f"no sentences in {dataset.source}, on any rank")

@@ -22,69 +22,44 @@ import sys
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from lm1b_hvd import console, inference, ops
+from lm1b_hvd import console, inference, vocab
+from lm1b_hvd.model import LSTMPLanguageModel
 
 PROJECTOR_DIR = "projector"
 
 
 class ExportedLanguageModel(tf.Module):
-    """The trained weights, the vocabulary as a lookup table, and the two serving functions.
-    The LSTM runs as a tf.scan over time, so any sentence length works."""
+    """The trained model (embedding and softmax each one matrix), the vocabulary as a lookup
+    table, and the two serving functions. The LSTM runs as a tf.scan over the model's own
+    serving_step, so any sentence length works; the logits are the model's full softmax."""
 
     def __init__(self, trained):
         super().__init__(name="lm1b_lstm")
-        model, vocab = trained.model, trained.vocab
-        self.state_size = model.hps.state_size
-        self.embedding = tf.Variable(tf.concat(model.embedding, 0)[:len(vocab)], name="embedding")
-        self.lstm_weights = [tf.Variable(v) for v in model.lstm_weights]
-        self.lstm_biases = [tf.Variable(v) for v in model.lstm_biases]
-        self.lstm_projections = [tf.Variable(v) for v in model.lstm_projections]
-        self.softmax_w = tf.Variable(model.softmax_matrix(), name="softmax_w")
-        self.softmax_b = tf.Variable(model.softmax_b, name="softmax_b")
-        self.words = tf.constant([w.decode("utf-8", errors="replace") for w in vocab.words])
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(self.words, tf.range(len(vocab.words), dtype=tf.int32)),
-            default_value=vocab.unk_id)
-        self.mark = vocab.sentence_id
-
-    def _ids(self, texts, end_mark):
-        """`<S> ids [<S>]` of each text, zero-padded [n, T], and the real lengths [n]."""
-        tokens = self.table.lookup(tf.strings.split(texts))
-        marks = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(texts)[0], 1], self.mark))
-        parts = [marks, tokens, marks] if end_mark else [marks, tokens]
-        sequences = tf.concat(parts, axis=1)
-        return sequences.to_tensor(0), tf.cast(sequences.row_lengths(), tf.int32)
+        hps = trained.hps.replace(num_shards=1, kernels="portable")  # TensorFlow ops only: loads anywhere
+        self.model = LSTMPLanguageModel(hps, len(trained.vocab))
+        self.model.copy_weights_from(trained.model)
+        self.encoder = vocab.GraphEncoder(trained.vocab)
 
     def _outputs(self, x):
         """The top layer's outputs [T, n, projected] for ids x [n, T], from a zero state."""
         batch = tf.shape(x)[0]
-        state = [(tf.zeros([batch, self.state_size]), tf.zeros([batch, p.shape[1]])) for p in self.lstm_projections]
 
-        def step(carried, inputs):
-            layer_states, new_states = carried[1], []
-            for (c, h), weight, bias, projection in zip(layer_states, self.lstm_weights, self.lstm_biases,
-                                                        self.lstm_projections):
-                c, inputs = ops.lstmp_step(inputs, c, h, weight, bias, projection)
-                new_states.append((c, inputs))
-            return inputs, new_states
+        def step(carried, embedded):
+            return self.model.serving_step(embedded, carried[1])
 
-        embedded = tf.nn.embedding_lookup(self.embedding, tf.transpose(x))
-        first = tf.zeros([batch, self.lstm_projections[-1].shape[1]])
-        outputs, _ = tf.scan(step, embedded, initializer=(first, state))
+        first_output = tf.zeros([batch, self.model.hps.projected_size])
+        outputs, _ = tf.scan(step, self.model.embed(x), initializer=(first_output, self.model.zero_state(batch)))
         return outputs
-
-    def _log_softmax(self, outputs):
-        return tf.nn.log_softmax(tf.matmul(outputs, self.softmax_w, transpose_b=True) + self.softmax_b)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="sentences")])
     def score(self, sentences):
-        ids, lengths = self._ids(sentences, end_mark=True)
+        ids, lengths = self.encoder(sentences, end_mark=True)
         outputs = self._outputs(ids[:, :-1])  # [T - 1, n, projected]
         targets = tf.transpose(ids[:, 1:])
 
         def target_log_prob(pair):
             output, target = pair
-            return tf.gather(self._log_softmax(output), target, batch_dims=1)
+            return tf.gather(self.model.full_log_probs(output), target, batch_dims=1)
 
         per_step = tf.map_fn(target_log_prob, (outputs, targets), fn_output_signature=tf.float32)
         mask = tf.transpose(tf.sequence_mask(lengths - 1, tf.shape(targets)[0], tf.float32))
@@ -93,11 +68,11 @@ class ExportedLanguageModel(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prefix"),
                                   tf.TensorSpec([], tf.int32, name="k")])
     def next_word(self, prefix, k):
-        ids, lengths = self._ids(prefix, end_mark=False)
+        ids, lengths = self.encoder(prefix, end_mark=False)
         outputs = self._outputs(ids)
         last = tf.gather(tf.transpose(outputs, [1, 0, 2]), lengths - 1, batch_dims=1)
-        best = tf.math.top_k(self._log_softmax(last), k=k)
-        return {"words": tf.gather(self.words, best.indices), "log_probs": best.values}
+        best = tf.math.top_k(self.model.full_log_probs(last), k=k)
+        return {"words": tf.gather(self.encoder.words, best.indices), "log_probs": best.values}
 
 
 def write_projector(logdir, trained, count):
@@ -138,7 +113,7 @@ def export(args):
 
 
 def main(argv=None):
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.export")
     inference.add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for the SavedModel (new or empty)")
     parser.add_argument("--embeddings", type=int, default=0, metavar="N",

@@ -29,7 +29,8 @@ class HParams:
     average_params: bool = True
     ema_decay: float = 0.999
     seed: int = 1
-    # How the step runs, not what it computes (see README "Speed"): a checkpoint resumes under any.
+    # How the step runs, not what it computes: a checkpoint resumes under any of these.
+    kernels: str = "auto"  # auto | cpu | portable: lm1b_hvd's CPU kernels or TF ops only (compute_plan.py)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
     xla: bool = False  # compile forward and backward with XLA
     grad_combine: str = "rank_clip"  # rank_clip: the original's per-rank clip | tape: DistributedGradientTape
@@ -47,6 +48,7 @@ class HParams:
 
 
 CHOICES = {
+    "kernels": ("auto", "cpu", "portable"),
     "precision": ("fp32", "bf16", "fp16"),
     "grad_combine": ("rank_clip", "tape"),
 }

@@ -64,26 +64,22 @@ class TrainedModel:
         self.path = checkpoints.find_checkpoint(logdir, checkpoint)
         weights.checkpoint.restore(self.path).expect_partial()
         if self.hps.average_params:  # inference uses the averages, as evaluation does
-            for target, shadow in zip(weights.ema.targets, weights.ema.shadows):
-                target.assign(shadow)
+            weights.ema.copy_averages_to_targets()
         self.step = checkpoints.step_of(self.path)
-        self._chunk_log_probs = tf.function(self._chunk_log_probs_eager)
-        self._next_log_probs = tf.function(self._next_log_probs_eager)
+        self._window_log_probs = tf.function(self._window_log_probs_eager)
+        self._next_log_probs = tf.function(self.model.full_log_probs)
 
-    def ids(self, sentence):
-        """`<S> w1 .. wn <S>` as ids, and how many words were not in the vocabulary."""
+    def encode(self, sentence):
+        """(Vocabulary.sentence_ids of a sentence (bytes or str), how many of its words are <UNK>)."""
         tokens = (sentence.encode() if isinstance(sentence, str) else sentence).split()
-        ids = [self.vocab.ids.get(token, self.vocab.unk_id) for token in tokens]
-        unknown = sum(1 for token in tokens if token not in self.vocab.ids)
-        mark = self.vocab.sentence_id
-        return [mark, *ids, mark], unknown
+        return self.vocab.sentence_ids(tokens), self.vocab.unknown_count(tokens)
 
     def score(self, sentences, batch_size=64):
         """ScoredSentence for each sentence (bytes, split on whitespace), each from a fresh zero
         state at `<S>`, `batch_size` sentences at a time."""
         scored = []
         for start in range(0, len(sentences), batch_size):
-            encoded = [self.ids(sentence) for sentence in sentences[start:start + batch_size]]
+            encoded = [self.encode(sentence) for sentence in sentences[start:start + batch_size]]
             log_probs = self._log_probs([ids for ids, _ in encoded], batch_size)
             for row, (ids, unknown) in enumerate(encoded):
                 scored.append(ScoredSentence(len(ids) - 2, unknown, log_probs[row, :len(ids) - 1].tolist()))
@@ -103,24 +99,20 @@ class TrainedModel:
         state = self.model.zero_state(batch_size)
         out = []
         for start in range(0, padded, steps):
-            log_probs, state = self._chunk_log_probs(x[:, start:start + steps], y[:, start:start + steps], state)
+            log_probs, state = self._window_log_probs(x[:, start:start + steps], y[:, start:start + steps], state)
             out.append(log_probs.numpy())
         return np.concatenate(out, axis=1)
 
-    def _chunk_log_probs_eager(self, x, y, state):
+    def _window_log_probs_eager(self, x, y, state):
         outputs, state = self.model.forward(x, state, training=False)
         return -self.model.full_softmax_losses(outputs, y), state
 
     def next_word_log_probs(self, prefixes):
         """log P(next word | `<S>` prefix) [len(prefixes), vocab] and the state after each prefix
         (all prefixes the same number of words)."""
-        x = np.array([self.ids(prefix)[0][:-1] for prefix in prefixes], np.int32)
+        x = np.array([self.vocab.sentence_ids(prefix.encode().split(), end_mark=False) for prefix in prefixes])
         outputs, state = self.model.forward(x, self.model.zero_state(len(prefixes)), training=False)
         return self._next_log_probs(outputs[:, -1]), state
-
-    def _next_log_probs_eager(self, output):
-        logits = tf.matmul(output, self.model.softmax_matrix(), transpose_b=True) + self.model.softmax_b
-        return tf.nn.log_softmax(logits)
 
     def continue_from(self, word_ids, state):
         """The next-word log-probabilities after feeding one word per row, and the new state."""

@@ -12,14 +12,15 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import devices, ops
+from lm1b_hvd import compute_plan, ops
 
 
 def _uniform(shape, fan_in, seed):
     """Unit-scaling uniform initial values (variance 1 / fan_in), seeded so ranks agree.
 
     Drawn with numpy, in place, in fp32: TensorFlow's CPU allocator keeps the memory of the
-    temporaries an initializer op makes, ~0.7 GiB for the default model's 16 shards."""
+    temporaries an initializer op makes, which for the default model's shards is a sizeable
+    part of a rank's peak."""
     limit = math.sqrt(3.0 / fan_in)
     values = np.random.default_rng(seed).random(shape, dtype=np.float32)
     values *= 2.0 * limit
@@ -27,7 +28,6 @@ def _uniform(shape, fan_in, seed):
     return values
 
 
-COMPUTE_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 CANDIDATES_STREAM = 0  # sub-seed of a step's seed for the sampled candidates; dropout sites follow
 
 
@@ -110,13 +110,25 @@ def training_flops_per_word(hps, vocab_size):
     return 2 * 3 * multiply_adds
 
 
-class LSTMPLanguageModel(tf.Module):
-    """Embedding -> `num_layers` LSTM-with-projection layers -> softmax over the vocabulary."""
+def batch_major(output_chunks):
+    """The LSTM's time-major output chunks as one [batch, steps, projected_size] tensor."""
+    return tf.transpose(tf.concat(output_chunks, axis=0), [1, 0, 2])
 
-    def __init__(self, hps, vocab_size, candidate_sampler=None, name="lm"):
+
+class LSTMPLanguageModel(tf.Module):
+    """Embedding -> `num_layers` LSTM-with-projection layers -> softmax over the vocabulary.
+
+    The one forward pass (`forward`, or `run_layers` on embeddings) and the one full softmax
+    (`full_softmax_logits`) that training, evaluation, scoring, sampling and export all use;
+    `serving_step` is the same LSTM one time step at a time, for a graph that runs any number
+    of steps. `plan` (compute_plan.ComputePlan) says how it computes on this device: chosen
+    once from the hparams and the device when not given."""
+
+    def __init__(self, hps, vocab_size, plan=None, candidate_sampler=None, name="lm"):
         super().__init__(name=name)
         self.hps = hps
         self.vocab_size = vocab_size
+        self.plan = plan or compute_plan.choose(hps)
         self.rows_per_shard = -(-vocab_size // hps.num_shards)
         # Tests may fix the sampled candidates; by default a stateless log-uniform sampler draws them.
         self.candidate_sampler = candidate_sampler
@@ -152,36 +164,35 @@ class LSTMPLanguageModel(tf.Module):
         """Embedding, LSTM, softmax: the order the training step groups gradients in."""
         return self.embedding + self.lstm_variables + self.softmax_variables
 
+    def layer_weights(self, layer):
+        return ops.LayerWeights(self.lstm_weights[layer], self.lstm_biases[layer], self.lstm_projections[layer])
+
+    def copy_weights_from(self, other):
+        """Gives this model `other`'s weights, whatever the two models' numbers of shards: the
+        embedding and softmax as their whole (logical) matrices, in "div" order."""
+        for mine, theirs in ((self.embedding, other.embedding), (self.softmax_w, other.softmax_w)):
+            whole = tf.concat(theirs, axis=0)[:self.vocab_size]
+            for shard, variable in enumerate(mine):
+                rows = whole[shard * self.rows_per_shard:(shard + 1) * self.rows_per_shard]
+                padding = self.rows_per_shard - rows.shape[0]
+                variable.assign(tf.pad(rows, [[0, padding], [0, 0]]) if padding else rows)
+        for mine, theirs in zip(self.lstm_variables + [self.softmax_b], other.lstm_variables + [other.softmax_b]):
+            mine.assign(theirs)
+
     def zero_state(self, batch_size):
-        """Per layer (c, h): the per-row state carried from batch to batch."""
-        return [(tf.zeros([batch_size, self.hps.state_size]), tf.zeros([batch_size, self.hps.projected_size]))
-                for _ in range(self.hps.num_layers)]
+        """Per layer an ops.LSTMState: the per-row state carried from batch to batch."""
+        hps = self.hps
+        return [ops.LSTMState(tf.zeros([batch_size, hps.state_size]), tf.zeros([batch_size, hps.projected_size]))
+                for _ in range(hps.num_layers)]
 
     def state_to_array(self, state):
         """The per-row state as one array [layers, batch, state_size + projected_size]."""
         return np.stack([np.concatenate([c.numpy(), h.numpy()], axis=1) for c, h in state])
 
     def state_from_array(self, array):
-        return [(tf.constant(layer[:, :self.hps.state_size]), tf.constant(layer[:, self.hps.state_size:]))
+        size = self.hps.state_size
+        return [ops.LSTMState(tf.constant(layer[:, :size]), tf.constant(layer[:, size:]))
                 for layer in np.asarray(array, np.float32)]
-
-    @property
-    def compute_dtype(self):
-        """The dtype of the matmuls; weights, the cell state and the losses stay fp32."""
-        return COMPUTE_DTYPES[self.hps.precision]
-
-    @property
-    def cpu_kernels(self):
-        """Whether the LSTM's gate arithmetic (ops.FusedCell) and the sampled softmax's forward run
-        in lm1b_hvd's CPU kernels: not where XLA compiles them, nor on a GPU."""
-        return not self.hps.xla and not devices.on_gpu()
-
-    @property
-    def transposed_step_weights(self):
-        """Whether the LSTM's per-step matmuls take their weights transposed: where oneDNN runs
-        them with AVX2 kernels, which multiply `batch` rows by [n, k] weights 1.1-1.9x faster
-        than by [k, n] ones (its AVX-512 kernels the other way round)."""
-        return self.cpu_kernels and not devices.onednn_avx512()
 
     def _dropout(self, chunks, training, seed, site):
         """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs) of values given in time
@@ -199,42 +210,55 @@ class LSTMPLanguageModel(tf.Module):
         return tf.nn.embedding_lookup(self.embedding, tf.transpose(x))
 
     def run_layers(self, embedded, state, training, seed=None):
-        """LSTM outputs [batch, steps, projected_size] of time-major embeddings, and the state
-        after the last step. Training with dropout needs the step's `seed`."""
-        output_chunks, new_state = self.run_layers_in_chunks(embedded, state, training, seed)
-        return tf.transpose(tf.concat(output_chunks, axis=0), [1, 0, 2]), new_state
-
-    def run_layers_in_chunks(self, embedded, state, training, seed=None):
-        """run_layers' outputs time-major, in ops.time_chunks: each chunk is there once its steps
-        are, for the sampled softmax to start on it beside the next chunk's steps. Time-major
-        inside: each step's rows are contiguous."""
-        chunks = self._dropout(ops.time_chunks(embedded), training, seed, 0)
+        """The LSTM over time-major embeddings [steps, batch, emb_size]: its outputs, time-major,
+        in the plan's time chunks (each chunk is there once its steps are, for the sampled
+        softmax to start on it beside the next chunk's steps), and the state after the last
+        step. Training with dropout needs the step's `seed`."""
+        chunks = self._dropout(ops.time_chunks(embedded, self.plan.time_chunks), training, seed, 0)
         new_state = []
-        for layer, (c, h) in enumerate(state):
-            chunks, c, h = ops.lstmp_layer_chunks(chunks, c, h, self.lstm_weights[layer], self.lstm_biases[layer],
-                                                  self.lstm_projections[layer], self.compute_dtype, self.cpu_kernels,
-                                                  self.transposed_step_weights)
+        for layer, layer_state in enumerate(state):
+            chunks, layer_state = ops.lstmp_layer(chunks, layer_state, self.layer_weights(layer),
+                                                  **self.plan.layer_options())
             chunks = self._dropout(chunks, training, seed, layer + 1)
-            new_state.append((c, h))
+            new_state.append(layer_state)
         return chunks, new_state
 
     def forward(self, x, state, training, seed=None):
-        """LSTM outputs [batch, steps, projected_size] and the state after the last step."""
-        return self.run_layers(self.embed(x), state, training, seed)
+        """LSTM outputs [batch, steps, projected_size] of word ids `x` [batch, steps], and the
+        state after the last step."""
+        output_chunks, new_state = self.run_layers(self.embed(x), state, training, seed)
+        return batch_major(output_chunks), new_state
+
+    def serving_step(self, embedded, state):
+        """The LSTM one time step at a time, forward only: (output [batch, projected_size], new
+        state) from the step's embeddings [batch, emb_size], for a graph that runs any number of
+        steps (the SavedModel's tf.scan)."""
+        new_state, inputs = [], embedded
+        for layer, layer_state in enumerate(state):
+            layer_state = ops.lstmp_step(inputs, layer_state, self.layer_weights(layer))
+            new_state.append(layer_state)
+            inputs = layer_state.h
+        return inputs, new_state
 
     def softmax_matrix(self):
         """The shards concatenated in "div" order, padding trimmed: [vocab_size, projected_size]."""
+        if len(self.softmax_w) == 1 and self.rows_per_shard == self.vocab_size:
+            return self.softmax_w[0]  # already whole: no copy
         return tf.concat(self.softmax_w, axis=0)[:self.vocab_size]
+
+    def full_softmax_logits(self, outputs):
+        """The logits of every word [..., vocab_size] for LSTM outputs [..., projected_size]."""
+        return tf.linalg.matmul(outputs, self.softmax_matrix(), transpose_b=True) + self.softmax_b
+
+    def full_log_probs(self, outputs):
+        """log P(word | history) of every word of the vocabulary, [..., vocab_size]."""
+        return tf.nn.log_softmax(self.full_softmax_logits(outputs))
 
     def full_softmax_losses(self, outputs, y):
         """Per-token cross-entropy [batch, steps] over the whole vocabulary, one step at a time
         so the logits never exceed [batch, vocab_size]."""
-        weights = self.softmax_matrix()
-        losses = []
-        for step in range(y.shape[1]):
-            logits = tf.matmul(outputs[:, step], weights, transpose_b=True) + self.softmax_b
-            losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y[:, step], logits=logits))
-        return tf.stack(losses, axis=1)
+        return tf.stack([tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=y[:, step], logits=self.full_softmax_logits(outputs[:, step])) for step in range(y.shape[1])], axis=1)
 
     def uses_sampled_softmax(self):
         return 0 < self.hps.num_sampled < self.vocab_size
@@ -265,15 +289,11 @@ class LSTMPLanguageModel(tf.Module):
             candidate_w=tf.nn.embedding_lookup(self.softmax_w, candidates),
             candidate_b=tf.gather(self.softmax_b, candidates) - tf.math.log(candidate_expected))
 
-    def sampled_losses(self, outputs, rows):
-        """Per-token sampled-softmax loss [batch, steps] of outputs [batch, steps, projected_size]."""
-        return self.sampled_losses_in_chunks(ops.time_chunks(tf.transpose(outputs, [1, 0, 2])), rows)
-
-    def sampled_losses_in_chunks(self, output_chunks, rows):
+    def sampled_losses(self, output_chunks, rows):
         """Per-token sampled-softmax loss [batch, steps] from the LSTM's time-major output chunks
         and the gathered `rows`: tf.nn.sampled_softmax_loss's math (candidates shared by all
-        tokens, accidental hits removed), computed with the hand-written pieces of `ops`, one
-        chunk at a time so that a chunk's logits are computed beside the next chunk's steps."""
+        tokens, accidental hits removed), computed with ops.sampled_cross_entropy one chunk at a
+        time, so that a chunk's logits are computed beside the next chunk's steps."""
         batch = tf.shape(output_chunks[0])[1]
         tokens = [chunk.shape[0] * batch for chunk in output_chunks]
         losses = []
@@ -282,14 +302,6 @@ class LSTMPLanguageModel(tf.Module):
             inputs = tf.reshape(chunk, [-1, self.hps.projected_size])
             true_logits = tf.reduce_sum(inputs * true_w, axis=1) + true_b
             chunk_losses = ops.sampled_cross_entropy(inputs, rows.candidate_w, rows.candidate_b, true_logits,
-                                                     hit_columns, self.compute_dtype, self.cpu_kernels)
+                                                     hit_columns, **self.plan.softmax_options())
             losses.append(tf.reshape(chunk_losses, [chunk.shape[0], batch]))
         return tf.transpose(tf.concat(losses, axis=0))
-
-    def sampled_softmax_losses(self, outputs, y, seed=None):
-        return self.sampled_losses(outputs, self.softmax_rows(y, seed))
-
-    def true_logits(self, outputs, y):
-        """The logit the sampled softmax gives each target word: row y of the sharded weights."""
-        rows = tf.nn.embedding_lookup(self.softmax_w, y)
-        return tf.reduce_sum(outputs * rows, axis=-1) + tf.gather(self.softmax_b, y)

@@ -9,7 +9,7 @@ from lm1b_hvd import console, demo_corpus, lm1b_download
 
 
 def main(argv=None):
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.prepare_data")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="generate (once) the built-in demo corpus")
     demo.add_argument("--cache_dir", default=None, help="default: $LM1B_HVD_CACHE or ~/.cache/lm1b_hvd")

@@ -61,7 +61,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.sample")
     inference.add_model_arguments(parser)
     parser.add_argument("--prefix", default="", help="words the sentences start with")
     parser.add_argument("--num", type=int, default=10, help="sentences to draw")

@@ -17,12 +17,10 @@ Examples:
 """
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 
-from lm1b_hvd import console, data, evaluation, inference
+from lm1b_hvd import console, evaluation, inference
 
 
 class InputError(console.UserError):
@@ -55,12 +53,8 @@ def sentence_records(sentences, scored):
 def stream_perplexity(trained, sentences):
     """The heldout evaluation's protocol over these sentences: rows of sentences laid back to back,
     the state carried, batch and window of the run."""
-    with tempfile.TemporaryDirectory() as scratch:
-        path = os.path.join(scratch, "input.txt")
-        with open(path, "wb") as out:
-            out.write(b"".join(sentence + b"\n" for sentence in sentences))
-        dataset = data.ShardedDataset([data.FilePart(path)], trained.vocab)
-        loss_sum, words = evaluation.Evaluator(trained.model, None).sums(dataset)
+    encoded = [trained.vocab.sentence_ids(sentence.split()) for sentence in sentences]
+    loss_sum, words = evaluation.Evaluator(trained.model, None).sums(encoded)
     return evaluation.perplexity(loss_sum, words), int(words)
 
 
@@ -68,7 +62,7 @@ def score(args):
     trained = inference.TrainedModel(args.logdir, args.datadir, args.checkpoint)
     sentences, blank = read_sentences(args.input)
     started = time.monotonic()
-    unknown = sum(trained.ids(sentence)[1] for sentence in sentences)
+    unknown = sum(trained.vocab.unknown_count(sentence.split()) for sentence in sentences)
     summary = {"sentences": len(sentences), "words": sum(len(s.split()) for s in sentences), "unk": unknown,
                "blank_lines_skipped": blank, "checkpoint": trained.path}
     if args.stream:
@@ -101,7 +95,7 @@ def score(args):
 
 
 def main(argv=None):
-    parser = console.ArgumentParser(__doc__)
+    parser = console.ArgumentParser(__doc__, "lm1b_hvd.score")
     inference.add_model_arguments(parser)
     parser.add_argument("--input", required=True, help="one sentence per line; '-' reads stdin")
     parser.add_argument("--output", default="", help="JSON lines file to write; default: stdout")

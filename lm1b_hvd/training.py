@@ -13,6 +13,7 @@ import dataclasses
 import tensorflow as tf
 
 from lm1b_hvd import distributed
+from lm1b_hvd.model import batch_major
 
 
 def sum_duplicates(gradient):
@@ -43,12 +44,17 @@ class ExponentialMovingAverage:
         for shadow, target in zip(self.shadows, self.targets):
             shadow.assign_sub((1.0 - self.decay) * (shadow - target))
 
+    def copy_averages_to_targets(self):
+        """The targets take the averages' values: for good, where nothing trains afterwards
+        (inference), or inside swapped_in."""
+        for shadow, target in zip(self.shadows, self.targets):
+            target.assign(shadow)
+
     @contextlib.contextmanager
     def swapped_in(self):
         """Within the block the targets hold the averages; afterwards their own values again."""
         saved = [tf.identity(v) for v in self.targets]
-        for shadow, target in zip(self.shadows, self.targets):
-            target.assign(shadow)
+        self.copy_averages_to_targets()
         try:
             yield
         finally:
@@ -56,10 +62,16 @@ class ExponentialMovingAverage:
                 target.assign(value)
 
 
+def evaluation_weights(ema, hps):
+    """The weights evaluation runs with, for the block: the EMA's averages when the run keeps
+    them (average_params, the original's eval_test_ave), else the trained weights."""
+    return ema.swapped_in() if hps.average_params else contextlib.nullcontext()
+
+
 class FusedAdagrad(tf.keras.optimizers.Adagrad):
     """Keras's Adagrad, with its slots (so the same checkpoints), updating each variable with
     TensorFlow's fused Adagrad kernels: one pass over a variable and its accumulator where
-    Keras's update makes five (the default LSTM weight: 22 -> 9 ms a step on a 2-core CPU).
+    Keras's update makes five.
 
     The original's tf.train.AdagradOptimizer: accumulators start at 1.0, no epsilon. Sparse
     gradients must have unique rows (training.sum_duplicates), as the kernel applies each row
@@ -84,14 +96,14 @@ class FusedAdagrad(tf.keras.optimizers.Adagrad):
 
 @dataclasses.dataclass(frozen=True)
 class Votes:
-    """What a rank asks of this step. Summed over ranks with the step's statistics, so that
-    every rank acts on a request at the same step."""
+    """What a rank asks of this step. Summed over ranks with the step's statistics (StepStats
+    fields of the same names), so that every rank acts on a request at the same step."""
     stop_signal: bool = False  # SIGUSR1/SIGTERM received
     out_of_time: bool = False  # past --max_time
     checkpoint: bool = False  # a checkpoint is due by the clock (rank 0's clock decides)
 
     def as_tensor(self):
-        return tf.constant([float(self.stop_signal), float(self.out_of_time), float(self.checkpoint)])
+        return tf.constant([float(getattr(self, name)) for name in _names(Votes)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +112,25 @@ class StepStats:
     loss_sum: float  # weighted token losses
     words: float  # sum of the weights: real predictions
     lstm_norm: float  # LSTM gradient global norm before clipping (sum of the ranks' norms)
-    signal_votes: float  # ranks that received SIGUSR1/SIGTERM
-    time_votes: float  # ranks past --max_time
-    checkpoint_votes: float  # ranks asking for a checkpoint now
     exchange_bytes: float  # bytes of gradients handed to Horovod
     duplicate_bytes: float  # bytes more it would have been without summing duplicate rows first
+    stop_signal: float  # Votes: ranks that received SIGUSR1/SIGTERM
+    out_of_time: float  # ranks past --max_time
+    checkpoint: float  # ranks asking for a checkpoint now
+
+    @classmethod
+    def from_vector(cls, values):
+        """From the summed vector that stack_stats made."""
+        return cls(**{name: float(value) for name, value in zip(_names(cls), values)})
+
+
+def stack_stats(named):
+    """A {StepStats field: scalar tensor} dict as one vector, for one allreduce of them all."""
+    return tf.stack([named[name] for name in _names(StepStats)])
+
+
+def _names(record):
+    return [field.name for field in dataclasses.fields(record)]
 
 
 def payload_bytes(gradients):
@@ -158,11 +184,11 @@ class Trainer:
         """One training step; returns the new row state and the StepStats (host numbers)."""
         args = (tf.convert_to_tensor(x), tf.convert_to_tensor(y), tf.convert_to_tensor(w), state, votes.as_tensor())
         state, stats = self._traced_step(args)(*args)
-        return state, StepStats(*(float(v) for v in stats.numpy()))
+        return state, StepStats.from_vector(stats.numpy())
 
     def _traced_step(self, args):
         """The step traced for these argument shapes. Called directly it skips the argument
-        matching a tf.function does on every call: ~0.8 ms, 7% of a demo step on 2 CPU cores."""
+        matching a tf.function does on every call, a noticeable part of a small model's step."""
         key = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args))
         if key not in self._traced_steps:
             self._traced_steps[key] = self._compiled_step.get_concrete_function(*args)
@@ -177,12 +203,11 @@ class Trainer:
     def _token_losses(self, embedded, state, softmax_rows, y, w, seed):
         """Weighted per-token training losses [batch, steps] and the new row state."""
         model = self.model
+        output_chunks, new_state = model.run_layers(embedded, state, training=True, seed=seed)
         if softmax_rows is None:
-            outputs, new_state = model.run_layers(embedded, state, training=True, seed=seed)
-            losses = model.full_softmax_losses(outputs, y)
+            losses = model.full_softmax_losses(batch_major(output_chunks), y)
         else:
-            output_chunks, new_state = model.run_layers_in_chunks(embedded, state, training=True, seed=seed)
-            losses = model.sampled_losses_in_chunks(output_chunks, softmax_rows)
+            losses = model.sampled_losses(output_chunks, softmax_rows)
         return losses * w, new_state
 
     def _gradients(self, x, y, w, state):
@@ -225,6 +250,6 @@ class Trainer:
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
-        stats = tf.concat([tf.stack([tf.reduce_sum(token_losses), tf.reduce_sum(w), lstm_norm]), votes,
-                           [exchanged, duplicates]], 0)
-        return new_state, distributed.sum_over_ranks(stats)
+        stats = dict(loss_sum=tf.reduce_sum(token_losses), words=tf.reduce_sum(w), lstm_norm=lstm_norm,
+                     exchange_bytes=exchanged, duplicate_bytes=duplicates, **dict(zip(_names(Votes), tf.unstack(votes))))
+        return new_state, distributed.sum_over_ranks(stack_stats(stats))

@@ -1,10 +1,14 @@
-"""The lm1b vocabulary file: `word count` per line, most frequent first.
+"""The lm1b vocabulary file (`word count` per line, most frequent first), and the one rule that
+turns a sentence into ids: `<S> w1 .. wn <S>`, words split on ASCII whitespace, a word not in
+the vocabulary read as `<UNK>`.
 
 Ids are line numbers (from 0), so frequent words get small ids and the
 log-uniform candidate sampler of the sampled softmax is the right proposal.
 Words are kept as bytes: sentences are matched against them byte for byte
 (see data.py), so a file that is not valid UTF-8 still reads.
 """
+import numpy as np
+import tensorflow as tf
 
 from lm1b_hvd import console
 
@@ -40,10 +44,41 @@ class Vocabulary:
     def id_to_word(self, index):
         return self.words[index].decode("utf-8", errors="replace")
 
+    def sentence_ids(self, tokens, end_mark=True):
+        """The ids of a sentence's words (bytes, as `line.split()` gives them) as an int32 array
+        `<S> w1 .. wn <S>`, or without the final `<S>` (a prefix to continue)."""
+        ids, unk, mark = self.ids, self.unk_id, self.sentence_id
+        return np.array([mark, *[ids.get(token, unk) for token in tokens], *([mark] if end_mark else [])], np.int32)
+
+    def unknown_count(self, tokens):
+        """How many of `tokens` sentence_ids reads as `<UNK>`."""
+        return sum(1 for token in tokens if token not in self.ids)
+
     def write(self, path):
         """Writes `word count` lines; the temp-file rename keeps a reader from seeing half a file."""
         console.write_atomically(path, b"".join(
             word + b" " + str(count).encode() + b"\n" for word, count in zip(self.words, self.counts)))
+
+
+class GraphEncoder(tf.Module):
+    """Vocabulary.sentence_ids in TensorFlow ops, for a SavedModel that loads without this
+    package: the words as a lookup table inside the graph. Words are matched as UTF-8 strings
+    (a vocabulary word that is not valid UTF-8 cannot be typed in there anyway)."""
+
+    def __init__(self, vocab):
+        super().__init__(name="vocabulary")
+        self.words = tf.constant([vocab.id_to_word(i) for i in range(len(vocab))])
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(self.words, tf.range(len(vocab), dtype=tf.int32)),
+            default_value=vocab.unk_id)
+        self.mark = vocab.sentence_id
+
+    def __call__(self, texts, end_mark=True):
+        """`<S> ids [<S>]` of each text [n], zero-padded [n, T], and the real lengths [n]."""
+        tokens = self.table.lookup(tf.strings.split(texts))
+        marks = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(texts)[0], 1], self.mark))
+        sequences = tf.concat([marks, tokens, marks] if end_mark else [marks, tokens], axis=1)
+        return sequences.to_tensor(0), tf.cast(sequences.row_lengths(), tf.int32)
 
 
 def load(path):

@@ -33,7 +33,7 @@ fi
   | tail -1 | tee -a "$RESULTS"
 
 section "tests that use the GPU"
-"$VENV/bin/python" -m pytest -q tests/test_ops.py tests/test_model.py tests/test_precision.py \
+"$VENV/bin/python" -m pytest -q tests/test_ops.py tests/test_model.py tests/test_compute_plan.py tests/test_precision.py \
   tests/test_bench.py tests/test_devices.py tests/test_multiprocess.py 2>&1 | tail -15 | tee -a "$RESULTS"
 
 bench() {  # bench LABEL NP ARGS...: one bench run, its figures kept

@@ -79,7 +79,7 @@ CASES = {
         r"error: hparam 'batch_size' expects an int, got 'lots'"),
     "non-numeric flag": (
         lambda c, t: dict(extra=["--max_steps", "ten"]),
-        r"error: argument --max_steps: invalid int value: 'ten' \(see train.py --help\)"),
+        r"error: argument --max_steps: invalid int value: 'ten' \(see python -m lm1b_hvd.train --help\)"),
     "log directory that is a file": (
         lambda c, t: dict(logdir=t / "a-file"),
         r"error: {logdir}: the log directory is a file"),

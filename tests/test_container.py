@@ -148,3 +148,5 @@ def test_gpu_pip_image_builds_here_with_cuda_and_nccl_and_refuses_to_train_witho
     allowed = run_in_image("horovodrun", "-np", "2", *train, "--allow_cpu", image=GPU_PIP_IMAGE,
                            env=["CUDA_VISIBLE_DEVICES=0"]).stdout
     assert "device rank 1: " in allowed and "stopped at step 4 (max_steps)" in allowed
+    # A GPU install builds no CPU kernels, and trains without them: the portable ops a GPU runs.
+    assert "compute plan: kernels=portable (auto: the CPU kernels are not built)" in allowed

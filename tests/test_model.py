@@ -1,10 +1,13 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import hparams, ops
+from lm1b_hvd import compute_plan, hparams
 from lm1b_hvd.model import LSTMPLanguageModel, unique_log_uniform_candidates
 from lm1b_hvd.training import sum_duplicates
+from tests.model_helpers import sampled_softmax_losses, true_logits
 
 VOCAB = 31  # not a multiple of num_shards: the last shard is padded
 
@@ -44,7 +47,7 @@ def test_full_softmax_logit_equals_sampled_softmax_true_logit():
     outputs, _ = model.forward(x, model.zero_state(3), training=False)
     full_logits = tf.matmul(tf.reshape(outputs, [-1, 6]), model.softmax_matrix(), transpose_b=True) + model.softmax_b
     picked = tf.gather(full_logits, tf.reshape(y, [-1]), batch_dims=1).numpy()
-    np.testing.assert_allclose(tf.reshape(model.true_logits(outputs, y), [-1]).numpy(), picked, atol=1e-5)
+    np.testing.assert_allclose(tf.reshape(true_logits(model, outputs, y), [-1]).numpy(), picked, atol=1e-5)
 
 
 def test_sampled_softmax_over_every_word_is_the_full_softmax():
@@ -59,7 +62,7 @@ def test_sampled_softmax_over_every_word_is_the_full_softmax():
     model = LSTMPLanguageModel(hps, VOCAB, candidate_sampler=all_candidates)
     x, y = batch(2, hps)
     outputs, _ = model.forward(x, model.zero_state(3), training=False)
-    np.testing.assert_allclose(model.sampled_softmax_losses(outputs, y).numpy(),
+    np.testing.assert_allclose(sampled_softmax_losses(model, outputs, y).numpy(),
                                model.full_softmax_losses(outputs, y).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -101,24 +104,38 @@ def test_dropout_only_in_training_and_state_is_carried():
     assert not np.allclose(a.numpy(), d.numpy())
 
 
-def test_time_chunks_change_nothing_but_the_order_of_work(monkeypatch):
+def test_time_chunks_change_nothing_but_the_order_of_work():
     """Dropout masks, LSTM outputs and sampled losses in 1, 3 or 4 time chunks: the same numbers."""
     hps = tiny(keep_prob=0.5, num_steps=4)
-    model = LSTMPLanguageModel(hps, VOCAB)
     x, y = batch(5, hps)
     seed = tf.constant([1, 7])
-    rows = model.softmax_rows(y, seed)
 
     def losses_and_outputs(chunks):
-        monkeypatch.setattr(ops, "TIME_CHUNKS", chunks)
-        output_chunks, _ = model.run_layers_in_chunks(model.embed(x), model.zero_state(3), True, seed)
+        plan = dataclasses.replace(compute_plan.choose(hps), time_chunks=chunks)
+        model = LSTMPLanguageModel(hps, VOCAB, plan=plan)
+        output_chunks, _ = model.run_layers(model.embed(x), model.zero_state(3), True, seed)
         assert len(output_chunks) == chunks
-        return model.sampled_losses_in_chunks(output_chunks, rows).numpy(), tf.concat(output_chunks, 0).numpy()
+        rows = model.softmax_rows(y, seed)
+        return model.sampled_losses(output_chunks, rows).numpy(), tf.concat(output_chunks, 0).numpy()
 
     whole = losses_and_outputs(1)
     for chunks in (3, 4):
         for got, expected in zip(losses_and_outputs(chunks), whole):
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_copied_between_shard_counts_give_the_same_model():
+    """copy_weights_from moves the whole matrices: 3 shards (the last padded) to 1 and to 4."""
+    source = LSTMPLanguageModel(tiny(), VOCAB)
+    x, y = batch(6, source.hps)
+    expected = source.full_log_probs(source.forward(x, source.zero_state(3), training=False)[0]).numpy()
+    for shards in (1, 4):
+        copy = LSTMPLanguageModel(tiny(num_shards=shards, seed=9), VOCAB)
+        copy.copy_weights_from(source)
+        np.testing.assert_array_equal(tf.concat(copy.embedding, 0)[:VOCAB].numpy(),
+                                      tf.concat(source.embedding, 0)[:VOCAB].numpy())
+        got = copy.full_log_probs(copy.forward(x, copy.zero_state(3), training=False)[0]).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_sampled, range_max", [(64, 1000), (30, 40)])
@@ -193,7 +210,7 @@ def test_sampled_softmax_loss_and_gradients_equal_tensorflows():
         return tf.reshape(losses, y.shape)
 
     assert np.isin(y, candidates.numpy()).any(), "the batch has accidental hits to remove"
-    ours, our_grads = losses_and_gradients(lambda: model.sampled_softmax_losses(outputs, y))
+    ours, our_grads = losses_and_gradients(lambda: sampled_softmax_losses(model, outputs, y))
     theirs, their_grads = losses_and_gradients(tensorflows)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5)
     for a, b in zip(our_grads, their_grads):

@@ -1,4 +1,5 @@
-"""The hand-written LSTMP backward and sampled cross-entropy equal autodiff of their textbook versions."""
+"""The hand-written LSTMP backward and sampled cross-entropy, portable and with the CPU kernels,
+equal autodiff of their textbook versions."""
 import functools
 import importlib.util
 
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import console, devices, ops
+from lm1b_hvd import console, cpu_kernels, ops
+from lm1b_hvd.compute_plan import ComputePlan
 from lm1b_hvd.hparams import HParams
 from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.ops import FORGET_BIAS, lstmp_layer
+from lm1b_hvd.ops import FORGET_BIAS
 
 STEPS, BATCH, INPUTS, STATE, PROJ = 5, 3, 4, 6, 2
 
@@ -24,6 +26,20 @@ def reference_layer(inputs, c, h, weight, bias, projection):
         h = tf.matmul(tf.sigmoid(o) * tf.tanh(c), projection)
         outputs.append(h)
     return tf.stack(outputs), c, h
+
+
+def lstmp_layer(inputs, c, h, weight, bias, projection, chunks=2, cell=ops.ComposedCell,
+                step_weights=ops.StoredStepWeights):
+    """ops.lstmp_layer with reference_layer's arguments and results."""
+    output_chunks, state = ops.lstmp_layer(ops.time_chunks(inputs, chunks), ops.LSTMState(c, h),
+                                           ops.LayerWeights(weight, bias, projection), cell=cell,
+                                           step_weights=step_weights)
+    return tf.concat(output_chunks, axis=0), state.c, state.h
+
+
+STEP_WEIGHTS = {"stored": ops.StoredStepWeights, "transposed": cpu_kernels.TransposedStepWeights}
+# A GPU install builds no CPU kernels: there the tests of the portable path run alone.
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.built(), reason="a GPU install: no CPU kernels built")
 
 
 def random_arguments(seed):
@@ -46,11 +62,11 @@ def outputs_and_gradients(layer, arguments, with_final_state_loss):
     return [outputs, c, h], gradients
 
 
-@pytest.mark.parametrize("transposed_step_weights", [False, True])
-def test_forward_and_weight_and_input_gradients_match_autodiff(transposed_step_weights):
+@pytest.mark.parametrize("step_weights", sorted(STEP_WEIGHTS))
+def test_forward_and_weight_and_input_gradients_match_autodiff(step_weights):
     arguments = random_arguments(0)
     expected, expected_grads = outputs_and_gradients(reference_layer, arguments, True)
-    layer = functools.partial(lstmp_layer, transposed_step_weights=transposed_step_weights)
+    layer = functools.partial(lstmp_layer, step_weights=STEP_WEIGHTS[step_weights])
     got, got_grads = outputs_and_gradients(layer, arguments, True)
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
@@ -63,15 +79,13 @@ def test_forward_and_weight_and_input_gradients_match_autodiff(transposed_step_w
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11, err_msg=name)
 
 
-@pytest.mark.parametrize("fused_cell", [False, True])
+@pytest.mark.parametrize("cell", [ops.ComposedCell, pytest.param(cpu_kernels.FusedCell, marks=needs_cpu_kernels)])
 @pytest.mark.parametrize("time_chunks", [1, 3, STEPS])
-def test_any_number_of_time_chunks_gives_the_same_layer(monkeypatch, fused_cell, time_chunks):
+def test_any_number_of_time_chunks_gives_the_same_layer(cell, time_chunks):
     """The steps split into chunks of 1-5 (uneven for 3) for overlap: the same outputs and gradients."""
     arguments = [tf.cast(a, tf.float32) for a in random_arguments(4)]
-    monkeypatch.setattr(ops, "TIME_CHUNKS", 2)
-    layer = functools.partial(lstmp_layer, fused_cell=fused_cell)
-    expected, expected_grads = outputs_and_gradients(layer, arguments, True)
-    monkeypatch.setattr(ops, "TIME_CHUNKS", time_chunks)
+    expected, expected_grads = outputs_and_gradients(functools.partial(lstmp_layer, cell=cell), arguments, True)
+    layer = functools.partial(lstmp_layer, chunks=time_chunks, cell=cell)
     got, got_grads = outputs_and_gradients(layer, arguments, True)
     for a, b in zip([*got, *got_grads], [*expected, *expected_grads]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
@@ -92,13 +106,25 @@ def test_compiled_graph_gives_the_eager_result():
     np.testing.assert_allclose(compiled[0][0].numpy(), eager[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("with_final_state_loss, transposed_step_weights", [(True, False), (False, False),
-                                                                            (True, True)])
-def test_fused_cell_kernels_match_autodiff(with_final_state_loss, transposed_step_weights):
+def test_the_serving_step_is_the_layers_forward():
+    """lstmp_step, which the SavedModel runs under tf.scan, steps through what the layer computes."""
+    inputs, c, h, weight, bias, projection = random_arguments(5)
+    expected, expected_c, expected_h = lstmp_layer(inputs, c, h, weight, bias, projection)
+    state, weights = ops.LSTMState(c, h), ops.LayerWeights(weight, bias, projection)
+    for t in range(STEPS):
+        state = ops.lstmp_step(inputs[t], state, weights)
+        np.testing.assert_allclose(state.h.numpy(), expected[t].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(state.c.numpy(), expected_c.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("with_final_state_loss, step_weights", [(True, "stored"), (False, "stored"),
+                                                                 (True, "transposed")])
+def test_fused_cell_kernels_match_autodiff(with_final_state_loss, step_weights):
     """The CPU kernels of lm1b_hvd/kernels, fp32 only, against float64 autodiff of the textbook."""
     arguments = random_arguments(3)
     expected, expected_grads = outputs_and_gradients(reference_layer, arguments, with_final_state_loss)
-    fused = functools.partial(lstmp_layer, fused_cell=True, transposed_step_weights=transposed_step_weights)
+    fused = functools.partial(lstmp_layer, cell=cpu_kernels.FusedCell, step_weights=STEP_WEIGHTS[step_weights])
     got, got_grads = outputs_and_gradients(fused, [tf.cast(a, tf.float32) for a in arguments],
                                            with_final_state_loss)
     for a, b in zip(got, expected):
@@ -111,59 +137,58 @@ def test_fused_cell_kernels_match_autodiff(with_final_state_loss, transposed_ste
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5, err_msg=name)
 
 
-def test_the_model_runs_the_fused_kernels_on_the_cpu_and_composed_ops_under_xla():
-    def op_types(hps):
-        model = LSTMPLanguageModel(hps, 50)
-        step = tf.function(lambda x: model.sampled_softmax_losses(
-            model.forward(x, model.zero_state(2), training=False)[0], x, tf.constant([1, 2], tf.int64)))
-        return {op.type for op in step.get_concrete_function(tf.zeros([2, 3], tf.int32)).graph.get_operations()}
-
-    small = dict(num_layers=1, batch_size=2, num_steps=3, emb_size=4, state_size=6, projected_size=2, num_shards=1,
-                 num_sampled=8)
-    assert {"LstmpCell", "CandidateSoftmax"} <= op_types(HParams(**small))
-    assert not {"LstmpCell", "CandidateSoftmax"} & op_types(HParams(**small, xla=True))
+SMALL = HParams(num_layers=1, batch_size=2, num_steps=4, emb_size=4, state_size=6, projected_size=2, num_shards=1,
+                num_sampled=8)
 
 
-def test_the_per_step_matmuls_take_transposed_weights_where_onednn_runs_avx2(monkeypatch):
-    hps = HParams(num_layers=1, batch_size=2, num_steps=4, emb_size=4, state_size=6, projected_size=2, num_shards=1,
-                  num_sampled=8)
-    model = LSTMPLanguageModel(hps, 50)
+def traced_ops(model):
+    """The graph of a forward pass and its sampled softmax losses."""
+    def losses(x):
+        output_chunks, _ = model.run_layers(model.embed(x), model.zero_state(2), training=False)
+        return model.sampled_losses(output_chunks, model.softmax_rows(x, tf.constant([1, 2], tf.int64)))
+    return tf.function(losses).get_concrete_function(tf.zeros([2, 4], tf.int32)).graph.get_operations()
 
-    def per_step_matmuls_transpose_b():
-        forward = tf.function(lambda x: model.forward(x, model.zero_state(2), training=False)[0])
-        graph = forward.get_concrete_function(tf.zeros([2, 4], tf.int32)).graph
+
+def plan(kernels, step_weights="stored"):
+    fused = "fused" if kernels == "cpu" else "composed"
+    return ComputePlan(kernels, fused, fused, step_weights, 2, "fp32")
+
+
+@needs_cpu_kernels
+def test_the_plan_decides_which_kernels_and_layout_the_model_runs():
+    def per_step_matmuls_transpose_b(operations):
         # The per-step matmuls have `batch` rows (the time chunks' have 2 steps' worth): [2, proj]
         # x the recurrent weight, [2, state] x the projection.
-        return {op.get_attr("transpose_b") for op in graph.get_operations()
-                if op.type == "MatMul" and op.outputs[0].shape[0] == 2}
+        return {op.get_attr("transpose_b") for op in operations if op.type == "MatMul" and op.outputs[0].shape[0] == 2}
 
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert model.transposed_step_weights and per_step_matmuls_transpose_b() == {True}
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    avx512 = devices.onednn_avx512()
-    assert model.transposed_step_weights is not avx512
-    assert per_step_matmuls_transpose_b() == {not avx512}
-    assert not LSTMPLanguageModel(hps.replace(xla=True), 50).transposed_step_weights
+    kernels = {"LstmpCell", "CandidateSoftmax"}
+    cpu = traced_ops(LSTMPLanguageModel(SMALL, 50, plan=plan("cpu")))
+    assert kernels <= {op.type for op in cpu} and per_step_matmuls_transpose_b(cpu) == {False}
+    transposed = traced_ops(LSTMPLanguageModel(SMALL, 50, plan=plan("cpu", "transposed")))
+    assert kernels <= {op.type for op in transposed} and per_step_matmuls_transpose_b(transposed) == {True}
+    portable = traced_ops(LSTMPLanguageModel(SMALL, 50, plan=plan("portable")))
+    assert not kernels & {op.type for op in portable} and per_step_matmuls_transpose_b(portable) == {False}
 
 
+@needs_cpu_kernels
 def test_fused_cell_rejects_mismatched_shapes_by_name():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: recurrent gates \[3,20\]"):
-        ops.FusedCell.forward(tf.zeros([2, 3, 20]), tf.zeros([3, 20]), tf.zeros([3, 6]), 0)
+        cpu_kernels.FusedCell.forward(tf.zeros([2, 3, 20]), tf.zeros([3, 20]), tf.zeros([3, 6]), 0)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"LstmpCell: no step 2 .* window \[2,3,24\]"):
-        ops.FusedCell.forward(tf.zeros([2, 3, 24]), tf.zeros([3, 24]), tf.zeros([3, 6]), 2)
+        cpu_kernels.FusedCell.forward(tf.zeros([2, 3, 24]), tf.zeros([3, 24]), tf.zeros([3, 6]), 2)
 
 
+@needs_cpu_kernels
 def test_fused_cell_leaves_a_window_the_caller_still_holds_intact():
     """The kernels write their window in place only where nothing else holds it."""
     input_gates = tf.random.stateless_normal([2, 3, 24], [1, 2])
     recurrent_gates, c = tf.random.stateless_normal([3, 24], [3, 4]), tf.random.stateless_normal([3, 6], [5, 6])
-    _, _, tanh_c, activations = ops.FusedCell.forward(input_gates, recurrent_gates, c, 1)
+    _, _, tanh_c, activations = cpu_kernels.FusedCell.forward(input_gates, recurrent_gates, c, 1)
     _, _, _, expected = ops.ComposedCell.forward(ops.ComposedCell.window(input_gates), recurrent_gates, c, 1)
     np.testing.assert_allclose(activations[1].numpy(), tf.concat(expected[1], axis=1).numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(activations[0].numpy(), input_gates[0].numpy())
     d_memory = tf.random.stateless_normal([3, 6], [7, 8])
-    gradients, d_gates, _ = ops.FusedCell.backward(activations, tanh_c, c, tf.zeros_like(c), d_memory, 1)
+    gradients, d_gates, _ = cpu_kernels.FusedCell.backward(activations, tanh_c, c, tf.zeros_like(c), d_memory, 1)
     _, expected_d_gates, _ = ops.ComposedCell.backward(expected, tanh_c, c, tf.zeros_like(c), d_memory, 1)
     np.testing.assert_allclose(d_gates.numpy(), expected_d_gates.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(gradients[0].numpy(), input_gates[0].numpy())
@@ -173,13 +198,15 @@ def test_fused_cell_leaves_a_window_the_caller_still_holds_intact():
 
 
 def test_unbuilt_kernels_are_a_one_line_error_naming_the_fix(monkeypatch):
-    ops._kernels.cache_clear()
+    cpu_kernels.load.cache_clear()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     try:
-        with pytest.raises(console.UserError, match=r"not built: reinstall .*pip install --no-build-isolation"):
-            ops._kernels()
+        assert not cpu_kernels.built()
+        with pytest.raises(console.UserError, match=r"not built: reinstall .*pip install --no-build-isolation.*"
+                                                    r" or train with --hpconfig kernels=portable"):
+            cpu_kernels.load()
     finally:
-        ops._kernels.cache_clear()
+        cpu_kernels.load.cache_clear()
 
 
 def textbook_sampled_cross_entropy(inputs, weights, biases, true_logits, excluded):
@@ -198,51 +225,67 @@ def losses_and_gradients(cross_entropy, inputs, weights, biases, true_logits, ex
     return [losses.numpy()] + [g.numpy() for g in gradients]
 
 
-@pytest.mark.parametrize("excluded", [[-1] * 6, [2, -1, -1, 4, -1, 0], [0, 0, 3, 3, 1, 4]])
-def test_sampled_cross_entropy_matches_autodiff_of_the_textbook_version(excluded):
-    """Rows with and without a left-out candidate (an accidental hit), several rows leaving out
-    the same one."""
+EXCLUDED = [[-1] * 6, [2, -1, -1, 4, -1, 0], [0, 0, 3, 3, 1, 4]]
+
+
+def cross_entropy_arguments(excluded):
+    """(inputs, weights, biases, true logits, excluded, scale) in float64: rows with and without
+    a left-out candidate (an accidental hit), several rows leaving out the same one."""
     rng = np.random.default_rng(3)
     inputs, weights, biases = (tf.constant(rng.normal(size=s)) for s in [(6, 4), (5, 4), (5,)])
     true_logits, scale = tf.constant(rng.normal(size=6)), tf.constant(rng.normal(size=6))
-    excluded = tf.constant(excluded, tf.int32)
-    got = losses_and_gradients(ops.sampled_cross_entropy, inputs, weights, biases, true_logits, excluded, scale)
-    expected = losses_and_gradients(textbook_sampled_cross_entropy, inputs, weights, biases, true_logits,
-                                     excluded, scale)
+    return inputs, weights, biases, true_logits, tf.constant(excluded, tf.int32), scale
+
+
+@pytest.mark.parametrize("excluded", EXCLUDED)
+def test_sampled_cross_entropy_matches_autodiff_of_the_textbook_version(excluded):
+    arguments = cross_entropy_arguments(excluded)
+    got = losses_and_gradients(ops.sampled_cross_entropy, *arguments)
+    expected = losses_and_gradients(textbook_sampled_cross_entropy, *arguments)
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    # The CPU kernel's softmax, fp32 only, against the same float64 textbook.
-    fused = functools.partial(ops.sampled_cross_entropy, fused_softmax=True)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("excluded", EXCLUDED)
+def test_the_candidate_softmax_kernel_matches_autodiff_of_the_textbook_version(excluded):
+    """The CPU kernel's softmax, fp32 only, against the float64 textbook."""
+    inputs, weights, biases, true_logits, excluded, scale = cross_entropy_arguments(excluded)
+    expected = losses_and_gradients(textbook_sampled_cross_entropy, inputs, weights, biases, true_logits, excluded,
+                                    scale)
+    fused = functools.partial(ops.sampled_cross_entropy, candidate_softmax=cpu_kernels.fused_candidate_softmax)
     got = losses_and_gradients(fused, *(tf.cast(t, tf.float32) for t in (inputs, weights, biases, true_logits)),
                                excluded, tf.cast(scale, tf.float32))
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@needs_cpu_kernels
 def test_candidate_softmax_kernel_on_wide_rows_and_a_logits_buffer_the_caller_still_holds():
     """Rows wider than a vector, logits of very different scales; the caller's logits stay intact."""
     row_scales = tf.constant([[0.1], [1.0], [10.0], [100.0], [1000.0]])
     logits = tf.random.stateless_normal([5, 1003], [1, 2]) * row_scales
     expected_logits = logits.numpy()
     biases = tf.random.stateless_normal([1003], [3, 4])
-    probabilities, log_sum_exp = ops.fused_candidate_softmax(logits, biases)
+    probabilities, log_sum_exp = cpu_kernels.fused_candidate_softmax(logits, biases)
     x = tf.cast(logits + biases, tf.float64)
     np.testing.assert_allclose(probabilities.numpy(), tf.nn.softmax(x).numpy(), rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(log_sum_exp.numpy(), tf.reduce_logsumexp(x, axis=1).numpy(), rtol=1e-6)
     np.testing.assert_array_equal(logits.numpy(), expected_logits)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"CandidateSoftmax: biases \[4\] for logits \[5,1003\]"):
-        ops.fused_candidate_softmax(logits, biases[:4])
+        cpu_kernels.fused_candidate_softmax(logits, biases[:4])
 
 
-@pytest.mark.parametrize("fused_softmax", [False, True])
-def test_sampled_cross_entropy_is_finite_for_huge_logits_and_left_out_hits(fused_softmax):
+@pytest.mark.parametrize("candidate_softmax", [
+    ops.composed_candidate_softmax, pytest.param(cpu_kernels.fused_candidate_softmax, marks=needs_cpu_kernels)])
+def test_sampled_cross_entropy_is_finite_for_huge_logits_and_left_out_hits(candidate_softmax):
     # Row 0's candidate logits are [299, 300], row 1's [-300, -299]; each row leaves out the
     # candidate equal to its true logit (an accidental hit), as the sampled softmax does.
     inputs = tf.constant([[1.0, 0.0], [0.0, 1.0]])
     weights = tf.constant([[299.0, -300.0], [300.0, -299.0]])
     true_logits = tf.constant([300.0, -300.0])
     excluded = tf.constant([1, 0])
-    cross_entropy = functools.partial(ops.sampled_cross_entropy, fused_softmax=fused_softmax)
+    cross_entropy = functools.partial(ops.sampled_cross_entropy, candidate_softmax=candidate_softmax)
     losses, d_inputs, d_weights, d_biases, d_true = losses_and_gradients(
         cross_entropy, inputs, weights, tf.zeros([2]), true_logits, excluded, tf.ones([2]))
     np.testing.assert_allclose(losses, [np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))], rtol=2e-5)

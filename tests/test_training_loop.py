@@ -5,13 +5,14 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd.train import Every, Progress, TrainConfig, stop_reason
-from lm1b_hvd.training import ExponentialMovingAverage, StepStats
+from lm1b_hvd.reporting import Progress
+from lm1b_hvd.train import Every, StopReason, parse_args, stop_reason
+from lm1b_hvd.training import ExponentialMovingAverage, StepStats, Votes, stack_stats
 
 
 def stats(signal=0.0, time_up=0.0, checkpoint=0.0, loss_sum=20.0, words=10.0):
-    return StepStats(loss_sum=loss_sum, words=words, lstm_norm=1.0, signal_votes=signal, time_votes=time_up,
-                     checkpoint_votes=checkpoint, exchange_bytes=0.0, duplicate_bytes=0.0)
+    return StepStats(loss_sum=loss_sum, words=words, lstm_norm=1.0, stop_signal=signal, out_of_time=time_up,
+                     checkpoint=checkpoint, exchange_bytes=0.0, duplicate_bytes=0.0)
 
 
 def test_every_n_steps_fires_on_multiples_only():
@@ -29,12 +30,30 @@ def test_every_n_seconds_fires_once_per_interval():
 
 
 def test_stop_decision_signal_first_then_time_then_steps():
-    assert stop_reason(stats(), 5, max_steps=10, received_signal=None) is None
-    assert stop_reason(stats(), 10, max_steps=10, received_signal=None) == "max_steps"
-    assert stop_reason(stats(), 10, max_steps=0, received_signal=None) is None
-    assert stop_reason(stats(time_up=1.0), 3, max_steps=10, received_signal=None) == "max_time"
-    assert stop_reason(stats(signal=1.0, time_up=2.0), 10, 10, received_signal="SIGUSR1") == "SIGUSR1"
-    assert stop_reason(stats(signal=1.0), 4, 10, received_signal=None) == "signal on another rank"
+    assert stop_reason(stats(), 5, max_steps=10, signal_here=False) is None
+    assert stop_reason(stats(), 10, max_steps=10, signal_here=False) is StopReason.MAX_STEPS
+    assert stop_reason(stats(), 10, max_steps=0, signal_here=False) is None
+    assert stop_reason(stats(time_up=1.0), 3, max_steps=10, signal_here=False) is StopReason.MAX_TIME
+    assert stop_reason(stats(signal=1.0, time_up=2.0), 10, 10, signal_here=True) is StopReason.SIGNAL
+    assert stop_reason(stats(signal=1.0), 4, 10, signal_here=False) is StopReason.SIGNAL_ON_ANOTHER_RANK
+
+
+def test_step_statistics_and_votes_travel_by_name():
+    """The step's statistics go through one allreduce as a vector and come back by field name."""
+    named = {"loss_sum": 1.0, "words": 2.0, "lstm_norm": 3.0, "exchange_bytes": 4.0, "duplicate_bytes": 5.0}
+    votes = dict(zip(["stop_signal", "out_of_time", "checkpoint"], Votes(checkpoint=True).as_tensor().numpy()))
+    summed = StepStats.from_vector(stack_stats({**named, **votes}).numpy() * 2)
+    assert summed == StepStats(loss_sum=2.0, words=4.0, lstm_norm=6.0, exchange_bytes=8.0, duplicate_bytes=10.0,
+                               stop_signal=0.0, out_of_time=0.0, checkpoint=2.0)
+
+
+def test_train_flags_come_from_the_config_record_with_their_defaults():
+    config = parse_args([])
+    assert (config.preset, config.logdir, config.max_time) == ("demo", "runs/demo", 180.0)
+    assert (config.log_every, config.checkpoint_secs, config.profile_steps) == (100, 600.0, ())
+    config = parse_args(["--datadir", "D", "--checkpoint_steps", "7", "--profile_steps", "2,4", "--elastic"])
+    assert (config.preset, config.logdir, config.max_time) == ("default", "runs/default", 0.0)
+    assert (config.checkpoint_steps, config.profile_steps, config.elastic) == (7, (2, 4), True)
 
 
 def test_ema_swap_holds_the_averages_inside_and_restores_the_weights_after():
@@ -57,7 +76,7 @@ def test_ema_swap_holds_the_averages_inside_and_restores_the_weights_after():
 
 
 def test_progress_line_reports_window_loss_rate_and_eta():
-    progress = Progress(start_step=100, config=TrainConfig(logdir="unused", max_steps=200))
+    progress = Progress(start_step=100, max_steps=200)
     progress.add(stats(loss_sum=30.0, words=10.0))
     progress.add(stats(loss_sum=10.0, words=10.0))
     line = progress.line(150)

@@ -2,12 +2,12 @@
 // logits, each row's softmax and its log-sum-exp.
 //
 // Composed of TensorFlow ops this is a bias add, a softmax, and an argmax to read the
-// log-sum-exp off the most probable candidate: three passes over [tokens, candidates] (84 MB
-// for the default model), each out of cache. Here each row (32 KB for 8192 candidates) is read
-// once into the output, then its max, exponentials and normalization run in cache.
-// lm1b_hvd/ops.py calls it in sampled_cross_entropy's forward, whose hand-written backward
-// needs only the probabilities and the log-sum-exp; CPU only: on a GPU, or under XLA, ops.py
-// composes it from TensorFlow ops.
+// log-sum-exp off the most probable candidate: three passes over [tokens, candidates], each
+// out of cache. Here each row (32 KB for 8192 candidates) is read once into the output, then
+// its max, exponentials and normalization run in cache. lm1b_hvd/cpu_kernels.py hands it to
+// ops.sampled_cross_entropy's forward, whose hand-written backward needs only the
+// probabilities and the log-sum-exp; CPU only: `kernels=portable` (a GPU, XLA) runs
+// ops.composed_candidate_softmax instead.
 //
 // CandidateSoftmax: logits [n, k], biases [k] -> probabilities [n, k] (in the logits' buffer
 // where nothing else holds it), log_sum_exp [n]: for x = logits + biases,

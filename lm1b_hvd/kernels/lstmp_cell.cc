@@ -2,9 +2,9 @@
 //
 // Composed of TensorFlow ops, a step's gate arithmetic is ~10 ops forward and ~15 backward,
 // each a pass over [batch, 4 * state] with its own scheduling cost: for the demo model more
-// time than its arithmetic. lm1b_hvd/ops.py runs the matmuls and calls these for the rest;
-// the math is ops.py's composed cell (its tests compare the two). CPU only: on a GPU, or
-// under XLA, ops.py composes the cell from TensorFlow ops.
+// time than its arithmetic. lm1b_hvd/ops.py runs the matmuls and, through cpu_kernels.FusedCell,
+// calls these for the rest; the math is ops.cell_update's (tests/test_ops.py compares the two).
+// CPU only: `kernels=portable` (a GPU, XLA) composes the cell from TensorFlow ops instead.
 //
 // Both ops work on a window [steps, batch, 4 * state] over the layer's steps, which they take
 // and return with row block `step` rewritten, in the gates' order i, j, f, o:
@@ -20,9 +20,8 @@
 // buffer that nothing else holds): the input half of the gates, one matmul over all steps,
 // becomes the activations and then the gates' gradients, which the weight gradients' matmuls
 // read as one matrix: no buffer of activations beside the gates', and no stacking of the
-// steps' gradients after the loop (an 84 MB copy for the default model; paired runs: the demo
-// model's step 5% faster, the default's unchanged). Where the window is shared after all (eager
-// calls), an op copies it first and leaves the caller's intact.
+// steps' gradients after the loop (a copy of the whole window). Where the window is shared
+// after all (eager calls), an op copies it first and leaves the caller's intact.
 
 #define EIGEN_USE_THREADS
 #include "tensorflow/core/framework/op.h"
@@ -36,8 +35,8 @@ using shape_inference::InferenceContext;
 using Row = Eigen::Map<const Eigen::ArrayXf>;
 using MutableRow = Eigen::Map<Eigen::ArrayXf>;
 
-// sigmoid(x) as 0.5 * tanh(x / 2) + 0.5: Eigen's vectorized tanh is ~1.8x faster than its
-// logistic under AVX2, and the result is within 1.3e-7 of the exact sigmoid.
+// sigmoid(x) as 0.5 * tanh(x / 2) + 0.5: Eigen's vectorized tanh is faster than its logistic
+// under AVX2, and the result is within 1.3e-7 of the exact sigmoid.
 template <typename Expression>
 auto Sigmoid(const Expression& x) {
   return (x * 0.5f).tanh() * 0.5f + 0.5f;
@@ -142,8 +141,8 @@ class LstmpCellOp : public OpKernel {
         MutableRow(m_out + r * state, state) = o * tc_r;
       }
     };
-    // Per row ~3 cycles a gate (measured): the demo model's [32, 4 * 256] runs on one thread,
-    // where splitting it costs more than it saves; the default's [128, 4 * 2048] on all.
+    // The cost per row Eigen's parallelFor is told (about 3 cycles a gate): small models' rows
+    // run on one thread, where splitting them costs more than it saves; large ones on all.
     const double row_bytes = sizeof(float) * state;
     ctx->eigen_cpu_device().parallelFor(batch, Eigen::TensorOpCost(9 * row_bytes, 7 * row_bytes, 12 * state), rows);
   }

@@ -1,0 +1,105 @@
+"""What a training run tells its user: the progress line, TensorBoard's scalars, a profiler trace.
+
+Rank 0 alone prints and writes; on the other ranks each of these does nothing.
+"""
+import functools
+import math
+import os
+import time
+
+import tensorflow as tf
+
+from lm1b_hvd import console, evaluation
+
+
+class Progress:
+    """Words and loss since the last log line, and how long the rest of the run will take."""
+
+    def __init__(self, start_step, max_steps=0, max_time=0.0):
+        self.start_step, self.max_steps, self.max_time = start_step, max_steps, max_time
+        self.started = self.window_start = time.monotonic()
+        self.window_words = self.window_loss = 0.0
+
+    def add(self, stats):
+        self.window_words += stats.words
+        self.window_loss += stats.loss_sum
+
+    def words_per_sec(self):
+        return self.window_words / max(time.monotonic() - self.window_start, 1e-9)
+
+    def out_of_time(self):
+        return bool(self.max_time) and time.monotonic() - self.started >= self.max_time
+
+    def line(self, step):
+        """The progress line of `step`; starts a new window."""
+        now = time.monotonic()
+        elapsed = now - self.started
+        eta = ""
+        if self.max_steps:
+            eta = f" | eta {console.format_seconds((self.max_steps - step) * elapsed / (step - self.start_step))}"
+        elif self.max_time:
+            eta = f" | eta {console.format_seconds(max(self.max_time - elapsed, 0))}"
+        text = (f"step {step} | loss {self.window_loss / self.window_words:.3f} | {self.words_per_sec():,.0f} "
+                f"words/s | elapsed {console.format_seconds(elapsed)}{eta}")
+        self.window_start, self.window_words, self.window_loss = now, 0.0, 0.0
+        return text
+
+
+class Summaries:
+    """The run's TensorBoard scalars: train/ after steps, eval/ after heldout evaluations. The
+    writers are made on first use, so a run refused at start leaves no new event files."""
+
+    def __init__(self, logdir, writer):
+        self.logdir, self.writer = logdir, writer
+
+    def set_writer(self, writer):
+        """Whether this process writes (rank 0 does; after an elastic reset another may be rank 0)."""
+        self.writer = writer
+        for name in ("_train", "_eval"):
+            self.__dict__.pop(name, None)
+
+    @functools.cached_property
+    def _train(self):
+        return self._open("train")
+
+    @functools.cached_property
+    def _eval(self):
+        return self._open("eval")
+
+    def _open(self, name):
+        if not self.writer:
+            return tf.summary.create_noop_writer()
+        return evaluation.summary_writer(os.path.join(self.logdir, name))
+
+    def training(self, step, stats, words_per_sec, model, ranks):
+        if not self.writer:
+            return  # the weight norm is a pass over every weight: only the writing rank pays for it
+        weight_norm = float(tf.linalg.global_norm(model.all_variables))
+        loss, lstm_norm = stats.loss_sum / stats.words, stats.lstm_norm / ranks
+        with self._train.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("perplexity", math.exp(min(loss, 50.0)))
+            tf.summary.scalar("words_per_sec", words_per_sec)
+            tf.summary.scalar("lstm_grad_norm", lstm_norm)
+            tf.summary.scalar("clip_scale", min(1.0, model.hps.max_grad_norm / max(lstm_norm, 1e-12)))
+            tf.summary.scalar("weight_norm", weight_norm)
+            tf.summary.scalar("learning_rate", model.hps.learning_rate)
+
+    def evaluation(self, step, perplexity):
+        evaluation.write_summaries(self._eval, step, perplexity)
+
+
+class ProfileWindow:
+    """A TensorFlow profiler trace of steps first..last (--profile_steps), into L/profile."""
+
+    def __init__(self, logdir, first_last, writer):
+        self.directory = os.path.join(logdir, "profile")
+        self.first_last = first_last if writer else ()
+
+    def before_step(self, step):
+        if self.first_last and step == self.first_last[0]:
+            tf.profiler.experimental.start(self.directory)
+
+    def after_step(self, step):
+        if self.first_last and step == self.first_last[1]:
+            tf.profiler.experimental.stop()

@@ -1,0 +1,17 @@
+"""The model's losses in the forms tests compare with references: batch-major outputs in, per-token
+values out (the model itself takes the LSTM's time-major chunks, as training produces them)."""
+import tensorflow as tf
+
+from lm1b_hvd import ops
+
+
+def sampled_softmax_losses(model, outputs, y, seed=None):
+    """The training loss per token [batch, steps] of outputs [batch, steps, projected_size]."""
+    chunks = ops.time_chunks(tf.transpose(outputs, [1, 0, 2]), model.plan.time_chunks)
+    return model.sampled_losses(chunks, model.softmax_rows(y, seed))
+
+
+def true_logits(model, outputs, y):
+    """The logit the sampled softmax gives each target word: row y of the sharded weights."""
+    rows = tf.nn.embedding_lookup(model.softmax_w, y)
+    return tf.reduce_sum(outputs * rows, axis=-1) + tf.gather(model.softmax_b, y)
