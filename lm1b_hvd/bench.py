@@ -109,7 +109,7 @@ def peak_memory_bytes():
 
 def parse_args(argv):
     parser = console.ArgumentParser(__doc__, "lm1b_hvd.bench")
-    parser.add_argument("--preset", default="default", choices=sorted(hparams.PRESETS))
+    parser.add_argument("--preset", default="default", choices=sorted(hparams.PRESETS), help="hparams preset")
     parser.add_argument("--hpconfig", default="", help="overrides, e.g. precision=bf16,xla=true")
     parser.add_argument("--vocab", type=int, default=0,
                         help="vocabulary size; default: 793,470 (real lm1b), 2,002 for demo")

@@ -3,6 +3,10 @@
 Measures one process (one core) reading shards, mapping words to ids,
 shuffling and packing, with the default batch shape unless told otherwise.
 The trainer needs this well above its own words/s per process.
+
+Examples:
+  python -m lm1b_hvd.benchmark_data                         # the demo corpus
+  python -m lm1b_hvd.benchmark_data --datadir /data/lm1b --seconds 30
 """
 import os
 import sys
@@ -27,9 +31,9 @@ def main(argv=None):
     defaults = hparams.PRESETS["default"]
     parser = console.ArgumentParser(__doc__, "lm1b_hvd.benchmark_data")
     parser.add_argument("--datadir", default=None, help="lm1b layout; default: the demo corpus")
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--num_steps", type=int, default=defaults.num_steps)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="rows of a batch")
+    parser.add_argument("--num_steps", type=int, default=defaults.num_steps, help="words of a row per batch")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to pack batches")
     args = parser.parse_args(argv)
 
     return console.run_main(lambda: report(args))

@@ -5,6 +5,10 @@ checkpoint in the log directory, evaluates it with the full softmax (the EMA
 weights when the run averages them), and writes `eval/perplexity` and
 `eval/log_perplexity` to L/<mode>/ for TensorBoard. `--once` evaluates the
 latest checkpoint and exits.
+
+Examples:
+  python -m lm1b_hvd.evaluate --logdir runs/demo --once
+  python -m lm1b_hvd.evaluate --logdir L --datadir /data/lm1b --mode eval_test_ave --timeout 7200
 """
 import math
 import os
@@ -40,9 +44,10 @@ class CheckpointEvaluator:
 
 def main(argv=None):
     parser = console.ArgumentParser(__doc__, "lm1b_hvd.evaluate")
-    parser.add_argument("--logdir", required=True)
+    parser.add_argument("--logdir", required=True, help="the training run's log directory")
     parser.add_argument("--datadir", default="", help="default: the demo corpus")
-    parser.add_argument("--mode", default="eval_test_ave", choices=sorted(MODES))
+    parser.add_argument("--mode", default="eval_test_ave", choices=sorted(MODES),
+                        help="eval_test_ave: the heldout files; eval_train: the training files")
     parser.add_argument("--eval_steps", type=int, default=0, help="batches per checkpoint; 0: all")
     parser.add_argument("--once", action="store_true", help="evaluate the latest checkpoint and exit")
     parser.add_argument("--timeout", type=float, default=None,

@@ -29,7 +29,8 @@ def add_model_arguments(parser):
     """The flags of every command that uses a trained model: the run, its vocabulary, which checkpoint."""
     parser.add_argument("--logdir", required=True, help="the training run's log directory")
     parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
-    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"))
+    parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
+                        help="the newest checkpoint, or the one of the best heldout perplexity (L/best)")
 
 
 class RunWeights(typing.NamedTuple):

@@ -68,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--max_words", type=int, default=50, help="continuation words at most")
     parser.add_argument("--temperature", type=float, default=1.0, help="< 1 sharper, > 1 flatter")
     parser.add_argument("--top_k", type=int, default=0, help="draw from the K most probable words only")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same sentences")
     parser.add_argument("--allow_unk", action="store_true", help="let <UNK> be drawn")
     args = parser.parse_args(argv)
     if args.num < 1 or args.max_words < 1 or args.temperature <= 0 or args.top_k < 0:
