@@ -45,11 +45,13 @@ class RunWeights(typing.NamedTuple):
 
 def run_weights(logdir, datadir, precision=None):
     """The RunWeights of the run in `logdir`, with the vocabulary of `datadir` checked against it;
-    `precision` overrides the run's compute precision."""
+    `precision` overrides the run's compute precision. The compute plan is this machine's
+    (kernels=auto), whatever the run trained with: a run trained on CPUs is read on a GPU too."""
     hps = checkpoints.load_run_hparams(logdir)
     words = vocab_lib.load(os.path.join(datadir, data.VOCAB_FILE))
     checkpoints.check_or_write_hparams(logdir, hps, len(words), write=False)
-    model = LSTMPLanguageModel(hps.replace(precision=precision, xla=False) if precision else hps, len(words))
+    here = hps.replace(kernels="auto", **(dict(precision=precision, xla=False) if precision else {}))
+    model = LSTMPLanguageModel(here, len(words))
     ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
     return RunWeights(hps, words, model, ema, tf.train.Checkpoint(model=model, ema_shadows=ema.shadows))
 
