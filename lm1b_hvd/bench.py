@@ -4,8 +4,9 @@ Times the real training step (forward, backward, gradient exchange, Adagrad,
 EMA) on in-memory batches of Zipf-distributed word ids, so no file I/O is in
 the figure, and prints after warm-up: the median step time, words/s over all
 ranks, model FLOPs per word counted from the shapes, achieved GFLOP/s, the
-peak of a large matmul measured in this same run, their ratio (MFU), bytes
-handed to Horovod per rank per step, and peak memory per rank.
+peak of a large matmul measured in this same run, their ratio (MFU), the
+bytes each kind of Horovod op (allreduce, allgather, alltoall) moved per rank
+per step, counted from the tensors, and peak memory per rank.
 
 The compute a shared machine gives a process can change from one second to
 the next, so the steps are timed in blocks of about half a second with the
@@ -195,10 +196,14 @@ def report_figures(blocks, hps, vocab_size, exchange, say):
         f"{len(blocks[0].step_times)} step(s), each against the peak measured around it: "
         + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
     if exchange:
-        handed = statistics.median(stats.exchange_bytes / size for stats in step_stats)
+        for kind in distributed.TRAFFIC_KINDS:
+            sent, received = (statistics.median(getattr(stats, f"{kind}_{way}") / size for stats in step_stats)
+                              for way in ("sent", "received"))
+            if sent or received:
+                say(f"{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB per rank per step")
         saved = statistics.median(stats.duplicate_bytes / size for stats in step_stats)
-        say(f"exchange: {handed / 1e6:,.1f} MB of gradients handed to Horovod per rank per step "
-            f"(summing duplicate rows first saved {saved / 1e6:,.1f} MB)")
+        if saved:
+            say(f"summing duplicate rows before the exchange saved {saved / 1e6:,.2f} MB per rank per step")
     memory = distributed.gather_numbers([peak_memory_bytes()])
     say("peak memory per rank: " + ", ".join(f"{m / 2 ** 30:.2f} GiB" for m in memory))
 

@@ -64,8 +64,48 @@ def _compression(hps):
     return hvd.Compression.fp16 if hps.fp16_allreduce else hvd.Compression.none
 
 
-def combine_gradients(gradients, hps):
-    """Averages dense gradients and sums IndexedSlices over ranks; order is kept.
+TRAFFIC_KINDS = ("allreduce", "allgather", "alltoall")
+
+
+class Traffic:
+    """Bytes this rank moves through Horovod's collectives in one step, per kind of op, counted
+    from the tensors: `sent`, what it hands in for the other ranks, and `received`, what comes
+    back from them. An allreduce's tensor counts whole both ways (a ring moves about twice it
+    over each rank's links, whatever the rank count); a rank's own rows of an allgather stay on
+    the rank and count for neither."""
+
+    def __init__(self):
+        self.bytes = {f"{kind}_{way}": tf.constant(0.0) for kind in TRAFFIC_KINDS for way in ("sent", "received")}
+
+    def add(self, kind, sent, received):
+        self.bytes[f"{kind}_sent"] += sent
+        self.bytes[f"{kind}_received"] += received
+
+    def count(self, local, reduced, hps):
+        """One gradient's exchange: an IndexedSlices gathered, or a dense tensor allreduced."""
+        if isinstance(local, tf.IndexedSlices) and isinstance(reduced, tf.IndexedSlices):
+            mine = tensor_bytes(local)
+            self.add("allgather", mine, tensor_bytes(reduced) - mine)
+        else:
+            size = tensor_bytes(reduced, itemsize=2 if hps.fp16_allreduce and not isinstance(local, tf.IndexedSlices)
+                                else None)
+            self.add("allreduce", size, size)
+
+
+def tensor_bytes(tensor, itemsize=None):
+    """Bytes of a tensor, or of an IndexedSlices' values and indices; `itemsize` overrides the
+    values' (fp16 compression sends 2-byte values)."""
+    parts = [tensor.values, tensor.indices] if isinstance(tensor, tf.IndexedSlices) else [tensor]
+    total = tf.constant(0.0)
+    for index, part in enumerate(parts):
+        size = itemsize if itemsize and index == 0 else part.dtype.size
+        total += tf.cast(tf.size(part), tf.float32) * size
+    return total
+
+
+def combine_gradients(gradients, hps, traffic):
+    """Averages dense gradients and sums IndexedSlices over ranks; order is kept. What each
+    collective moves is counted into `traffic`.
 
     `hps.fp16_allreduce` sends the dense ones as fp16; `hps.sparse_as_dense` allreduces the
     sparse ones as dense matrices (what Horovod's own option does) instead of allgathering rows."""
@@ -86,14 +126,30 @@ def combine_gradients(gradients, hps):
     else:
         for i in sparse_at:
             combined[i] = hvd.allreduce(gradients[i], op=hvd.Sum)
+    for local, reduced in zip(gradients, combined):
+        traffic.count(local, reduced, hps)
     return combined
 
 
-def gradient_tape(tape, hps):
-    """Horovod's DistributedGradientTape around `tape`: everything averaged, as Horovod users expect."""
+def gradient_tape(tape, hps, traffic):
+    """Horovod's DistributedGradientTape around `tape`: everything averaged, as Horovod users
+    expect. Its reduction of the gradients is wrapped to count what it moves into `traffic`
+    (the tape keeps the local gradients to itself otherwise)."""
     if hvd.size() == 1:
         return tape
-    return hvd.DistributedGradientTape(tape, compression=_compression(hps), sparse_as_dense=hps.sparse_as_dense)
+    distributed_tape = hvd.DistributedGradientTape(tape, compression=_compression(hps),
+                                                   sparse_as_dense=hps.sparse_as_dense)
+    reduce = distributed_tape._allreduce_grads  # Horovod 0.28's own reduction of the tape's gradients
+
+    def reduce_and_count(gradients, sources, *args):
+        reduced = reduce(gradients, sources, *args)
+        for local, result in zip(gradients, reduced):
+            if local is not None:
+                traffic.count(local, result, hps)
+        return reduced
+
+    distributed_tape._allreduce_grads = reduce_and_count
+    return distributed_tape
 
 
 def sum_over_ranks(tensor):

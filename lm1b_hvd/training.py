@@ -112,8 +112,13 @@ class StepStats:
     loss_sum: float  # weighted token losses
     words: float  # sum of the weights: real predictions
     lstm_norm: float  # LSTM gradient global norm before clipping (sum of the ranks' norms)
-    exchange_bytes: float  # bytes of gradients handed to Horovod
-    duplicate_bytes: float  # bytes more it would have been without summing duplicate rows first
+    allreduce_sent: float  # distributed.Traffic: bytes of the gradient exchange, per kind of op
+    allreduce_received: float
+    allgather_sent: float
+    allgather_received: float
+    alltoall_sent: float
+    alltoall_received: float
+    duplicate_bytes: float  # bytes more it would have sent without summing duplicate rows first
     stop_signal: float  # Votes: ranks that received SIGUSR1/SIGTERM
     out_of_time: float  # ranks past --max_time
     checkpoint: float  # ranks asking for a checkpoint now
@@ -131,17 +136,6 @@ def stack_stats(named):
 
 def _names(record):
     return [field.name for field in dataclasses.fields(record)]
-
-
-def payload_bytes(gradients):
-    """Bytes of a list of gradients as handed to Horovod: dense tensors whole, IndexedSlices as
-    their values and indices."""
-    total = tf.constant(0.0)
-    for g in gradients:
-        parts = [g.values, g.indices] if isinstance(g, tf.IndexedSlices) else [g]
-        for part in parts:
-            total += tf.cast(tf.size(part), tf.float32) * part.dtype.size
-    return total
 
 
 class Trainer:
@@ -210,9 +204,10 @@ class Trainer:
             losses = model.sampled_losses(output_chunks, softmax_rows)
         return losses * w, new_state
 
-    def _gradients(self, x, y, w, state):
+    def _gradients(self, x, y, w, state, traffic):
         """(token losses, new state, gradients of every variable, unscaled), under one tape; with
-        grad_combine=tape the tape is Horovod's and the gradients come back averaged."""
+        grad_combine=tape the tape is Horovod's, the gradients come back averaged and what it
+        moved is counted into `traffic`."""
         model, hps = self.model, self.model.hps
         seed = self.step_seed()
         with tf.GradientTape() as tape:
@@ -222,7 +217,7 @@ class Trainer:
             if self.loss_scaler:
                 loss = self.loss_scaler.get_scaled_loss(loss)
         if hps.grad_combine == "tape" and self.exchange:
-            tape = distributed.gradient_tape(tape, hps)
+            tape = distributed.gradient_tape(tape, hps, traffic)
         gradients = tape.gradient(loss, model.all_variables)
         if self.loss_scaler:
             gradients = self.loss_scaler.get_unscaled_gradients(gradients)
@@ -230,26 +225,25 @@ class Trainer:
 
     def _step(self, x, y, w, state, votes):
         model, hps = self.model, self.model.hps
-        token_losses, new_state, raw = self._gradients(x, y, w, state)
+        traffic = distributed.Traffic()
+        token_losses, new_state, raw = self._gradients(x, y, w, state, traffic)
         gradients = [sum_duplicates(g) for g in raw]
         n_emb, n_lstm = len(model.embedding), len(model.lstm_variables)
         exchange = self.exchange and distributed.size() > 1
         # rank_clip (the original): LSTM gradients clipped per rank, then exchanged; duplicate
         # rows are summed before sending (Horovod gathers what it is given) and again after
         # (ranks share rows). tape: Horovod already averaged everything; clip after.
-        exchanged, duplicates = tf.constant(0.0), tf.constant(0.0)
+        duplicates = tf.constant(0.0)
         if exchange and hps.grad_combine == "rank_clip":
-            exchanged = payload_bytes(gradients)
-            duplicates = payload_bytes(raw) - exchanged
-        elif exchange:  # what the tape gathered from all ranks, as a mean per rank
-            exchanged = payload_bytes(raw) / distributed.size()
+            duplicates = sum(distributed.tensor_bytes(g) for g in raw) - sum(distributed.tensor_bytes(g)
+                                                                                for g in gradients)
         lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
         gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
         if exchange and hps.grad_combine == "rank_clip":
-            gradients = [sum_duplicates(g) for g in distributed.combine_gradients(gradients, hps)]
+            gradients = [sum_duplicates(g) for g in distributed.combine_gradients(gradients, hps, traffic)]
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
         stats = dict(loss_sum=tf.reduce_sum(token_losses), words=tf.reduce_sum(w), lstm_norm=lstm_norm,
-                     exchange_bytes=exchanged, duplicate_bytes=duplicates, **dict(zip(_names(Votes), tf.unstack(votes))))
+                     duplicate_bytes=duplicates, **traffic.bytes, **dict(zip(_names(Votes), tf.unstack(votes))))
         return new_state, distributed.sum_over_ranks(stack_stats(stats))

@@ -66,7 +66,17 @@ def test_one_process_prints_consistent_figures():
     assert 1.0 < got.peak <= got.best_peak
     assert got.mfu == pytest.approx(100 * got.achieved / got.peak, rel=0.5), "MFU is achieved over peak"
     assert len(got.memory) == 1 and 0.1 < got.memory[0] < 8
-    assert "exchange:" not in result.stdout, "one process exchanges nothing"
+    assert not traffic(result.stdout), "one process exchanges nothing"
+
+
+def traffic(stdout):
+    """{kind: (sent MB, received MB)} of the bench's exchange lines."""
+    return {kind: (float(sent), float(received)) for kind, sent, received in re.findall(
+        r"(allreduce|allgather|alltoall): sent ([\d.]+) MB, received ([\d.]+) MB per rank per step", stdout)}
+
+
+# The demo-shaped LSTM's dense gradients: weight (32 + 32) x 4 x 64, bias 4 x 64, projection 64 x 32 floats.
+DENSE_MB = ((32 + 32) * 4 * 64 + 4 * 64 + 64 * 32) * 4 / 1e6
 
 
 @pytest.mark.parametrize("exchange", [True, False])
@@ -76,13 +86,26 @@ def test_two_ranks_report_the_exchange_and_every_rank_memory(exchange):
     memory = figures(result.stdout).memory
     assert re.search(r"words/s: [\d,]+ over 2 rank\(s\) \(160 words per rank per step\)", result.stdout)
     assert len(memory) == 2, "peak memory of each rank"
-    handed = re.search(r"exchange: ([\d.]+) MB of gradients handed to Horovod per rank per step "
-                       r"\(summing duplicate rows first saved ([\d.]+) MB\)", result.stdout)
+    moved = traffic(result.stdout)
     if not exchange:
-        assert handed is None and "exchange off" in result.stdout
+        assert not moved and "exchange off" in result.stdout
         return
-    # At least the dense LSTM gradients: (32 + 32) x 256 + 256 + 64 x 32 floats.
-    assert float(handed.group(1)) >= ((32 + 32) * 256 + 256 + 64 * 32) * 4 / 1e6 - 0.05
+    # The dense LSTM gradients are allreduced whole; the embedding and softmax rows allgathered:
+    # what a rank sends (its unique rows) and receives (the other rank's) are of a size.
+    assert moved["allreduce"] == pytest.approx((DENSE_MB, DENSE_MB), abs=0.006)
+    sent, received = moved["allgather"]
+    assert 0.01 < sent < 0.5 and received == pytest.approx(sent, rel=0.5)
+    assert "alltoall" not in moved, "the replicated vocabulary moves no rows by alltoall"
+    assert re.search(r"summing duplicate rows before the exchange saved [\d.]+ MB per rank per step", result.stdout)
+
+
+def test_the_tapes_exchange_is_counted_as_the_original_update_s():
+    """grad_combine=tape moves the same tensors through Horovod's own tape."""
+    tape = horovodrun(["-m", "lm1b_hvd.bench", *TINY[:3], TINY[3] + ",grad_combine=tape", *TINY[4:]])
+    assert tape.returncode == 0, tape.stdout[-3000:] + tape.stderr[-3000:]
+    moved = traffic(tape.stdout)
+    assert moved["allreduce"] == pytest.approx((DENSE_MB, DENSE_MB), abs=0.006)
+    assert 0.01 < moved["allgather"][0] < 0.5
 
 
 def test_bad_hparam_is_a_one_line_error():

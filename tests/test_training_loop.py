@@ -10,9 +10,12 @@ from lm1b_hvd.train import Every, StopReason, parse_args, stop_reason
 from lm1b_hvd.training import ExponentialMovingAverage, StepStats, Votes, stack_stats
 
 
+TRAFFIC = [f"{kind}_{way}" for kind in ("allreduce", "allgather", "alltoall") for way in ("sent", "received")]
+
+
 def stats(signal=0.0, time_up=0.0, checkpoint=0.0, loss_sum=20.0, words=10.0):
     return StepStats(loss_sum=loss_sum, words=words, lstm_norm=1.0, stop_signal=signal, out_of_time=time_up,
-                     checkpoint=checkpoint, exchange_bytes=0.0, duplicate_bytes=0.0)
+                     checkpoint=checkpoint, duplicate_bytes=0.0, **dict.fromkeys(TRAFFIC, 0.0))
 
 
 def test_every_n_steps_fires_on_multiples_only():
@@ -40,11 +43,13 @@ def test_stop_decision_signal_first_then_time_then_steps():
 
 def test_step_statistics_and_votes_travel_by_name():
     """The step's statistics go through one allreduce as a vector and come back by field name."""
-    named = {"loss_sum": 1.0, "words": 2.0, "lstm_norm": 3.0, "exchange_bytes": 4.0, "duplicate_bytes": 5.0}
+    named = {"loss_sum": 1.0, "words": 2.0, "lstm_norm": 3.0, "duplicate_bytes": 5.0,
+             **{name: 10.0 + index for index, name in enumerate(TRAFFIC)}}
     votes = dict(zip(["stop_signal", "out_of_time", "checkpoint"], Votes(checkpoint=True).as_tensor().numpy()))
     summed = StepStats.from_vector(stack_stats({**named, **votes}).numpy() * 2)
-    assert summed == StepStats(loss_sum=2.0, words=4.0, lstm_norm=6.0, exchange_bytes=8.0, duplicate_bytes=10.0,
-                               stop_signal=0.0, out_of_time=0.0, checkpoint=2.0)
+    assert summed == StepStats(loss_sum=2.0, words=4.0, lstm_norm=6.0, duplicate_bytes=10.0, stop_signal=0.0,
+                               out_of_time=0.0, checkpoint=2.0, **{name: 20.0 + 2 * index for index, name
+                                                                     in enumerate(TRAFFIC)})
 
 
 def test_train_flags_come_from_the_config_record_with_their_defaults():
