@@ -16,7 +16,8 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import console, data, distributed, hparams as hparams_lib
+from lm1b_hvd import console, data, distributed, hparams as hparams_lib, tables
+from lm1b_hvd.model import VocabularyTables
 
 HPARAMS_FILE = "hparams.json"
 BEST_DIR = "best"
@@ -87,7 +88,9 @@ class RunCheckpoints:
     def __init__(self, logdir, trainer, keep, writer):
         self.trainer = trainer
         self.positions = RunPosition()
-        self.keeper = CheckpointKeeper(logdir, make_checkpoint(trainer, self.positions), keep, writer)
+        checkpoint = RunCheckpoint(trainer.model, trainer.ema.shadows, trainer.optimizer, trainer.table_accumulators,
+                                   self.positions)
+        self.keeper = CheckpointKeeper(logdir, checkpoint, keep, writer)
 
     def set_writer(self, writer):
         self.keeper.writer = writer
@@ -131,12 +134,106 @@ class RunCheckpoints:
         return self.keeper.save_if_best(point.step, perplexity)
 
 
-def make_checkpoint(trainer, run_position=None):
-    """The training checkpoint; the evaluator passes no `run_position` and reads only weights."""
-    parts = dict(model=trainer.model, optimizer=trainer.optimizer, ema_shadows=trainer.ema.shadows)
-    if run_position is not None:
-        parts["run_position"] = run_position
-    return tf.train.Checkpoint(**parts)
+PARTS_SUFFIX = "_parts"  # the folder a checkpoint's parts are written to before they are merged
+
+
+class RunCheckpoint:
+    """One checkpoint of a run: the model's LSTM, the optimizer's step and LSTM slots, the EMA
+    shadows and the run position as TensorFlow's object-based checkpoint, and the vocabulary
+    tables (with Adagrad's accumulators when an optimizer is given) as logical matrices
+    (tables.py). Each part is written by its own writer into a folder beside the prefix, then
+    TensorFlow's MergeV2Checkpoints makes them one checkpoint, as its own sharded saves do.
+
+    CheckpointManager calls `_write` and `save_counter`, as of a tf.train.Checkpoint."""
+
+    def __init__(self, model, ema_shadows, optimizer=None, table_accumulators=(), run_position=None):
+        self.model, self.optimizer = model, optimizer
+        self.table_accumulators = list(table_accumulators)
+        self.objects = dict(model=model, ema_shadows=ema_shadows)
+        if optimizer is not None:
+            self.objects["optimizer"] = optimizer
+        if run_position is not None:
+            self.objects["run_position"] = run_position
+        self.checkpoint = tf.train.Checkpoint(**self.objects)
+
+    @property
+    def save_counter(self):
+        return self.checkpoint.save_counter
+
+    def table_keys(self):
+        """(table, checkpoint key) of each table this checkpoint holds."""
+        names = VocabularyTables.NAMES
+        pairs = [(table, tables.KEY_PREFIX + name) for name, table in zip(names, self.model.tables)]
+        return pairs + [(table, f"{tables.KEY_PREFIX}{name}/adagrad_accumulator")
+                        for name, table in zip(names, self.table_accumulators)]
+
+    def _write(self, file_prefix, options=None):
+        parts = file_prefix + PARTS_SUFFIX
+        objects_part = self.checkpoint.write(os.path.join(parts, "objects"))
+        tables_part = os.path.join(parts, "tables")
+        tables.save_slices(tables_part, self.table_keys())
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[objects_part, tables_part], destination_prefix=file_prefix)
+        for callback in (options.experimental_write_callbacks or []) if options else []:
+            callback(file_prefix)
+        return file_prefix
+
+    def write(self, file_prefix):
+        return self._write(file_prefix)
+
+    def restore(self, path):
+        """Restores everything this checkpoint holds from `path`; returns the objects' restore
+        status. A checkpoint of the earlier format (the tables as the model's block variables,
+        their accumulators in the Keras optimizer) reads too."""
+        if not tables.holds_tables(path):
+            return self._restore_earlier_format(path)
+        status = self.checkpoint.restore(path)
+        for table, key in self.table_keys():
+            table.restore(path, key)
+        return status
+
+    def _restore_earlier_format(self, path):
+        """Before the tables were logical matrices: model/NAME/BLOCK keys of the original's
+        blocks, and the Keras optimizer's slot of every variable in model.all_variables order
+        (optimizer/_variables/1 + index)."""
+        reader = tf.train.load_checkpoint(path)
+        keys = set(reader.get_variable_to_shape_map())
+        old_blocks = sum(1 for key in keys if key.startswith("model/embedding/"))
+        old_rows = reader.get_variable_to_shape_map()["model/embedding/0/.ATTRIBUTES/VARIABLE_VALUE"][0]
+        status = tf.train.Checkpoint(**{k: v for k, v in self.objects.items() if k != "optimizer"}).restore(path)
+        status.expect_partial()  # the tables and the optimizer's slots are read below, by their keys
+        n_lstm = len(self.model.lstm_variables)
+        slots = ([1 + b for b in range(old_blocks)], [1 + old_blocks + n_lstm + b for b in range(old_blocks)],
+                 [1 + 2 * old_blocks + n_lstm])
+        for name, table, accumulator_slots in zip(VocabularyTables.NAMES, self.model.tables, slots):
+            if name == "softmax_b":
+                _read_blocks(reader, table, ["model/softmax_b/.ATTRIBUTES/VARIABLE_VALUE"], self.model.vocab_size)
+            else:
+                _read_blocks(reader, table, [f"model/{name}/{b}/.ATTRIBUTES/VARIABLE_VALUE" for b in range(old_blocks)],
+                             old_rows)
+        if self.optimizer is not None:
+            self.optimizer.iterations.assign(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+            for index, accumulator in enumerate(self.optimizer.lstm_accumulators()):
+                accumulator.assign(reader.get_tensor(
+                    f"optimizer/_variables/{1 + old_blocks + index}/.ATTRIBUTES/VARIABLE_VALUE"))
+            for table, accumulator_slots in zip(self.table_accumulators, slots):
+                rows = old_rows if len(accumulator_slots) > 1 else self.model.vocab_size
+                _read_blocks(reader, table, [f"optimizer/_variables/{k}/.ATTRIBUTES/VARIABLE_VALUE"
+                                             for k in accumulator_slots], rows)
+        return status
+
+
+def _read_blocks(reader, table, keys, rows_per_key):
+    """Fills `table` from the earlier format's blocks (`keys`, `rows_per_key` rows each), one
+    block read at a time."""
+    for index, key in enumerate(keys):
+        block = tables.Rows(index * rows_per_key, (index + 1) * rows_per_key)
+        value = None
+        for rows, variable in table.blocks:
+            first, stop = max(rows.first, block.first), min(rows.stop, block.stop)
+            if first >= stop:
+                continue
+            value = reader.get_tensor(key) if value is None else value
+            variable[first - rows.first:stop - rows.first].assign(value[first - block.first:stop - block.first])
 
 
 def first_line(err):
@@ -241,7 +338,8 @@ class CheckpointKeeper:
         prefix = os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{step}")
         if tf.train.latest_checkpoint(manager.directory) == prefix:
             return
-        for leftover in tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*"):
+        for leftover in (tf.io.gfile.glob(prefix + ".*") + tf.io.gfile.glob(prefix + "_temp*")
+                         + tf.io.gfile.glob(prefix + PARTS_SUFFIX)):
             try:
                 tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
             except tf.errors.OpError:

@@ -38,6 +38,8 @@ class ExportedLanguageModel(tf.Module):
         hps = trained.hps.replace(num_shards=1, kernels="portable")  # TensorFlow ops only: loads anywhere
         self.model = LSTMPLanguageModel(hps, len(trained.vocab))
         self.model.copy_weights_from(trained.model)
+        # The model keeps its vocabulary tables out of its checkpoints; the SavedModel holds them here.
+        self.table_variables = [variable for table in self.model.tables for variable in table.variables]
         self.encoder = vocab.GraphEncoder(trained.vocab)
 
     def _outputs(self, x):

@@ -40,7 +40,7 @@ class RunWeights(typing.NamedTuple):
     vocab: vocab_lib.Vocabulary
     model: LSTMPLanguageModel
     ema: ExponentialMovingAverage
-    checkpoint: tf.train.Checkpoint  # model and EMA shadows: restore(path).expect_partial()
+    checkpoint: checkpoints.RunCheckpoint  # model and EMA shadows: restore(path).expect_partial()
 
 
 def run_weights(logdir, datadir, precision=None):
@@ -53,7 +53,7 @@ def run_weights(logdir, datadir, precision=None):
     here = hps.replace(kernels="auto", **(dict(precision=precision, xla=False) if precision else {}))
     model = LSTMPLanguageModel(here, len(words))
     ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
-    return RunWeights(hps, words, model, ema, tf.train.Checkpoint(model=model, ema_shadows=ema.shadows))
+    return RunWeights(hps, words, model, ema, checkpoints.RunCheckpoint(model, ema.shadows))
 
 
 class TrainedModel:

@@ -12,7 +12,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import compute_plan, ops
+from lm1b_hvd import compute_plan, ops, tables
 
 
 def _uniform(shape, fan_in, seed):
@@ -110,6 +110,18 @@ def training_flops_per_word(hps, vocab_size):
     return 2 * 3 * multiply_adds
 
 
+class VocabularyTables:
+    """The model's three tables of the vocabulary (tables.VocabTable): the embedding, the
+    softmax's weights and its biases."""
+    NAMES = ("embedding", "softmax_w", "softmax_b")
+
+    def __init__(self, embedding, softmax_w, softmax_b):
+        self.embedding, self.softmax_w, self.softmax_b = embedding, softmax_w, softmax_b
+
+    def __iter__(self):
+        return iter((self.embedding, self.softmax_w, self.softmax_b))
+
+
 def batch_major(output_chunks):
     """The LSTM's time-major output chunks as one [batch, steps, projected_size] tensor."""
     return tf.transpose(tf.concat(output_chunks, axis=0), [1, 0, 2])
@@ -133,9 +145,7 @@ class LSTMPLanguageModel(tf.Module):
         # Tests may fix the sampled candidates; by default a stateless log-uniform sampler draws them.
         self.candidate_sampler = candidate_sampler
         seed = iter(range(hps.seed * 1000, hps.seed * 1000 + 1000))
-        shard_shape = [self.rows_per_shard, hps.emb_size]
-        self.embedding = [tf.Variable(_uniform(shard_shape, hps.emb_size, next(seed)), name=f"emb_{i}")
-                          for i in range(hps.num_shards)]
+        embedding_seeds = [next(seed) for _ in range(hps.num_shards)]
         self.lstm_weights, self.lstm_biases, self.lstm_projections = [], [], []
         for layer in range(hps.num_layers):
             inputs = hps.emb_size if layer == 0 else hps.projected_size
@@ -146,10 +156,38 @@ class LSTMPLanguageModel(tf.Module):
             self.lstm_projections.append(tf.Variable(
                 _uniform([hps.state_size, hps.projected_size], hps.state_size, next(seed)),
                 name=f"lstm_{layer}_proj"))
-        softmax_shape = [self.rows_per_shard, hps.projected_size]
-        self.softmax_w = [tf.Variable(_uniform(softmax_shape, hps.projected_size, next(seed)),
-                                      name=f"softmax_w_{i}") for i in range(hps.num_shards)]
-        self.softmax_b = tf.Variable(tf.zeros([vocab_size]), name="softmax_b")
+        softmax_seeds = [next(seed) for _ in range(hps.num_shards)]
+        # A plain object, so that tf.Module does not track the tables' variables: checkpoints
+        # hold them as logical matrices (tables.py), not as this model's block variables.
+        self.tables = VocabularyTables(
+            embedding=self._initial_table("emb", hps.emb_size, hps.emb_size, embedding_seeds),
+            softmax_w=self._initial_table("softmax_w", hps.projected_size, hps.projected_size, softmax_seeds),
+            softmax_b=tables.VocabTable("softmax_b", vocab_size, None, [
+                (tables.Rows(0, vocab_size), tf.Variable(tf.zeros([vocab_size]), name="softmax_b"))]))
+
+    def _initial_table(self, name, width, fan_in, seeds):
+        """A table in the original's layout (`num_shards` blocks, the last padded), its initial
+        values unit-scaling uniform, one seed per block."""
+        blocks = []
+        for index, rows in enumerate(tables.replicated_blocks(self.vocab_size, self.hps.num_shards)):
+            padded = tables.Rows(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
+            values = tables.initial_rows(padded, width, fan_in, self.rows_per_shard, seeds, _uniform)
+            blocks.append((rows, tf.Variable(values, name=f"{name}_{index}")))
+        return tables.VocabTable(name, self.vocab_size, width, blocks)
+
+    @property
+    def embedding(self):
+        """The embedding's block variables held here."""
+        return self.tables.embedding.variables
+
+    @property
+    def softmax_w(self):
+        return self.tables.softmax_w.variables
+
+    @property
+    def softmax_b(self):
+        (variable,) = self.tables.softmax_b.variables
+        return variable
 
     @property
     def lstm_variables(self):

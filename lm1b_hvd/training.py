@@ -12,7 +12,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from lm1b_hvd import distributed
+from lm1b_hvd import distributed, tables
 from lm1b_hvd.model import batch_major
 
 
@@ -69,21 +69,36 @@ def evaluation_weights(ema, hps):
 
 
 class FusedAdagrad(tf.keras.optimizers.Adagrad):
-    """Keras's Adagrad, with its slots (so the same checkpoints), updating each variable with
-    TensorFlow's fused Adagrad kernels: one pass over a variable and its accumulator where
-    Keras's update makes five.
+    """Keras's Adagrad updating each variable with TensorFlow's fused Adagrad kernels: one pass
+    over a variable and its accumulator where Keras's update makes five.
 
     The original's tf.train.AdagradOptimizer: accumulators start at 1.0, no epsilon. Sparse
     gradients must have unique rows (training.sum_duplicates), as the kernel applies each row
-    in turn."""
+    in turn. Keras keeps the accumulators of the variables it is built on (the LSTM's); the
+    vocabulary tables' accumulators are tables of their own (`table_accumulators`, checkpointed
+    as logical matrices like the tables), which the same kernels update."""
 
-    def __init__(self, learning_rate):
+    def __init__(self, learning_rate, table_accumulators=()):
         # No XLA: Keras would compile each update on a GPU, and the kernels are already fused.
         super().__init__(learning_rate=learning_rate, initial_accumulator_value=1.0, epsilon=0.0,
                          jit_compile=False)
+        self._tables = _TableSlots({variable.ref(): accumulator for table, accumulators in table_accumulators
+                                    for variable, accumulator in zip(table.variables, accumulators.variables)})
+
+    def _update_step(self, gradient, variable):
+        accumulator = self._tables.accumulator_of(variable)
+        if accumulator is None:
+            return super()._update_step(gradient, variable)
+        return self._fused_update(gradient, variable, accumulator)
+
+    def lstm_accumulators(self):
+        """Keras's accumulators, in the order of the variables it was built on (the LSTM's)."""
+        return list(self._accumulators)
 
     def update_step(self, gradient, variable):
-        accumulator = self._accumulators[self._index_dict[self._var_key(variable)]]
+        self._fused_update(gradient, variable, self._accumulators[self._index_dict[self._var_key(variable)]])
+
+    def _fused_update(self, gradient, variable, accumulator):
         lr = tf.cast(self.learning_rate, variable.dtype)
         epsilon = tf.cast(self.epsilon, variable.dtype)
         if isinstance(gradient, tf.IndexedSlices):
@@ -92,6 +107,17 @@ class FusedAdagrad(tf.keras.optimizers.Adagrad):
         else:
             tf.raw_ops.ResourceApplyAdagradV2(var=variable.handle, accum=accumulator.handle, lr=lr,
                                               epsilon=epsilon, grad=gradient)
+
+
+class _TableSlots:
+    """Which accumulator belongs to which table variable: a plain object, so that the Keras
+    optimizer holding it does not track (and checkpoint) the tables' accumulators."""
+
+    def __init__(self, by_variable):
+        self._by_variable = by_variable
+
+    def accumulator_of(self, variable):
+        return self._by_variable.get(variable.ref())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +174,10 @@ class Trainer:
         hps = model.hps
         self.model = model
         self.exchange = exchange
-        self.optimizer = FusedAdagrad(hps.learning_rate)
-        self.optimizer.build(model.all_variables)
+        # Adagrad's accumulators of the vocabulary tables, from 1.0 as the original's.
+        self.table_accumulators = [tables.like(table, f"{table.name}_accumulator", 1.0) for table in model.tables]
+        self.optimizer = FusedAdagrad(hps.learning_rate, zip(model.tables, self.table_accumulators))
+        self.optimizer.build(model.lstm_variables)
         # fp16 needs dynamic loss scaling; its state is not checkpointed (it re-adapts in steps).
         # Keras starts at 2^15, where this model's first steps overflow and are skipped.
         self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
@@ -172,7 +200,8 @@ class Trainer:
 
     def state_variables(self):
         """What rank 0 broadcasts: weights, optimizer slots and step, EMA shadows (not row states)."""
-        return self.model.all_variables + list(self.optimizer.variables) + self.ema.shadows
+        accumulators = [variable for table in self.table_accumulators for variable in table.variables]
+        return self.model.all_variables + list(self.optimizer.variables) + accumulators + self.ema.shadows
 
     def step(self, x, y, w, state, votes=Votes()):
         """One training step; returns the new row state and the StepStats (host numbers)."""
