@@ -13,6 +13,8 @@ import tensorflow as tf
 from horovod.common import elastic as horovod_elastic
 from horovod.common.exceptions import HorovodInternalError
 
+from lm1b_hvd import tables
+
 
 def init():
     """Starts Horovod, gives each process its own GPU (if any) by local rank, and sizes
@@ -103,9 +105,10 @@ def tensor_bytes(tensor, itemsize=None):
     return total
 
 
-def combine_gradients(gradients, hps, traffic):
+def combine_gradients(gradients, hps, traffic, exchange_sparse=True):
     """Averages dense gradients and sums IndexedSlices over ranks; order is kept. What each
-    collective moves is counted into `traffic`.
+    collective moves is counted into `traffic`. Without `exchange_sparse` the IndexedSlices
+    stay as they are (vocabulary-parallel: the exchange already took them to their owners).
 
     `hps.fp16_allreduce` sends the dense ones as fp16; `hps.sparse_as_dense` allreduces the
     sparse ones as dense matrices (what Horovod's own option does) instead of allgathering rows."""
@@ -114,6 +117,8 @@ def combine_gradients(gradients, hps, traffic):
     combined = list(gradients)
     sparse_at = [i for i, g in enumerate(gradients) if isinstance(g, tf.IndexedSlices)]
     dense_at = [i for i in range(len(gradients)) if i not in sparse_at]
+    if not exchange_sparse:
+        sparse_at = []
     if dense_at:
         averaged = hvd.grouped_allreduce([gradients[i] for i in dense_at], op=hvd.Average,
                                          compression=_compression(hps))
@@ -126,19 +131,23 @@ def combine_gradients(gradients, hps, traffic):
     else:
         for i in sparse_at:
             combined[i] = hvd.allreduce(gradients[i], op=hvd.Sum)
-    for local, reduced in zip(gradients, combined):
-        traffic.count(local, reduced, hps)
+    for index in dense_at + sparse_at:
+        traffic.count(gradients[index], combined[index], hps)
     return combined
 
 
-def gradient_tape(tape, hps, traffic):
+def gradient_tape(tape, hps, traffic, local_sources=()):
     """Horovod's DistributedGradientTape around `tape`: everything averaged, as Horovod users
-    expect. Its reduction of the gradients is wrapped to count what it moves into `traffic`
-    (the tape keeps the local gradients to itself otherwise)."""
+    expect, but for `local_sources`, whose gradients Horovod leaves on the rank and divides by
+    the rank count (their average where the exchange already summed them). Its reduction of the
+    gradients is wrapped to count what it moves into `traffic` (the tape keeps the local
+    gradients to itself otherwise)."""
     if hvd.size() == 1:
         return tape
     distributed_tape = hvd.DistributedGradientTape(tape, compression=_compression(hps),
                                                    sparse_as_dense=hps.sparse_as_dense)
+    for source in local_sources:
+        distributed_tape.register_local_source(source)
     reduce = distributed_tape._allreduce_grads  # Horovod 0.28's own reduction of the tape's gradients
 
     def reduce_and_count(gradients, sources, *args):
@@ -250,3 +259,58 @@ def elastic_run(train):
 def _restart_horovod():
     hvd.shutdown()
     hvd.init()
+
+
+class VocabExchange:
+    """The collectives of a vocabulary sharded over the ranks (hparam vocab_parallel). Rank r
+    holds the contiguous rows tables.owned_rows(vocab, r, ranks) of the embedding and of the
+    softmax's weights and biases, with their Adagrad slots. A step fetches the rows it needs
+    (each unique) from their owners with Horovod's alltoall; the alltoall's gradient is an
+    alltoall back, so the rows' gradients reach their owners, who sum what every rank sent.
+    The full softmax of an evaluation is taken over the ranks' shares: each rank computes its
+    rows' logits for every rank's outputs, and the log-sum-exps are combined."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size, self.rank, self.ranks = vocab_size, hvd.rank(), hvd.size()
+        self.rows = tables.owned_rows(vocab_size, self.rank, self.ranks)
+
+    def fetch(self, matrices, ids, traffic=None):
+        """Rows `ids` (unique, int64 [n]) of the vocabulary-wide matrices whose shares here are
+        `matrices` ([rows held, width] or [rows held]), side by side: [n, sum of widths]."""
+        owner = tables.owners(ids, self.vocab_size, self.ranks)
+        order = tf.argsort(owner, stable=True)  # alltoall sends rank by rank
+        splits = tf.math.bincount(owner, minlength=self.ranks, maxlength=self.ranks, dtype=tf.int32)
+        requested, requested_splits = hvd.alltoall(tf.gather(ids, order), splits=splits)
+        local = requested - self.rows.first
+        sent = tf.concat([tf.gather(matrix, local) if matrix.shape.rank == 2 else tf.gather(matrix, local)[:, None]
+                          for matrix in matrices], axis=1)
+        rows, _ = hvd.alltoall(sent, splits=requested_splits)
+        if traffic is not None:
+            self._count(traffic, splits, requested_splits, sent)
+        return tf.gather(rows, tf.math.invert_permutation(order))
+
+    def _count(self, traffic, splits, requested_splits, sent):
+        """The ids out, the rows back, and in the backward the rows' gradients out again: what
+        a rank asks of itself does not leave it."""
+        width = tf.cast(tf.shape(sent)[1], tf.float32) * sent.dtype.size
+        asked = tf.cast(tf.reduce_sum(splits) - splits[self.rank], tf.float32)
+        answered = tf.cast(tf.reduce_sum(requested_splits) - requested_splits[self.rank], tf.float32)
+        traffic.add("alltoall", asked * 8 + answered * width + asked * width,
+                    answered * 8 + asked * width + answered * width)
+
+    def full_softmax_losses(self, outputs, targets, weights, biases):
+        """Cross-entropy [batch] of this rank's outputs [batch, dim] and targets over the whole
+        vocabulary, from the shares `weights` [rows held, dim] and `biases` of every rank. Every
+        rank calls it with the same batch size."""
+        every_output = hvd.allgather(outputs)
+        every_target = tf.cast(hvd.allgather(targets), tf.int64)
+        logits = tf.matmul(every_output, weights, transpose_b=True) + biases
+        shares = tf.reshape(hvd.allgather(tf.reduce_logsumexp(logits, axis=1)), [self.ranks, -1])
+        log_sum_exp = tf.reduce_logsumexp(shares, axis=0)
+        local = every_target - self.rows.first
+        held = (local >= 0) & (local < self.rows.count)
+        target_logits = tf.where(held, tf.gather(logits, tf.clip_by_value(local, 0, self.rows.count - 1),
+                                                 batch_dims=1), 0.0)
+        losses = log_sum_exp - hvd.allreduce(target_logits, op=hvd.Sum)
+        batch = tf.shape(outputs)[0]
+        return losses[self.rank * batch:(self.rank + 1) * batch]

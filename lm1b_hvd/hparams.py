@@ -35,6 +35,7 @@ class HParams:
     xla: bool = False  # compile forward and backward with XLA
     grad_combine: str = "rank_clip"  # rank_clip: the original's per-rank clip | tape: DistributedGradientTape
     sparse_as_dense: bool = False  # allreduce embedding/softmax gradients as dense matrices
+    vocab_parallel: bool = False  # each rank holds 1/N of the vocabulary's rows; alltoall fetches what a step needs
     fp16_allreduce: bool = False  # send the dense LSTM gradients as fp16 (hvd.Compression.fp16)
 
     def replace(self, **changes):

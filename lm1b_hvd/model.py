@@ -136,11 +136,13 @@ class LSTMPLanguageModel(tf.Module):
     of steps. `plan` (compute_plan.ComputePlan) says how it computes on this device: chosen
     once from the hparams and the device when not given."""
 
-    def __init__(self, hps, vocab_size, plan=None, candidate_sampler=None, name="lm"):
+    def __init__(self, hps, vocab_size, plan=None, candidate_sampler=None, vocab_exchange=None, name="lm"):
         super().__init__(name=name)
         self.hps = hps
         self.vocab_size = vocab_size
         self.plan = plan or compute_plan.choose(hps)
+        # vocab_parallel: a distributed.VocabExchange; the tables hold this rank's rows only.
+        self.exchange = vocab_exchange
         self.rows_per_shard = -(-vocab_size // hps.num_shards)
         # Tests may fix the sampled candidates; by default a stateless log-uniform sampler draws them.
         self.candidate_sampler = candidate_sampler
@@ -159,15 +161,26 @@ class LSTMPLanguageModel(tf.Module):
         softmax_seeds = [next(seed) for _ in range(hps.num_shards)]
         # A plain object, so that tf.Module does not track the tables' variables: checkpoints
         # hold them as logical matrices (tables.py), not as this model's block variables.
+        bias_rows = self.exchange.rows if self.exchange else tables.Rows(0, vocab_size)
         self.tables = VocabularyTables(
             embedding=self._initial_table("emb", hps.emb_size, hps.emb_size, embedding_seeds),
             softmax_w=self._initial_table("softmax_w", hps.projected_size, hps.projected_size, softmax_seeds),
             softmax_b=tables.VocabTable("softmax_b", vocab_size, None, [
-                (tables.Rows(0, vocab_size), tf.Variable(tf.zeros([vocab_size]), name="softmax_b"))]))
+                (bias_rows, tf.Variable(tf.zeros([bias_rows.count]), name="softmax_b"))]))
+
+    @property
+    def vocab_parallel(self):
+        return self.exchange is not None
 
     def _initial_table(self, name, width, fan_in, seeds):
-        """A table in the original's layout (`num_shards` blocks, the last padded), its initial
-        values unit-scaling uniform, one seed per block."""
+        """A table of unit-scaling uniform initial values, one seed per row block of the
+        original's layout (`num_shards` blocks, the last padded), held in that layout, or as
+        this rank's rows alone when the vocabulary is sharded over the ranks: the same values
+        either way."""
+        if self.exchange:
+            rows = self.exchange.rows
+            values = tables.initial_rows(rows, width, fan_in, self.rows_per_shard, seeds, _uniform)
+            return tables.VocabTable(name, self.vocab_size, width, [(rows, tf.Variable(values, name=name))])
         blocks = []
         for index, rows in enumerate(tables.replicated_blocks(self.vocab_size, self.hps.num_shards)):
             padded = tables.Rows(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
@@ -243,9 +256,17 @@ class LSTMPLanguageModel(tf.Module):
                                                      seed=sub_seed(seed, CANDIDATES_STREAM + 1 + site))
         return [chunk * mask for chunk, mask in zip(chunks, tf.split(masks, [c.shape[0] for c in chunks]))]
 
-    def embed(self, x):
-        """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size]."""
-        return tf.nn.embedding_lookup(self.embedding, tf.transpose(x))
+    def embed(self, x, traffic=None):
+        """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size].
+        Vocabulary-parallel, each word's row comes from its owner (what moves is counted into
+        `traffic`, a distributed.Traffic, when given)."""
+        ids = tf.transpose(x)
+        if not self.exchange:
+            return tf.nn.embedding_lookup(self.embedding, ids)
+        unique, positions = tf.unique(tf.reshape(tf.cast(ids, tf.int64), [-1]))
+        rows = self.exchange.fetch(self.embedding, unique, traffic)
+        embedded = tf.reshape(tf.gather(rows, positions), tf.concat([tf.shape(ids), [self.hps.emb_size]], axis=0))
+        return tf.ensure_shape(embedded, ids.shape.concatenate([self.hps.emb_size]))
 
     def run_layers(self, embedded, state, training, seed=None):
         """The LSTM over time-major embeddings [steps, batch, emb_size]: its outputs, time-major,
@@ -280,6 +301,8 @@ class LSTMPLanguageModel(tf.Module):
 
     def softmax_matrix(self):
         """The shards concatenated in "div" order, padding trimmed: [vocab_size, projected_size]."""
+        if self.exchange:
+            raise ValueError("a vocabulary-parallel model holds no whole softmax; read its checkpoint replicated")
         if len(self.softmax_w) == 1 and self.rows_per_shard == self.vocab_size:
             return self.softmax_w[0]  # already whole: no copy
         return tf.concat(self.softmax_w, axis=0)[:self.vocab_size]
@@ -294,7 +317,11 @@ class LSTMPLanguageModel(tf.Module):
 
     def full_softmax_losses(self, outputs, y):
         """Per-token cross-entropy [batch, steps] over the whole vocabulary, one step at a time
-        so the logits never exceed [batch, vocab_size]."""
+        so the logits never exceed [batch, vocab_size]. Vocabulary-parallel, over every rank's
+        share of the softmax (each rank calls it with a batch of the same size)."""
+        if self.exchange:
+            return tf.stack([self.exchange.full_softmax_losses(outputs[:, step], y[:, step], self.softmax_w[0],
+                                                               self.softmax_b) for step in range(y.shape[1])], axis=1)
         return tf.stack([tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=y[:, step], logits=self.full_softmax_logits(outputs[:, step])) for step in range(y.shape[1])], axis=1)
 
@@ -310,22 +337,31 @@ class LSTMPLanguageModel(tf.Module):
             sub_seed(seed, CANDIDATES_STREAM), self.hps.num_sampled, self.vocab_size)
         return candidates, expected_count(labels), expected_count(candidates)
 
-    def softmax_rows(self, y, seed=None):
+    def softmax_rows(self, y, seed=None, traffic=None):
         """The sampled softmax's gathered rows for targets `y` [batch, steps], time-major as the
         LSTM's outputs: what the loss needs from the sharded matrices, gathered outside any
         compiled part (gathers over shards give the sparse gradients), and the accidental hits.
-        Biases carry the log-expected-count correction."""
+        Biases carry the log-expected-count correction. Vocabulary-parallel, the rows of the
+        targets and candidates, each once, come from their owners in one exchange."""
         labels = tf.reshape(tf.cast(tf.transpose(y), tf.int64), [-1, 1])
         candidates, true_expected, candidate_expected = (
             tf.stop_gradient(v) for v in self.sample_candidates(labels, seed))
         candidates = tf.cast(candidates, tf.int64)
         true_ids = tf.reshape(labels, [-1])
+        if self.exchange:
+            unique, positions = tf.unique(tf.concat([true_ids, candidates], axis=0))
+            rows = self.exchange.fetch([self.softmax_w[0], self.softmax_b], unique, traffic)
+            true_rows, candidate_rows = tf.split(tf.gather(rows, positions), [tf.size(true_ids), -1])
+            true_w, true_b = true_rows[:, :-1], true_rows[:, -1]
+            candidate_w, candidate_b = candidate_rows[:, :-1], candidate_rows[:, -1]
+        else:
+            true_w, true_b = tf.nn.embedding_lookup(self.softmax_w, true_ids), tf.gather(self.softmax_b, true_ids)
+            candidate_w = tf.nn.embedding_lookup(self.softmax_w, candidates)
+            candidate_b = tf.gather(self.softmax_b, candidates)
         return SoftmaxRows(
             hit_columns=accidental_hits(true_ids, candidates),
-            true_w=tf.nn.embedding_lookup(self.softmax_w, true_ids),
-            true_b=tf.gather(self.softmax_b, true_ids) - tf.math.log(tf.reshape(true_expected, [-1])),
-            candidate_w=tf.nn.embedding_lookup(self.softmax_w, candidates),
-            candidate_b=tf.gather(self.softmax_b, candidates) - tf.math.log(candidate_expected))
+            true_w=true_w, true_b=true_b - tf.math.log(tf.reshape(true_expected, [-1])),
+            candidate_w=candidate_w, candidate_b=candidate_b - tf.math.log(candidate_expected))
 
     def sampled_losses(self, output_chunks, rows):
         """Per-token sampled-softmax loss [batch, steps] from the LSTM's time-major output chunks

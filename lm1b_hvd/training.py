@@ -199,7 +199,10 @@ class Trainer:
         return self.optimizer.iterations
 
     def state_variables(self):
-        """What rank 0 broadcasts: weights, optimizer slots and step, EMA shadows (not row states)."""
+        """What rank 0 broadcasts: weights, optimizer slots and step, EMA shadows (not row states;
+        vocabulary-parallel, not the tables either: each rank holds rows of its own)."""
+        if self.model.vocab_parallel:
+            return self.model.lstm_variables + list(self.optimizer.variables) + self.ema.shadows
         accumulators = [variable for table in self.table_accumulators for variable in table.variables]
         return self.model.all_variables + list(self.optimizer.variables) + accumulators + self.ema.shadows
 
@@ -240,13 +243,15 @@ class Trainer:
         model, hps = self.model, self.model.hps
         seed = self.step_seed()
         with tf.GradientTape() as tape:
-            softmax_rows = model.softmax_rows(y, seed) if model.uses_sampled_softmax() else None
-            token_losses, new_state = self._token_losses_fn(model.embed(x), state, softmax_rows, y, w, seed)
+            softmax_rows = model.softmax_rows(y, seed, traffic) if model.uses_sampled_softmax() else None
+            token_losses, new_state = self._token_losses_fn(model.embed(x, traffic), state, softmax_rows, y, w, seed)
             loss = tf.reduce_sum(token_losses) / hps.batch_size
             if self.loss_scaler:
                 loss = self.loss_scaler.get_scaled_loss(loss)
         if hps.grad_combine == "tape" and self.exchange:
-            tape = distributed.gradient_tape(tape, hps, traffic)
+            # Vocabulary-parallel, the tables' gradients are already with their owners.
+            local = [v for table in model.tables for v in table.variables] if model.vocab_parallel else []
+            tape = distributed.gradient_tape(tape, hps, traffic, local_sources=local)
         gradients = tape.gradient(loss, model.all_variables)
         if self.loss_scaler:
             gradients = self.loss_scaler.get_unscaled_gradients(gradients)
@@ -263,13 +268,14 @@ class Trainer:
         # rows are summed before sending (Horovod gathers what it is given) and again after
         # (ranks share rows). tape: Horovod already averaged everything; clip after.
         duplicates = tf.constant(0.0)
-        if exchange and hps.grad_combine == "rank_clip":
+        if exchange and hps.grad_combine == "rank_clip" and not model.vocab_parallel:
             duplicates = sum(distributed.tensor_bytes(g) for g in raw) - sum(distributed.tensor_bytes(g)
                                                                                 for g in gradients)
         lstm, lstm_norm = tf.clip_by_global_norm(gradients[n_emb:n_emb + n_lstm], hps.max_grad_norm)
         gradients = gradients[:n_emb] + lstm + gradients[n_emb + n_lstm:]
         if exchange and hps.grad_combine == "rank_clip":
-            gradients = [sum_duplicates(g) for g in distributed.combine_gradients(gradients, hps, traffic)]
+            gradients = [sum_duplicates(g) for g in distributed.combine_gradients(
+                gradients, hps, traffic, exchange_sparse=not model.vocab_parallel)]
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()

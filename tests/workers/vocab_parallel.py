@@ -1,0 +1,69 @@
+"""Run under `horovodrun -np N`: the same steps replicated, then with the vocabulary sharded over
+the ranks (vocab_parallel), from the same seeds on the same data; each rank saves what it holds.
+
+Shared with tests/test_vocab_parallel.py, which checks that every variable agrees.
+Usage: python -m tests.workers.vocab_parallel OUTDIR GRAD_COMBINE STEPS
+"""
+import sys
+
+import numpy as np
+
+from lm1b_hvd import distributed, hparams
+from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.training import Trainer
+
+VOCAB = 53  # divides evenly by neither 2 nor 4 ranks, nor by num_shards
+HPS = hparams.validate(hparams.HParams(
+    batch_size=3, num_steps=4, num_shards=3, num_layers=2, emb_size=8, state_size=12, projected_size=6,
+    num_sampled=10, keep_prob=0.8, max_grad_norm=1.0, learning_rate=0.2, ema_decay=0.9))
+
+
+def batches(rank, steps):
+    rng = np.random.default_rng(3000 + rank)
+    shape = (HPS.batch_size, HPS.num_steps)
+    out = []
+    for _ in range(steps):
+        w = np.ones(shape, np.float32)
+        w[0, rng.integers(0, HPS.num_steps):] = 0.0
+        # Zipf-like ids, so that ranks share rows and ask for rows of every owner
+        ids = np.minimum(np.floor(np.exp(rng.uniform(0, np.log(VOCAB + 1), (shape[0], shape[1] + 1)))) - 1, VOCAB - 1)
+        out.append((ids[:, :-1].astype(np.int32), ids[:, 1:].astype(np.int32), w))
+    return out
+
+
+def train(hps, exchange, steps):
+    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange))
+    state = trainer.model.zero_state(hps.batch_size)
+    for step, (x, y, w) in enumerate(batches(distributed.rank(), steps)):
+        state, _ = trainer.step(x, y, w, state)
+        if step == 0:
+            distributed.broadcast_from_root(trainer.state_variables())
+    return trainer
+
+
+def held(trainer):
+    """{name: value} of everything this rank holds: the LSTM, its slots and EMA, and the
+    tables' rows with their accumulators."""
+    model = trainer.model
+    values = {f"lstm_{i}": v.numpy() for i, v in enumerate(model.lstm_variables)}
+    values.update({f"lstm_slot_{i}": v.numpy() for i, v in enumerate(trainer.optimizer.lstm_accumulators())})
+    values.update({f"ema_{i}": v.numpy() for i, v in enumerate(trainer.ema.shadows)})
+    for table, accumulators in zip(model.tables, trainer.table_accumulators):
+        for prefix, source in ((table.name, table), (f"{table.name}_slot", accumulators)):
+            values[prefix] = np.concatenate([v.numpy()[:rows.count] for rows, v in source.blocks])
+        values[f"{table.name}_rows"] = np.array([table.rows.first, table.rows.stop])
+    return values
+
+
+def main(outdir, grad_combine, steps):
+    distributed.init()
+    hps = HPS.replace(grad_combine=grad_combine)
+    replicated = held(train(hps, None, steps))
+    sharded = held(train(hps.replace(vocab_parallel=True), distributed.VocabExchange(VOCAB), steps))
+    rank = distributed.rank()
+    np.savez(f"{outdir}/replicated{rank}.npz", **replicated)
+    np.savez(f"{outdir}/sharded{rank}.npz", **sharded)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
