@@ -7,7 +7,8 @@
 #   bash install.sh                    everything, CPU-only TensorFlow
 #   bash install.sh --gpu              TensorFlow's CUDA build and Horovod with NCCL (builds without a GPU)
 #   bash install.sh --stack-only       the stack without this package (the container's cached layer)
-#   bash install.sh --with-test-tools  also what the tests drive for real: Slurm, munge, podman
+#   bash install.sh --with-test-tools  also what the tests drive for real: Slurm, munge, podman,
+#                                      iproute2 and sshd (scripts/local_cluster.sh)
 #
 # It prints one line per stage with its time; what apt and pip print goes to the log file it
 # names ($INSTALL_LOG, default install.log here), and a failed stage shows that log's last lines.
@@ -72,7 +73,7 @@ else
 fi
 dpkg -s ca-certificates >/dev/null 2>&1 || need_apt+=(ca-certificates)
 if [ "$test_tools" -eq 1 ]; then
-  for pkg in slurmctld slurmd slurm-client munge podman runc debootstrap; do
+  for pkg in slurmctld slurmd slurm-client munge podman runc debootstrap iproute2 openssh-server openssh-client; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
   done
 fi

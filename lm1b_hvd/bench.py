@@ -136,6 +136,9 @@ def bench(args):
     distributed.init()
     devices.check_gpus_used(args.allow_cpu)
     hps = hparams.build(args.preset, args.hpconfig)
+    if hps.vocab_parallel and args.no_exchange:
+        raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
+                                "the ranks that own them")
     vocab_size = args.vocab or VOCAB_SIZES[args.preset]
     rank, size = distributed.rank(), distributed.size()
     say = console.say if rank == 0 else (lambda text: None)
@@ -145,7 +148,8 @@ def bench(args):
     for line in distributed.device_report(devices.describe(distributed.cores_per_rank()), devices.on_gpu()):
         say(line)
 
-    trainer = Trainer(LSTMPLanguageModel(hps, vocab_size), exchange=not args.no_exchange)
+    model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=distributed.vocab_exchange(hps, vocab_size))
+    trainer = Trainer(model, exchange=not args.no_exchange)
     say(trainer.model.plan.describe())
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
     state = trainer.model.zero_state(hps.batch_size)

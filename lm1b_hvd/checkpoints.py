@@ -83,13 +83,16 @@ class RunPoint:
 
 class RunCheckpoints:
     """A training run's checkpoints: the trainer's weights, Adagrad slots, step and EMA with
-    every rank's RunPoint, in one checkpoint that rank 0 writes (`writer`)."""
+    every rank's RunPoint, in one checkpoint that rank 0 writes (`writer`). Vocabulary-parallel,
+    every rank writes its rows of the tables into it first (the log directory must be on a
+    filesystem every node sees, as a cluster's is)."""
 
     def __init__(self, logdir, trainer, keep, writer):
         self.trainer = trainer
         self.positions = RunPosition()
+        table_parts = distributed.size() if trainer.model.vocab_parallel else 1
         checkpoint = RunCheckpoint(trainer.model, trainer.ema.shadows, trainer.optimizer, trainer.table_accumulators,
-                                   self.positions)
+                                   self.positions, table_parts=table_parts)
         self.keeper = CheckpointKeeper(logdir, checkpoint, keep, writer)
 
     def set_writer(self, writer):
@@ -146,9 +149,12 @@ class RunCheckpoint:
 
     CheckpointManager calls `_write` and `save_counter`, as of a tf.train.Checkpoint."""
 
-    def __init__(self, model, ema_shadows, optimizer=None, table_accumulators=(), run_position=None):
+    def __init__(self, model, ema_shadows, optimizer=None, table_accumulators=(), run_position=None, table_parts=1):
         self.model, self.optimizer = model, optimizer
         self.table_accumulators = list(table_accumulators)
+        # 1: the writer holds every row and writes the tables itself; N: each of N vocabulary-
+        # parallel ranks writes its own part (write_tables_part) before the writer merges them.
+        self.table_parts = table_parts
         self.objects = dict(model=model, ema_shadows=ema_shadows)
         if optimizer is not None:
             self.objects["optimizer"] = optimizer
@@ -167,12 +173,19 @@ class RunCheckpoint:
         return pairs + [(table, f"{tables.KEY_PREFIX}{name}/adagrad_accumulator")
                         for name, table in zip(names, self.table_accumulators)]
 
+    def write_tables_part(self, file_prefix, part=0):
+        """This process's rows of every table, as part `part` of the checkpoint `file_prefix`."""
+        parts = file_prefix + PARTS_SUFFIX
+        tf.io.gfile.makedirs(parts)  # SaveV2 makes no folders; each rank may be the first here
+        tables.save_slices(os.path.join(parts, f"tables-{part}"), self.table_keys())
+
     def _write(self, file_prefix, options=None):
         parts = file_prefix + PARTS_SUFFIX
         objects_part = self.checkpoint.write(os.path.join(parts, "objects"))
-        tables_part = os.path.join(parts, "tables")
-        tables.save_slices(tables_part, self.table_keys())
-        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[objects_part, tables_part], destination_prefix=file_prefix)
+        if self.table_parts == 1:
+            self.write_tables_part(file_prefix)
+        table_parts = [os.path.join(parts, f"tables-{part}") for part in range(self.table_parts)]
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[objects_part, *table_parts], destination_prefix=file_prefix)
         for callback in (options.experimental_write_callbacks or []) if options else []:
             callback(file_prefix)
         return file_prefix
@@ -318,19 +331,35 @@ class CheckpointKeeper:
         """Writes ckpt-STEP. TensorFlow writes the new files first, then points the `checkpoint`
         file at them (an atomic rename), then deletes the oldest: a crash at any moment leaves
         the previous checkpoint restorable. A failed write (full disk, read-only or vanished log
-        directory) removes its own partial files and stops the run with one line."""
-        if self.writer:
-            self._save(self.latest, step)
+        directory) removes its own partial files and stops the run with one line. A collective
+        when the ranks write parts of the tables: every rank calls it."""
+        self._save(self.latest, step)
 
     def _save(self, manager, step):
         previous = manager.latest_checkpoint
         try:
-            manager.save(checkpoint_number=step)
+            if self.checkpoint.table_parts > 1:
+                self._write_table_parts(manager, step)
+            if self.writer:
+                manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as err:
-            self._remove_partial(manager, step)
+            if self.writer:
+                self._remove_partial(manager, step)
             kept = f"the previous one, {previous}, is kept" if previous else "there is no earlier checkpoint"
             raise CheckpointError(f"{manager.directory}: saving the checkpoint of step {step} failed "
                                   f"({first_line(err)}); {kept}") from None
+
+    def _write_table_parts(self, manager, step):
+        """Every rank's rows of the tables, written beside the checkpoint the writer will merge;
+        when one rank's write fails, every rank stops."""
+        failure = None
+        try:
+            self.checkpoint.write_tables_part(os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{step}"),
+                                              distributed.rank())
+        except (tf.errors.OpError, OSError) as err:
+            failure = err
+        if distributed.any_rank(failure is not None):
+            raise failure or OSError("another rank could not write its rows of the tables")
 
     @staticmethod
     def _remove_partial(manager, step):
@@ -350,10 +379,16 @@ class CheckpointKeeper:
         return info["perplexity"] if info else float("inf")
 
     def save_if_best(self, step, perplexity):
-        """Keeps this step under best/ when its heldout perplexity beats the best so far."""
-        if not self.writer or perplexity >= self.best_perplexity():
+        """Keeps this step under best/ when its heldout perplexity beats the best so far (a
+        collective when the ranks write parts of the tables: rank 0 decides for all)."""
+        best = self.writer and perplexity < self.best_perplexity()
+        if self.checkpoint.table_parts > 1:
+            best = distributed.root_decides(best)
+        if not best:
             return False
         self._save(self.best, step)
+        if not self.writer:
+            return True
         path = os.path.join(self.logdir, BEST_DIR, BEST_FILE)
         console.write_atomically(path, json.dumps({"step": step, "perplexity": perplexity}))
         return True

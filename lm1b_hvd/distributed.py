@@ -13,7 +13,7 @@ import tensorflow as tf
 from horovod.common import elastic as horovod_elastic
 from horovod.common.exceptions import HorovodInternalError
 
-from lm1b_hvd import tables
+from lm1b_hvd import console, tables
 
 
 def init():
@@ -195,6 +195,32 @@ def exchange_description(on_gpu):
     return f"{horovod.__version__}, {controller} controller, gradients exchanged with {controller} ({where})"
 
 
+def any_rank(flag):
+    """Whether `flag` is true on any rank (a collective: every rank calls it)."""
+    if hvd.size() == 1:
+        return bool(flag)
+    return int(hvd.allreduce(tf.constant(int(bool(flag))), op=hvd.Sum, name="any_rank")) > 0
+
+
+def root_decides(value):
+    """Rank 0's picklable `value`, on every rank."""
+    if hvd.size() == 1:
+        return value
+    return hvd.broadcast_object(value, root_rank=0, name="root_decides")
+
+
+def in_lockstep(items, filler):
+    """`items`, then `filler` for as long as another rank still has items of its own: for a loop
+    of collectives that every rank must run as often (a vocabulary-parallel evaluation over
+    shares of unequal length). One small allreduce per item."""
+    items = iter(items)
+    while True:
+        item = next(items, None)
+        if not any_rank(item is not None):
+            return
+        yield filler if item is None else item
+
+
 def gather_numbers(numbers):
     """Every rank's list of numbers, rank by rank, on every rank (a host-side allgather)."""
     values = tf.constant([numbers], tf.float64)
@@ -259,6 +285,20 @@ def elastic_run(train):
 def _restart_horovod():
     hvd.shutdown()
     hvd.init()
+
+
+class VocabularyTooSmall(console.UserError):
+    pass
+
+
+def vocab_exchange(hps, vocab_size):
+    """The VocabExchange of a vocabulary-parallel run (hparam vocab_parallel), else None."""
+    if not hps.vocab_parallel:
+        return None
+    if vocab_size < hvd.size():
+        raise VocabularyTooSmall(f"vocab_parallel=true needs at least one vocabulary row per rank: {vocab_size} "
+                                 f"row(s) for {hvd.size()} ranks")
+    return VocabExchange(vocab_size)
 
 
 class VocabExchange:

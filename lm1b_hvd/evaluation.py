@@ -4,7 +4,10 @@ Perplexity is exp(sum of token losses / sum of weights) with both sums taken
 over every rank before dividing, so N ranks report the number one process would.
 """
 import contextlib
+import itertools
 import math
+
+import numpy as np
 
 import tensorflow as tf
 
@@ -39,10 +42,14 @@ class Evaluator:
         state = self.model.zero_state(hps.batch_size)
         loss_sum, words = 0.0, 0.0
         averaged = training.evaluation_weights(self.ema, hps) if self.ema else contextlib.nullcontext()
+        batches = data.pack_batches(sentences, hps.batch_size, hps.num_steps)
+        if max_batches:
+            batches = itertools.islice(batches, max_batches)
+        if self.model.vocab_parallel:  # every batch's softmax is every rank's: ranks keep in step
+            blank = np.zeros([hps.batch_size, hps.num_steps], np.int32)
+            batches = distributed.in_lockstep(batches, (blank, blank, blank.astype(np.float32)))
         with averaged:
-            for index, (x, y, w) in enumerate(data.pack_batches(sentences, hps.batch_size, hps.num_steps)):
-                if max_batches and index >= max_batches:
-                    break
+            for x, y, w in batches:
                 state, batch_loss, batch_words = self.step(x, y, w, state)
                 loss_sum += float(batch_loss)
                 words += float(batch_words)

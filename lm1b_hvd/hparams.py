@@ -132,6 +132,10 @@ def validate(hps):
             raise HParamsError(f"hparam '{key}' expects one of {', '.join(choices)}, got '{getattr(hps, key)}'")
     if hps.learning_rate <= 0 or hps.max_grad_norm <= 0:
         raise HParamsError("hparams 'learning_rate' and 'max_grad_norm' must be > 0")
+    if hps.vocab_parallel and (hps.sparse_as_dense or (hps.xla and hps.num_sampled == 0)):
+        clash = "sparse_as_dense=true" if hps.sparse_as_dense else "xla=true with num_sampled=0"
+        raise HParamsError(f"hparam 'vocab_parallel' cannot be combined with {clash}: the vocabulary's rows "
+                           "and their gradients travel between their owners, outside any compiled part")
     return hps
 
 

@@ -50,7 +50,9 @@ def run_weights(logdir, datadir, precision=None):
     hps = checkpoints.load_run_hparams(logdir)
     words = vocab_lib.load(os.path.join(datadir, data.VOCAB_FILE))
     checkpoints.check_or_write_hparams(logdir, hps, len(words), write=False)
-    here = hps.replace(kernels="auto", **(dict(precision=precision, xla=False) if precision else {}))
+    # One process holds every row, whichever way the run's ranks held them.
+    here = hps.replace(kernels="auto", vocab_parallel=False,
+                       **(dict(precision=precision, xla=False) if precision else {}))
     model = LSTMPLanguageModel(here, len(words))
     ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
     return RunWeights(hps, words, model, ema, checkpoints.RunCheckpoint(model, ema.shadows))

@@ -137,9 +137,14 @@ class Run:
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         self.hps = hparams.build(config.preset, config.hpconfig)
         self.vocab = vocab.load(os.path.join(self.datadir, data.VOCAB_FILE))
+        if self.hps.vocab_parallel and config.elastic:
+            raise console.UserError("--elastic cannot be used with vocab_parallel=true: an elastic reset would have "
+                                    "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
+                                    "do; drop one of the two")
+        exchange = distributed.vocab_exchange(self.hps, len(self.vocab))
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.is_root)
         self.train_data, self.heldout = self._data_shares()
-        self.model = LSTMPLanguageModel(self.hps, len(self.vocab))
+        self.model = LSTMPLanguageModel(self.hps, len(self.vocab), vocab_exchange=exchange)
         self.trainer = Trainer(self.model)
         self.evaluator = evaluation.Evaluator(self.model, self.trainer.ema, report=self.log)
         self.checkpoints = checkpoints.RunCheckpoints(config.logdir, self.trainer, config.keep_checkpoints,

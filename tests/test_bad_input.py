@@ -77,6 +77,13 @@ CASES = {
     "ill-typed hpconfig value": (
         lambda c, t: dict(hpconfig=TINY + ",batch_size=lots"),
         r"error: hparam 'batch_size' expects an int, got 'lots'"),
+    "vocab_parallel with --elastic": (
+        lambda c, t: dict(hpconfig=TINY + ",vocab_parallel=true", extra=["--elastic"]),
+        r"error: --elastic cannot be used with vocab_parallel=true: an elastic reset would have to re-shard the "
+        r"vocabulary's rows over the new ranks, which this trainer does not do; drop one of the two"),
+    "vocab_parallel with sparse_as_dense": (
+        lambda c, t: dict(hpconfig=TINY + ",vocab_parallel=true,sparse_as_dense=true"),
+        r"error: hparam 'vocab_parallel' cannot be combined with sparse_as_dense=true: .+"),
     "non-numeric flag": (
         lambda c, t: dict(extra=["--max_steps", "ten"]),
         r"error: argument --max_steps: invalid int value: 'ten' \(see python -m lm1b_hvd.train --help\)"),
