@@ -17,6 +17,7 @@ Examples:
   python -m lm1b_hvd.bench                                # LSTM-2048-512, vocabulary 793,470
   python -m lm1b_hvd.bench --preset demo --steps 50
   horovodrun -np 2 python -m lm1b_hvd.bench --no_exchange # the same two processes, no allreduce
+  horovodrun -np 4 python -m lm1b_hvd.bench --preset small --vocab 200000 --hpconfig vocab_parallel=true
   python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
 """
 import math

@@ -1,0 +1,202 @@
+"""The exchange's cost model, checked on local clusters and projected to GPU nodes.
+
+    python scripts/cluster_cost_model.py measure --hosts 2 4 --preset small --vocab 200000
+    python scripts/cluster_cost_model.py project --replicated rep.log --vocab_parallel vp.log
+
+The model: a step takes its compute time plus the bytes that cross a host's link over the
+link's rate, whichever way carries more (links are full duplex):
+
+    step time = compute + max(bytes out, bytes in) / link rate
+
+with the bytes per rank per step that the bench counts from the tensors, turned into what
+crosses a link: a ring allreduce sends and receives 2 (N-1)/N times its tensor; an allgather
+(a ring too) carries the other ranks' rows both ways; an alltoall carries what it counts.
+
+`measure` runs the bench (replicated and vocab-parallel) on scripts/local_cluster.sh with one
+rank per host, first on links too fast to matter (the compute time, and the bytes), then at
+link rates that give the bytes-per-computed-word budget of 8 x H100 nodes on 100 Gb/s
+InfiniBand (--budget, see docs/performance.md), and prints measured against predicted words/s,
+at the links' nominal rate and at the part of it (--efficiency) that Gloo's collectives reach.
+
+`project` reads two bench outputs of `default` (replicated and vocab_parallel=true, each at
+-np 2) and projects words/s and memory per GPU on 1 to 16 nodes of 8 GPUs.
+"""
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_MBIT = 20000  # a link rate at which this machine's veth pairs, not tc, set the pace
+MODES = {"replicated": "", "vocab_parallel": "vocab_parallel=true"}
+
+
+@dataclasses.dataclass
+class BenchFigures:
+    """What the model needs from one bench output."""
+    ranks: int
+    step_seconds: float
+    words_per_step: float  # all ranks together
+    traffic: dict  # kind -> (sent, received) bytes per rank per step
+    peak_gib: float  # the largest rank's
+
+    @classmethod
+    def parse(cls, text):
+        text = re.sub(r"^\[\d+\]<stdout>:", "", text, flags=re.M)
+        step = re.search(r"^step time: median ([\d,.]+) ms", text, re.M)
+        words = re.search(r"^words/s: ([\d,]+) over (\d+) rank\(s\) \(([\d,]+) words per rank per step\)", text, re.M)
+        peak = re.search(r"^peak memory per rank: (.*)$", text, re.M)
+        if not (step and words and peak):
+            raise ValueError("not a bench output (no step time, words/s or peak memory line)")
+        traffic = {kind: (float(sent.replace(",", "")) * 1e6, float(received.replace(",", "")) * 1e6)
+                   for kind, sent, received in re.findall(
+                       r"^(allreduce|allgather|alltoall): sent ([\d,.]+) MB, received ([\d,.]+) MB per rank per step",
+                       text, re.M)}
+        if not traffic:
+            raise ValueError("not a bench output of several ranks (no allreduce, allgather or alltoall line)")
+        ranks = int(words.group(2))
+        return cls(ranks, float(step.group(1).replace(",", "")) / 1e3,
+                   ranks * float(words.group(3).replace(",", "")), traffic,
+                   max(float(v) for v in re.findall(r"([\d.]+) GiB", peak.group(1))))
+
+
+def link_bytes(traffic, ranks):
+    """(out, in) bytes over one rank's link per step, one rank per host."""
+    out = incoming = 0.0
+    for kind, (sent, received) in traffic.items():
+        if kind == "allreduce":
+            out += 2 * (ranks - 1) / ranks * sent
+            incoming += 2 * (ranks - 1) / ranks * received
+        elif kind == "allgather":
+            out += received
+            incoming += received
+        else:
+            out += sent
+            incoming += received
+    return out, incoming
+
+
+def predicted_words_per_second(fast, mbit, efficiency=1.0):
+    """The model's words/s at `mbit` from the figures on a fast link: its step time is the
+    compute (and whatever the fast link itself costs), plus the bytes at the slower rate, of
+    which the collectives reach `efficiency`."""
+    heavier = max(link_bytes(fast.traffic, fast.ranks))
+    seconds = fast.step_seconds + (heavier * 8 / (mbit * 1e6) - heavier * 8 / (FAST_MBIT * 1e6)) / efficiency
+    return fast.words_per_step / seconds
+
+
+def run_bench(hosts, mbit, args, mode):
+    saved = os.path.join(args.save, f"{hosts}hosts-{mbit}mbit-{mode}.log") if args.save else ""
+    if args.reuse and os.path.exists(saved):
+        return BenchFigures.parse(open(saved).read())
+    hpconfig = ",".join(part for part in (MODES[mode], args.hpconfig) if part)
+    # Over a slow link the first broadcast of rank 0's weights takes minutes; Gloo gives an op 30 s.
+    bench = (f"HOROVOD_GLOO_TIMEOUT_SECONDS=900 {os.path.join(os.path.dirname(sys.executable), 'horovodrun')} "
+             f"-np {hosts} -H $CLUSTER_HOSTS "
+             f"--network-interface eth0 --gloo {sys.executable} -m lm1b_hvd.bench --preset {args.preset} "
+             f"--vocab {args.vocab} --steps {args.steps}" + (f" --hpconfig {hpconfig}" if hpconfig else ""))
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "local_cluster.sh"), str(hosts), str(mbit), bench],
+                            cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        sys.exit(f"cluster_cost_model: the bench failed on {hosts} hosts at {mbit} Mbit/s:\n{result.stderr[-2000:]}")
+    if saved:
+        os.makedirs(args.save, exist_ok=True)
+        with open(saved, "w") as out:
+            out.write(result.stdout)
+    return BenchFigures.parse(result.stdout)
+
+
+def measure(args):
+    print(f"{'hosts':>5} {'mode':>15} {'Mbit/s':>7} {'link MB/step':>12} {'measured w/s':>12} "
+          f"{'predicted w/s':>13} {'error':>6} {f'at {args.efficiency:g} x rate':>15} {'error':>6}", flush=True)
+    for hosts in args.hosts:
+        fast = {mode: run_bench(hosts, FAST_MBIT, args, mode) for mode in MODES}
+        # The budget's rate for this cluster: its hosts' compute rate (replicated, fast links) x budget.
+        host_words = fast["replicated"].words_per_step / fast["replicated"].step_seconds / hosts
+        rates = args.mbit or [max(1, round(host_words * args.budget * 8 / 1e6 * factor)) for factor in (1, 4)]
+        for mbit in rates:
+            for mode in MODES:
+                slow = run_bench(hosts, mbit, args, mode)
+                measured = slow.words_per_step / slow.step_seconds
+                nominal = predicted_words_per_second(fast[mode], mbit)
+                effective = predicted_words_per_second(fast[mode], mbit, args.efficiency)
+                print(f"{hosts:>5} {mode:>15} {mbit:>7} {max(link_bytes(slow.traffic, hosts)) / 1e6:>12.2f} "
+                      f"{measured:>12,.0f} {nominal:>13,.0f} {100 * (nominal / measured - 1):>+5.0f}% "
+                      f"{effective:>15,.0f} {100 * (effective / measured - 1):>+5.0f}%", flush=True)
+
+
+def project(args):
+    """Nodes of --gpus GPUs: every byte a GPU receives crosses its NVLink port; what comes from
+    other nodes crosses the node's one InfiniBand link first. The allreduce is hierarchical
+    (HOROVOD_HIERARCHICAL_ALLREDUCE=1: a ring inside the node, then one between the nodes).
+    Per GPU the compute is --gpu_words words/s."""
+    figures = {mode: BenchFigures.parse(open(path).read())
+               for mode, path in (("replicated", args.replicated), ("vocab_parallel", args.vocab_parallel))}
+    for mode, fig in figures.items():
+        if fig.ranks != 2:
+            sys.exit(f"cluster_cost_model: the {mode} bench ran on {fig.ranks} ranks; project needs -np 2")
+    words_per_gpu = figures["replicated"].words_per_step / 2
+    compute = words_per_gpu / args.gpu_words
+    dense = figures["replicated"].traffic["allreduce"][0]
+    own_rows = figures["replicated"].traffic["allgather"][0]
+    # At 2 ranks half of a step's unique rows are the other rank's: all of them cost twice that.
+    all_rows = 2 * max(figures["vocab_parallel"].traffic["alltoall"])
+    tables = 2 * (figures["replicated"].peak_gib - figures["vocab_parallel"].peak_gib)  # the half VP does not hold
+    g, ib, nvlink = args.gpus, args.ib_gbit * 1e9 / 8, args.nvlink_gbyte * 1e9
+    print(f"compute {compute * 1e3:.2f} ms per step ({words_per_gpu:,.0f} words per GPU at {args.gpu_words:,.0f} "
+          f"words/s); {args.ib_gbit:g} Gb/s per node, NVLink {args.nvlink_gbyte:g} GB/s per GPU")
+    print(f"{'nodes':>5} {'GPUs':>5} {'mode':>15} {'NVLink MB':>9} {'node link MB':>12} {'step ms':>8} "
+          f"{'words/s':>12} {'GiB per GPU':>11}")
+    for nodes in args.nodes:
+        n = nodes * g
+        for mode in MODES:
+            allreduce_inside = 2 * (g - 1) / g * dense
+            allreduce_between = 2 * (nodes - 1) / nodes * dense
+            if mode == "replicated":
+                inside = allreduce_inside + (n - 1) * own_rows
+                between = allreduce_between + (nodes - 1) * g * own_rows
+                memory = figures["replicated"].peak_gib
+            else:
+                inside = allreduce_inside + all_rows * (n - 1) / n
+                between = allreduce_between + g * all_rows * (n - g) / n
+                memory = figures["replicated"].peak_gib - tables + tables / n
+            step = compute + inside / nvlink + between / ib
+            print(f"{nodes:>5} {n:>5} {mode:>15} {inside / 1e6:>9,.0f} {between / 1e6:>12,.0f} {step * 1e3:>8.1f} "
+                  f"{n * words_per_gpu / step:>12,.0f} {memory:>11.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("measure", help="bench on local clusters against the model")
+    run.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="cluster sizes (default: 2 4)")
+    run.add_argument("--preset", default="small", help="the bench's preset (default: small)")
+    run.add_argument("--vocab", type=int, default=200_000, help="the bench's vocabulary (default: 200000)")
+    run.add_argument("--hpconfig", default="", help="more hparams for the bench")
+    run.add_argument("--steps", type=int, default=6, help="timed steps per bench (default: 6)")
+    run.add_argument("--budget", type=float, default=12.5e9 / (8 * 1e6),
+                     help="link bytes per computed word (default: 1562.5, 100 Gb/s for 8 GPUs at 1M words/s each)")
+    run.add_argument("--save", default="", help="a folder to keep each bench's output in")
+    run.add_argument("--reuse", action="store_true", help="read the outputs already in --save instead of running")
+    run.add_argument("--efficiency", type=float, default=0.75,
+                     help="the part of a link's rate the collectives reach, for the last columns (default: 0.75, "
+                          "fitted to 2 hosts replicated at 59 Mbit/s in docs/performance.md)")
+    run.add_argument("--mbit", type=int, nargs="*", default=None,
+                     help="link rates to measure (default: the budget's rate and 4x it)")
+    proj = commands.add_parser("project", help="default's words/s and memory on nodes of GPUs")
+    proj.add_argument("--replicated", required=True, help="bench output of default at -np 2")
+    proj.add_argument("--vocab_parallel", required=True, help="bench output of default, vocab_parallel=true, -np 2")
+    proj.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 16])
+    proj.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
+    proj.add_argument("--gpu_words", type=float, default=1e6, help="words/s one GPU computes (default: 1M)")
+    proj.add_argument("--ib_gbit", type=float, default=100.0, help="each node's link, Gb/s (default: 100)")
+    proj.add_argument("--nvlink_gbyte", type=float, default=150.0,
+                      help="what a GPU's exchange reaches over NVLink, GB/s (default: 150)")
+    args = parser.parse_args(argv)
+    measure(args) if args.command == "measure" else project(args)
+
+
+if __name__ == "__main__":
+    main()
