@@ -322,8 +322,8 @@ class VocabExchange:
         splits = tf.math.bincount(owner, minlength=self.ranks, maxlength=self.ranks, dtype=tf.int32)
         requested, requested_splits = hvd.alltoall(tf.gather(ids, order), splits=splits)
         local = requested - self.rows.first
-        sent = tf.concat([tf.gather(matrix, local) if matrix.shape.rank == 2 else tf.gather(matrix, local)[:, None]
-                          for matrix in matrices], axis=1)
+        gathered = [tf.gather(matrix, local) for matrix in matrices]
+        sent = tf.concat([rows if rows.shape.rank == 2 else rows[:, None] for rows in gathered], axis=1)
         rows, _ = hvd.alltoall(sent, splits=requested_splits)
         if traffic is not None:
             self._count(traffic, splits, requested_splits, sent)

@@ -22,7 +22,7 @@ import sys
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from lm1b_hvd import console, inference, vocab
+from lm1b_hvd import console, inference, tables, vocab
 from lm1b_hvd.model import LSTMPLanguageModel
 
 PROJECTOR_DIR = "projector"
@@ -39,7 +39,7 @@ class ExportedLanguageModel(tf.Module):
         self.model = LSTMPLanguageModel(hps, len(trained.vocab))
         self.model.copy_weights_from(trained.model)
         # The model keeps its vocabulary tables out of its checkpoints; the SavedModel holds them here.
-        self.table_variables = [variable for table in self.model.tables for variable in table.variables]
+        self.table_variables = tables.variables_of(self.model.tables)
         self.encoder = vocab.GraphEncoder(trained.vocab)
 
     def _outputs(self, x):

@@ -122,6 +122,11 @@ def save_slices(prefix, tables_and_keys):
                       shape_and_slices=[spec for _, spec, _ in entries], tensors=[t for _, _, t in entries])
 
 
+def variables_of(tables):
+    """Every block variable of `tables`, table by table."""
+    return [variable for table in tables for variable in table.variables]
+
+
 def holds_tables(prefix):
     """Whether the checkpoint at `prefix` holds its tables as logical matrices (this format)."""
     return any(name.startswith(KEY_PREFIX) for name, _ in tf.train.list_variables(prefix))

@@ -203,8 +203,8 @@ class Trainer:
         vocabulary-parallel, not the tables either: each rank holds rows of its own)."""
         if self.model.vocab_parallel:
             return self.model.lstm_variables + list(self.optimizer.variables) + self.ema.shadows
-        accumulators = [variable for table in self.table_accumulators for variable in table.variables]
-        return self.model.all_variables + list(self.optimizer.variables) + accumulators + self.ema.shadows
+        return (self.model.all_variables + list(self.optimizer.variables) + tables.variables_of(self.table_accumulators)
+                + self.ema.shadows)
 
     def step(self, x, y, w, state, votes=Votes()):
         """One training step; returns the new row state and the StepStats (host numbers)."""
@@ -250,7 +250,7 @@ class Trainer:
                 loss = self.loss_scaler.get_scaled_loss(loss)
         if hps.grad_combine == "tape" and self.exchange:
             # Vocabulary-parallel, the tables' gradients are already with their owners.
-            local = [v for table in model.tables for v in table.variables] if model.vocab_parallel else []
+            local = tables.variables_of(model.tables) if model.vocab_parallel else []
             tape = distributed.gradient_tape(tape, hps, traffic, local_sources=local)
         gradients = tape.gradient(loss, model.all_variables)
         if self.loss_scaler:
