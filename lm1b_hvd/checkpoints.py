@@ -6,9 +6,14 @@ Layout of a log directory:
                         rank's data position and LSTM row state: the run continues exactly)
   best/ckpt-STEP.*, best/best.json   the checkpoint with the lowest heldout perplexity so far
   train/, eval/         TensorBoard event files of the trainer (and eval_*/ of evaluate.py)
+  run.lock              held by rank 0 of the run that owns the directory (run_lock.py)
+  progress.json         the latest progress line's figures, for lm1b_hvd.status
 """
+import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import os
 import re
 import typing
@@ -17,11 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd import console, data, distributed, hparams as hparams_lib, tables
+from lm1b_hvd.logdir_files import BEST_DIR, BEST_FILE, HPARAMS_FILE
 from lm1b_hvd.model import VocabularyTables
 
-HPARAMS_FILE = "hparams.json"
-BEST_DIR = "best"
-BEST_FILE = "best.json"
 CHECKPOINT_NAME = "ckpt"  # tf.train.CheckpointManager's default prefix
 
 
@@ -102,7 +105,7 @@ class RunCheckpoints:
         """The RunPoint to start from: the latest checkpoint's, exactly, when it was written by as
         many ranks with the same batch and seed; else its weights from the start of the data;
         without a checkpoint, step 0. Says which in one line through `log`."""
-        path = self.keeper.restore_latest()
+        path = self.keeper.restore_latest(log)
         model, hps = self.trainer.model, self.trainer.model.hps
         fresh = RunPoint.start(int(self.trainer.global_step), model)
         if not path:
@@ -260,6 +263,17 @@ def first_line(err):
     return text
 
 
+@contextlib.contextmanager
+def _tensorflow_warnings_muted():
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_or_write_hparams(logdir, hps, vocab_size, write):
     """On a fresh log directory writes hparams.json; on an old one checks the model shapes agree."""
     if os.path.exists(logdir) and not os.path.isdir(logdir):
@@ -317,15 +331,49 @@ class CheckpointKeeper:
         self.latest = tf.train.CheckpointManager(checkpoint, logdir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(checkpoint, os.path.join(logdir, BEST_DIR), max_to_keep=1)
 
-    def restore_latest(self):
-        """Restores the newest checkpoint if there is one; returns its path or None."""
-        path = self.latest.latest_checkpoint
-        if path:
+    def checkpoints_on_disk(self):
+        """Every checkpoint of the directory, newest step first: those the `checkpoint` file
+        lists and any other ckpt-STEP files beside them (that file may be lost or stale)."""
+        by_step = {step_of(path): path for path in self.latest.checkpoints}
+        pattern = re.compile(rf"{re.escape(CHECKPOINT_NAME)}-(\d+)\.(index|data-\d+-of-\d+)")
+        for name in os.listdir(self.logdir) if os.path.isdir(self.logdir) else ():
+            match = pattern.fullmatch(name)
+            if match:
+                by_step.setdefault(int(match.group(1)), os.path.join(self.logdir, f"{CHECKPOINT_NAME}-{match.group(1)}"))
+        return [by_step[step] for step in sorted(by_step, reverse=True)]
+
+    def restore_latest(self, log):
+        """Restores the newest checkpoint that loads on every rank and returns its path, or None
+        when there is none. A damaged one (a flipped bit, a truncated or lost file) is named in
+        one line through `log` and the one before it is tried; when none loads, the run stops
+        (it never starts from scratch over a directory that has checkpoints)."""
+        tried = self.checkpoints_on_disk()
+        for path in tried:
+            failure = self._try_restore(path)
+            if distributed.any_rank(failure is not None):
+                log(f"warning: {path}: cannot restore ({failure or 'it failed on another rank'}); "
+                    "trying the checkpoint before it")
+                continue
+            return path
+        if tried:
+            raise CheckpointError(f"{self.logdir}: none of its {len(tried)} checkpoint(s) restores "
+                                  f"({', '.join(os.path.basename(path) for path in tried)}); the files are kept as "
+                                  "they are: repair them, or train into another --logdir")
+        return None
+
+    def _try_restore(self, path):
+        """None when `path` restored whole, else its first error line. TensorFlow's warnings of a
+        failed restore (values it could not place) are its own business: kept out of the log."""
+        if not os.path.exists(path + ".index"):
+            return f"its index file {os.path.basename(path)}.index is missing"
+        with _tensorflow_warnings_muted():
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
+                return None
             except (tf.errors.OpError, AssertionError, ValueError) as err:
-                raise CheckpointError(f"{path}: cannot restore: {first_line(err)}") from None
-        return path
+                return first_line(err)
+            finally:
+                gc.collect()  # the failed restore's bookkeeping warns when collected: here, muted
 
     def save(self, step):
         """Writes ckpt-STEP. TensorFlow writes the new files first, then points the `checkpoint`

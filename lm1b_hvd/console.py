@@ -11,7 +11,13 @@ import time
 
 
 class UserError(Exception):
-    """A problem the user can fix (a flag, a file, the environment): printed as one line, exit 1."""
+    """A problem the user can fix (a flag, a file, the environment): printed as one line, exit 1
+    (or the subclass's `exit_code`)."""
+    exit_code = 1
+
+
+class SaidByRankZero(UserError):
+    """An error every rank stops on and rank 0 alone prints: this rank exits 1 in silence."""
 
 
 def say(text, stream=None):
@@ -76,9 +82,11 @@ def run_main(body):
     """Runs an entry point's body; a UserError becomes 'error: ...' on stderr and exit status 1."""
     try:
         body()
+    except SaidByRankZero:
+        return 1
     except UserError as err:
         say(f"error: {err}", sys.stderr)
-        return 1
+        return err.exit_code
     return 0
 
 

@@ -43,6 +43,13 @@ class FilePart:
     stride: int = 1
 
 
+def check_datadir(datadir):
+    """A --datadir that exists must be a directory (a missing one is named by the vocabulary's error)."""
+    if os.path.exists(datadir) and not os.path.isdir(datadir):
+        raise DataError(f"{datadir}: the data directory is a file; --datadir takes a directory in the lm1b layout "
+                        f"({VOCAB_FILE} and the shard folders)")
+
+
 def find_files(datadir, split):
     """The sorted shard files of `split` ('train' or 'heldout') under `datadir`."""
     pattern = os.path.join(datadir, SPLITS[split])

@@ -5,7 +5,9 @@ gradients are averaged over ranks, sparse (embedding and sampled-softmax)
 gradients are summed, which for IndexedSlices is an allgather of indices and
 values. Per-row LSTM states are never communicated.
 """
+import contextlib
 import os
+import re
 
 import horovod
 import horovod.tensorflow as hvd
@@ -16,9 +18,12 @@ from horovod.common.exceptions import HorovodInternalError
 from lm1b_hvd import console, tables
 
 
-def init():
+def init(stall_warning_seconds=60.0):
     """Starts Horovod, gives each process its own GPU (if any) by local rank, and sizes
-    TensorFlow's thread pools to the cores this rank owns (before TensorFlow makes them)."""
+    TensorFlow's thread pools to the cores this rank owns (before TensorFlow makes them).
+    Horovod's stall check warns after `stall_warning_seconds` (naming the ranks that are
+    missing from a collective) unless HOROVOD_STALL_CHECK_TIME_SECONDS says otherwise."""
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(stall_warning_seconds))))
     hvd.init()
     _set_threads_per_rank()
     gpus = tf.config.list_physical_devices("GPU")
@@ -266,6 +271,42 @@ class ElasticState(horovod_elastic.State):
         self.save()
 
 
+class CollectiveFailed(Exception):
+    """A Horovod collective failed: Horovod shut down after another rank ended or stopped
+    answering (Gloo gives up on a silent peer after HOROVOD_GLOO_TIMEOUT_SECONDS)."""
+
+
+def _is_horovod_failure(err):
+    return isinstance(err, tf.errors.UnknownError) and "Horovod" in err.message
+
+
+@contextlib.contextmanager
+def collectives_fail_as_one_error():
+    """Within the block, a failed collective is CollectiveFailed naming the kind of op and
+    the cause ('HorovodAllgather: Timed out waiting 30000ms for recv operation to complete')
+    instead of TensorFlow's traceback of the traced step."""
+    try:
+        yield
+    except HorovodInternalError as err:
+        raise CollectiveFailed(str(err).split(". ")[0]) from None
+    except tf.errors.UnknownError as err:
+        if not _is_horovod_failure(err):
+            raise
+        raise CollectiveFailed(_failure_cause(err.message)) from None
+
+
+def _failure_cause(message):
+    """The op kind and the cause in a failed Horovod op's message: the cause is the line
+    before TensorFlow's '[[{{node HorovodAllgather_...}}]]', without its source location."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    at = next((index for index, line in enumerate(lines) if "{{node Horovod" in line), None)
+    if at is None:
+        return lines[0]
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[at - 1] if at > 0 else "").split(". ")[0]
+    kind = re.search(r"\{\{node (Horovod[A-Za-z]+)", lines[at]).group(1)
+    return f"{kind}: {cause}" if cause else kind
+
+
 def elastic_run(train):
     """Horovod's elastic retry loop around `train(state)`: when a rank is lost, the survivors
     restore the last commit, restart Horovod with the ranks that remain, run the state's reset
@@ -275,7 +316,7 @@ def elastic_run(train):
         try:
             return train(state, *args, **kwargs)
         except tf.errors.UnknownError as err:
-            if "Horovod" in err.message:
+            if _is_horovod_failure(err):
                 raise HorovodInternalError(err) from None
             raise
 

@@ -3,6 +3,7 @@
 Rank 0 alone prints and writes; on the other ranks each of these does nothing.
 """
 import functools
+import json
 import math
 import os
 import time
@@ -10,6 +11,7 @@ import time
 import tensorflow as tf
 
 from lm1b_hvd import console, evaluation
+from lm1b_hvd.logdir_files import PROGRESS_FILE
 
 
 class Progress:
@@ -19,6 +21,7 @@ class Progress:
         self.start_step, self.max_steps, self.max_time = start_step, max_steps, max_time
         self.started = self.window_start = time.monotonic()
         self.window_words = self.window_loss = 0.0
+        self.last = None
 
     def add(self, stats):
         self.window_words += stats.words
@@ -31,18 +34,33 @@ class Progress:
         return bool(self.max_time) and time.monotonic() - self.started >= self.max_time
 
     def line(self, step):
-        """The progress line of `step`; starts a new window."""
+        """The progress line of `step`; starts a new window. `last` keeps its figures."""
         now = time.monotonic()
         elapsed = now - self.started
-        eta = ""
+        eta = None
         if self.max_steps:
-            eta = f" | eta {console.format_seconds((self.max_steps - step) * elapsed / (step - self.start_step))}"
+            eta = (self.max_steps - step) * elapsed / (step - self.start_step)
         elif self.max_time:
-            eta = f" | eta {console.format_seconds(max(self.max_time - elapsed, 0))}"
-        text = (f"step {step} | loss {self.window_loss / self.window_words:.3f} | {self.words_per_sec():,.0f} "
-                f"words/s | elapsed {console.format_seconds(elapsed)}{eta}")
+            eta = max(self.max_time - elapsed, 0.0)
+        loss = self.window_loss / self.window_words
+        self.last = {"step": step, "loss": loss, "words_per_sec": self.words_per_sec(), "elapsed_seconds": elapsed,
+                     "eta_seconds": eta, "max_steps": self.max_steps, "max_time": self.max_time,
+                     "time": time.time()}
+        text = (f"step {step} | loss {loss:.3f} | {self.last['words_per_sec']:,.0f} words/s | "
+                f"elapsed {console.format_seconds(elapsed)}")
+        if eta is not None:
+            text += f" | eta {console.format_seconds(eta)}"
         self.window_start, self.window_words, self.window_loss = now, 0.0, 0.0
         return text
+
+
+def write_progress_file(logdir, record):
+    """The figures of the latest progress line, in L/progress.json, for `lm1b_hvd.status` to read
+    while the run goes on elsewhere (replaced whole, never seen half-written)."""
+    try:
+        console.write_atomically(os.path.join(logdir, PROGRESS_FILE), json.dumps(record))
+    except OSError as err:
+        raise console.UserError(f"{os.path.join(logdir, PROGRESS_FILE)}: cannot write ({err.strerror})") from None
 
 
 class Summaries:

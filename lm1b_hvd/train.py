@@ -15,12 +15,11 @@ import dataclasses
 import enum
 import math
 import os
-import signal
 import sys
 import time
 
 from lm1b_hvd import (checkpoints, console, data, demo_corpus, devices, distributed, evaluation, hparams,
-                      reporting, vocab)
+                      reporting, run_lock, stop_requests, vocab, watchdog)
 from lm1b_hvd.checkpoints import RunPoint
 from lm1b_hvd.console import option
 from lm1b_hvd.model import LSTMPLanguageModel
@@ -63,13 +62,17 @@ class TrainConfig:
                                   "(horovodrun --min-np/--max-np, Gloo)")
     commit_steps: int = option(100, "elastic: steps between commits of the state to host memory "
                                     "(what a lost rank costs the others)")
+    step_timeout: float = option(0.0, "seconds without a completed step after which every live rank exits "
+                                      f"(status {watchdog.EXIT_STALLED}); 0: {watchdog.STEP_FACTOR:.0f}x the slowest "
+                                      f"recent step, at least {watchdog.FLOOR_SECONDS:.0f} s, more around checkpoints "
+                                      "and evaluations")
 
 
 class StopReason(enum.Enum):
     MAX_STEPS = "max_steps"
     MAX_TIME = "max_time"
-    SIGNAL = "signal"  # SIGUSR1/SIGTERM on this rank (Slurm's warning before the time limit)
-    SIGNAL_ON_ANOTHER_RANK = "signal on another rank"
+    SIGNAL = "signal"  # a signal to this rank, or its launcher's end (stop_requests)
+    SIGNAL_ON_ANOTHER_RANK = "stop request on another rank"
 
     @property
     def by_signal(self):
@@ -95,18 +98,6 @@ class Every:
         return False
 
 
-class StopSignals:
-    """SIGUSR1/SIGTERM (Slurm's warning before the time limit) ask for a checkpoint and a clean stop."""
-
-    def __init__(self):
-        self.received = None
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.received = signal.Signals(signum).name
-
-
 def stop_reason(stats, step, max_steps, signal_here):
     """The StopReason after this step, or None. The votes in `stats` are summed over ranks, so
     every rank reaches the same answer at the same step; a signal on any rank comes first."""
@@ -130,11 +121,14 @@ class Run:
     its trainer, the evaluator, the checkpoints and the reports. The loop (train_steps) calls it."""
 
     def __init__(self, config):
-        distributed.init()
+        distributed.init(stall_warning_seconds=watchdog.stall_warning_seconds(config.step_timeout))
         devices.check_gpus_used(config.allow_cpu)
         self.config = config
         self.is_root = distributed.is_root()
+        self.lock = run_lock.RunLock(config.logdir)
+        self._take_logdir()
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
+        data.check_datadir(self.datadir)
         self.hps = hparams.build(config.preset, config.hpconfig)
         self.vocab = vocab.load(os.path.join(self.datadir, data.VOCAB_FILE))
         if self.hps.vocab_parallel and config.elastic:
@@ -151,11 +145,31 @@ class Run:
                                                       self.is_root)
         self.summaries = reporting.Summaries(config.logdir, self.is_root)
         self.profile = reporting.ProfileWindow(config.logdir, config.profile_steps, self.is_root)
-        self.signals = StopSignals()
+        self.stop_requests = stop_requests.StopRequests()
+        self.watchdog = watchdog.StepWatchdog(distributed.rank(), config.step_timeout)
 
     def log(self, message):
         if self.is_root:
             console.say(message)
+
+    def report_progress(self, progress, step):
+        """The progress line of `step`, and its figures in L/progress.json for lm1b_hvd.status."""
+        self.log(progress.line(step))
+        if self.is_root:
+            reporting.write_progress_file(self.config.logdir, progress.last)
+
+    def _take_logdir(self):
+        """Rank 0 takes the log directory's lock before anything is written there; when it
+        cannot, every rank stops (rank 0 says why)."""
+        refusal = None
+        if self.is_root:
+            try:
+                self.lock.acquire()
+            except console.UserError as err:
+                refusal = str(err)
+        refusal = distributed.root_decides(refusal)
+        if refusal:
+            raise console.UserError(refusal) if self.is_root else console.SaidByRankZero()
 
     def log_start(self):
         """What the run is: ranks, data, devices (a collective: every rank calls it), hparams, plan."""
@@ -175,6 +189,10 @@ class Run:
         """After an elastic reset: this process's new share of the data, a step traced for the new
         ranks, and the writing role if it is rank 0 now."""
         self.is_root = distributed.is_root()
+        if self.is_root:
+            self.lock.acquire()
+        else:
+            self.lock.release()
         self.train_data, self.heldout = self._data_shares()
         self.trainer.retrace()
         self.checkpoints.set_writer(self.is_root)
@@ -184,18 +202,23 @@ class Run:
         return data.prefetch(self.train_data.iterate_forever(
             self.hps.batch_size, self.hps.num_steps, seed=[self.hps.seed, distributed.rank()], position=position))
 
+    def save_checkpoint(self, point):
+        with self.watchdog.activity(f"the checkpoint of step {point.step}"):
+            self.checkpoints.save(point)
+
     def evaluate(self, point):
         """The heldout perplexity at `point`, in TensorBoard and the log; its checkpoint kept if best."""
-        value, words = self.evaluator.perplexity_over_ranks(self.heldout, self.config.eval_steps)
-        self.summaries.evaluation(point.step, value)
-        best = self.checkpoints.save_if_best(point, value)
+        with self.watchdog.activity(f"the heldout evaluation of step {point.step}"):
+            value, words = self.evaluator.perplexity_over_ranks(self.heldout, self.config.eval_steps)
+            self.summaries.evaluation(point.step, value)
+            best = self.checkpoints.save_if_best(point, value)
         self.log(f"step {point.step} | heldout perplexity {value:.2f} over {words} words"
                  f"{' (best so far)' if best else ''}")
         return value
 
     def finish(self, point, reason):
         """The final heldout evaluation and the summary lines; none after a signal (the deadline is near)."""
-        said = self.signals.received if reason is StopReason.SIGNAL else reason.value
+        said = self.stop_requests.pending() if reason is StopReason.SIGNAL else reason.value
         self.log(f"stopped at step {point.step} ({said}); checkpoint saved in {self.config.logdir}")
         if reason.by_signal:
             return None
@@ -223,11 +246,13 @@ def train_steps(r, config, point, commit=None):
     checkpoint_every, checkpoint_clock = Every(steps=config.checkpoint_steps), Every(seconds=config.checkpoint_secs)
     commit_every = Every(steps=config.commit_steps if commit else 0)
     reason = StopReason.MAX_STEPS if config.max_steps and point.step >= config.max_steps else None
+    r.watchdog.start(point.step)
 
     while reason is None:
         # step: the batch, each rank's requests, the update
         x, y, w, next_position = next(batches)
-        votes = Votes(stop_signal=r.signals.received is not None, out_of_time=progress.out_of_time(),
+        stop_here = r.stop_requests.pending() is not None
+        votes = Votes(stop_signal=stop_here, out_of_time=progress.out_of_time(),
                       checkpoint=r.is_root and checkpoint_clock.due(point.step))
         r.profile.before_step(point.step)
         row_state, stats = r.trainer.step(x, y, w, point.row_state, votes)
@@ -236,16 +261,17 @@ def train_steps(r, config, point, commit=None):
         check_finite(stats, point.step)
         if point.step == start_step + 1:
             distributed.broadcast_from_root(r.trainer.state_variables())
+        r.watchdog.beat(point.step)
 
         # stop?
-        reason = stop_reason(stats, point.step, config.max_steps, signal_here=r.signals.received is not None)
+        reason = stop_reason(stats, point.step, config.max_steps, signal_here=stop_here)
 
         # report
         progress.add(stats)
         if summary_every.due(point.step):
             r.summaries.training(point.step, stats, progress.words_per_sec(), r.model, distributed.size())
-        if log_every.due(point.step):
-            r.log(progress.line(point.step))
+        if log_every.due(point.step) or (reason is not None and progress.window_words):
+            r.report_progress(progress, point.step)
 
         # evaluate
         if reason is None and eval_every.due(point.step):
@@ -253,11 +279,11 @@ def train_steps(r, config, point, commit=None):
 
         # checkpoint, and the elastic commit
         if reason is None and (checkpoint_every.due(point.step) or stats.checkpoint > 0):
-            r.checkpoints.save(point)
+            r.save_checkpoint(point)
         if reason is None and commit_every.due(point.step):
             commit()
 
-    r.checkpoints.save(point)
+    r.save_checkpoint(point)
     return point, reason
 
 
@@ -281,8 +307,12 @@ def train_elastic(r, config, point):
     @distributed.elastic_run
     def train(state):
         # The step as every rank holds it after Horovod's sync of rank 0's state.
-        return train_steps(r, config, dataclasses.replace(state.restart_point, step=int(r.trainer.global_step)),
-                           commit=state.commit)
+        try:
+            return train_steps(r, config, dataclasses.replace(state.restart_point, step=int(r.trainer.global_step)),
+                               commit=state.commit)
+        except Exception:
+            r.watchdog.pause()  # a lost rank: Horovod's reset waits for the hosts, train_steps re-arms it
+            raise
 
     return train(elastic_state)
 
@@ -290,13 +320,19 @@ def train_elastic(r, config, point):
 def run(config):
     """Trains until a limit or a stop signal; returns the final heldout perplexity."""
     r = Run(config)
-    r.log_start()
-    point = r.checkpoints.restore(r.log)
-    if config.elastic:
-        point, reason = train_elastic(r, config, point)
-    else:
-        point, reason = train_steps(r, config, point)
-    return r.finish(point, reason)
+    try:
+        with distributed.collectives_fail_as_one_error():
+            r.log_start()
+            point = r.checkpoints.restore(r.log)
+            if config.elastic:
+                point, reason = train_elastic(r, config, point)
+            else:
+                point, reason = train_steps(r, config, point)
+            return r.finish(point, reason)
+    except distributed.CollectiveFailed as err:
+        raise r.watchdog.collective_failed(str(err)) from None
+    finally:
+        r.watchdog.stop()
 
 
 def parse_args(argv):

@@ -90,6 +90,8 @@ def load(path):
         raise VocabError(f"{path}: vocabulary file not found") from None
     except IsADirectoryError:
         raise VocabError(f"{path}: vocabulary path is a directory, not a file") from None
+    except OSError as err:
+        raise VocabError(f"{path}: cannot read the vocabulary file ({err.strerror})") from None
     words, counts = [], []
     for number, line in enumerate(lines, start=1):
         fields = line.split()

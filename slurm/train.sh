@@ -13,11 +13,16 @@
 #   LM1B_PYTHON    python with lm1b_hvd installed (default: $SLURM_SUBMIT_DIR/.venv/bin/python)
 #   LM1B_LAUNCHER  srun (default: srun --mpi=pmix) or mpirun (Open MPI's mpirun inside the allocation)
 #   LM1B_SRUN_MPI  the srun --mpi plugin (default: pmix; Debian's Open MPI does not work with pmi2)
+#   LM1B_MAX_RESTARTS  requeues after a hung rank stop once the job has restarted this often (default: 10)
 #
 # Preemption and time limits: Slurm sends USR1 to this script 5 minutes before
 # the limit; the script passes it on to every rank, the trainer saves a
 # checkpoint at the same step on all ranks and exits, and the script requeues
 # the job, which resumes from the log directory (the unit of resumption).
+#
+# A hung rank: when no step completes within --step_timeout, every live rank
+# exits (status 75) and names the step; the script requeues the job, which
+# resumes from the last checkpoint (at most LM1B_MAX_RESTARTS restarts).
 #SBATCH --job-name=lm1b-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -44,6 +49,10 @@ echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_
 # srun exits 0 when no task could be launched ("task 0 launch failed: ..."), so each task
 # first marks a file on its node: the first node, this one, always runs tasks.
 launch_mark=$(mktemp -u "${TMPDIR:-/tmp}/lm1b-launched-${SLURM_JOB_ID:-0}.XXXXXX")
+# A rank that gives up on a hung step writes here (srun's status is the other tasks' signals,
+# not its 75): a file in the submit directory, which every node sees.
+export LM1B_STALLED_FILE="$PWD/.lm1b-stalled-${SLURM_JOB_ID:-0}"
+rm -f "$LM1B_STALLED_FILE"
 
 case "$LAUNCHER" in
   srun)
@@ -52,7 +61,7 @@ case "$LAUNCHER" in
     ;;
   mpirun)
     # Open MPI reads the allocation from Slurm; as root it also needs the two OMPI_ALLOW_* variables.
-    mpirun -np "$SLURM_NTASKS" --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH \
+    mpirun -np "$SLURM_NTASKS" --bind-to none --map-by slot -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH -x LM1B_STALLED_FILE \
       "$PYTHON" -m lm1b_hvd.train "$@" &
     ;;
   *)
@@ -88,5 +97,14 @@ fi
 if [ "$preempted" -eq 1 ] && [ "$status" -eq 0 ]; then
   echo "checkpoint saved; requeueing job $SLURM_JOB_ID to resume"
   scontrol requeue "$SLURM_JOB_ID"
+elif [ -e "$LM1B_STALLED_FILE" ]; then
+  rm -f "$LM1B_STALLED_FILE"
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "${LM1B_MAX_RESTARTS:-10}" ]; then
+    echo "a rank stopped answering (see above); requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+  else
+    echo "error: a rank stopped answering, and the job has restarted ${SLURM_RESTART_COUNT:-0} times" \
+         "(LM1B_MAX_RESTARTS=${LM1B_MAX_RESTARTS:-10}): not requeued" >&2
+  fi
 fi
 exit "$status"

@@ -145,7 +145,8 @@ def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint
     assert re.fullmatch(rf"error: {logdir}: saving the checkpoint of step \d+ failed \(Read-only file system\); "
                         rf"the previous one, {logdir}/ckpt-\d+, is kept|"
                         rf"error: {logdir}/(train|eval): cannot create the TensorBoard event file "
-                        rf"\(Read-only file system\)", last), last
+                        rf"\(Read-only file system\)|"
+                        rf"error: {logdir}/progress.json: cannot write \(Read-only file system\)", last), last
     assert_restorable(logdir)
 
 
@@ -159,4 +160,24 @@ def test_a_summary_folder_that_cannot_be_made_is_one_line_and_keeps_the_checkpoi
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {logdir}/train: cannot create the TensorBoard event file (Not a directory)")
     assert latest_step(logdir) == 15
+    assert_restorable(logdir)
+
+
+def test_a_log_directory_read_only_at_start_is_one_line_and_keeps_the_checkpoint(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    first = run(train_command(corpus, logdir, 5))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {path.name: path.read_bytes() for path in logdir.iterdir() if path.is_file()}
+    try:
+        mount_or_skip("--bind", str(logdir), str(logdir))
+        mount_or_skip("-o", "remount,bind,ro", str(logdir))
+        result = run(train_command(corpus, logdir, 10))
+    finally:
+        subprocess.run(["umount", "-l", str(logdir)], capture_output=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {logdir}/run.lock: cannot open the run's lock file (Read-only file system); the log directory "
+        "must be writable")
+    assert {path.name: path.read_bytes() for path in logdir.iterdir() if path.is_file()} == before
     assert_restorable(logdir)

@@ -1,0 +1,315 @@
+"""A run left alone on a shared cluster: one run per log directory, a rank that stops answering
+ends the job, `kill` of horovodrun stops every rank with a checkpoint, a damaged checkpoint
+falls back to the one before it, and `lm1b_hvd.status` says where the run stands. Every case
+runs the real commands, as real processes (horovodrun with Gloo and with MPI)."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
+from tests.test_bad_input import snapshot
+from tests.test_multiprocess import HOROVODRUN
+from tests.test_resume import kill_tree
+
+SHAPE = "batch_size=4,num_steps=5,emb_size=64,state_size=256,projected_size=64,num_sampled=16"
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
+           "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_demo_corpus(tmp_path_factory.mktemp("unattended-corpus") / "demo")
+
+
+def train_args(corpus, logdir, *extra):
+    return ["-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
+            "--hpconfig", SHAPE, "--log_every", "100", *extra]
+
+
+def start(command, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})}
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_until(condition, seconds, what, process=None):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the run ended before {what}: {out[-2000:]} {err[-2000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.1)
+
+
+def latest_step(logdir):
+    path = tf.train.latest_checkpoint(str(logdir))
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def logged_step(logdir):
+    try:
+        return json.loads((logdir / "progress.json").read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+def ranks_of(logdir):
+    """{rank: pid} of the training processes writing into `logdir` (their environment says
+    their rank: HOROVOD_RANK under Gloo, OMPI_COMM_WORLD_RANK under MPI)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"lm1b_hvd.train" not in command or str(logdir).encode() not in command:
+            continue
+        for variable in environ:
+            name, _, value = variable.partition(b"=")
+            if name in (b"HOROVOD_RANK", b"OMPI_COMM_WORLD_RANK"):
+                found[int(value)] = int(entry)
+    return found
+
+
+def status(logdir):
+    result = run([sys.executable, "-m", "lm1b_hvd.status", "--logdir", str(logdir), "--json"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- one run per log directory ----------------------------------------------------------------------------------------
+
+def test_a_second_trainer_is_refused_naming_the_holder_and_readers_never_wait(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    first = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "20", "--eval_every", "10")])
+    assert first.returncode == 0, first.stderr[-2000:]
+    # The holder resumes and trains on, writing nothing for a long while (no checkpoint, summary
+    # or progress line due), so the directory can be compared before and after the second one.
+    holder = start([sys.executable, *train_args(corpus, logdir, "--max_steps", "10000000", "--log_every", "10000000",
+                                                "--summary_every", "10000000", "--checkpoint_secs", "100000")])
+    try:
+        wait_until(lambda: status(logdir)["running"], 120, "lock taken", holder)
+        time.sleep(5)  # past its restore: the holder is in its loop now
+        before = snapshot(logdir)
+        second = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "40")], timeout=120)
+        assert second.returncode == 1
+        assert "Traceback" not in second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"error: {logdir}: in use by another training run, pid {holder.pid} on host "
+                            rf"{re.escape(socket.gethostname())} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
+                            rf"\({logdir}/run.lock\); stop that run or use another --logdir", line), line
+        assert "resumed" not in second.stdout and "starting" not in second.stdout
+        assert snapshot(logdir) == before, "the refused run wrote into the log directory"
+
+        # The readers read while the run holds the directory, and never take its lock.
+        for command in (["lm1b_hvd.evaluate", "--logdir", str(logdir), "--datadir", str(corpus), "--once"],
+                        ["lm1b_hvd.score", "--logdir", str(logdir), "--datadir", str(corpus), "--input", "-"],
+                        ["lm1b_hvd.sample", "--logdir", str(logdir), "--datadir", str(corpus), "--num", "1"],
+                        ["lm1b_hvd.export", "--logdir", str(logdir), "--datadir", str(corpus),
+                         "--out", str(tmp_path / "exported")]):
+            result = run([sys.executable, "-m", *command], timeout=180, stdin_text="w1 w2\n")
+            assert result.returncode == 0, (command, result.stderr[-2000:])
+        assert status(logdir)["running"] and status(logdir)["holder"]["pid"] == holder.pid
+    finally:
+        kill_tree(holder.pid)
+        holder.wait()
+
+    # kill -9 leaves no lock behind: the next run takes the directory and resumes.
+    assert not status(logdir)["running"]
+    after = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "30")], timeout=180)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert f"resumed from {logdir}/ckpt-20 at step 20" in after.stdout
+
+
+def test_status_during_and_after_a_run(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    absent = run([sys.executable, "-m", "lm1b_hvd.status", "--logdir", str(tmp_path / "nowhere")])
+    assert absent.returncode == 1 and absent.stderr.strip() == f"error: {tmp_path}/nowhere: no such log directory"
+
+    victim = start([sys.executable, *train_args(corpus, logdir, "--max_steps", "100000", "--eval_every", "100",
+                                                "--checkpoint_steps", "100")])
+    try:
+        wait_until(lambda: latest_step(logdir) >= 200 and (logdir / "progress.json").exists(), 240,
+                   "checkpoint of step 200", victim)
+        during = status(logdir)
+        assert during["running"] and during["holder"]["pid"] == victim.pid
+        assert during["holder"]["host"] == socket.gethostname()
+        assert during["checkpoint"]["step"] >= 200 and during["checkpoint"]["path"].startswith(str(logdir))
+        assert during["progress"]["step"] >= 200 and during["progress"]["words_per_sec"] > 0
+        assert during["eta_seconds"] > 0
+        assert during["best"]["step"] % 100 == 0 and during["best"]["perplexity"] > 1
+        screen = run([sys.executable, "-m", "lm1b_hvd.status", "--logdir", str(logdir)]).stdout
+        lines = screen.splitlines()
+        assert lines[0] == f"log directory {logdir}"
+        assert lines[1].startswith(f"run         running: pid {victim.pid} on host {socket.gethostname()} since ")
+        assert re.match(rf"checkpoint  step \d+: {logdir}/ckpt-\d+, written ", lines[2])
+        assert re.match(r"progress    step \d+ \| loss \d+\.\d{3} \| [\d,]+ words/s \| logged ", lines[3])
+        assert re.match(r"eta         \d+:\d\d:\d\d to --max_steps 100000", lines[4])
+        assert re.match(rf"best        heldout perplexity [\d.]+ at step \d+: {logdir}/best/ckpt-\d+", lines[5])
+    finally:
+        victim.send_signal(signal.SIGTERM)
+        victim.communicate(timeout=120)
+    after = status(logdir)
+    assert not after["running"] and after["holder"]["pid"] == victim.pid and after["eta_seconds"] is None
+    assert after["progress"]["step"] == after["checkpoint"]["step"], "the stop's step is the last progress line's"
+
+
+# --- a rank that stops answering --------------------------------------------------------------------------------------
+
+STOPPED_LINE = (r"error: rank {survivor}: no training step completed for 1[5-9] s, in step \d+ \(its collectives wait "
+                r"for a rank that stopped answering, unless this rank's own work hangs\); limit 15 s "
+                r"\(--step_timeout\); exiting with status 75 so that the job ends and resumes from its last checkpoint")
+# Gloo gives up on a silent peer after HOROVOD_GLOO_TIMEOUT_SECONDS (30 s), before a longer --step_timeout.
+GLOO_TIMEOUT_LINE = (r"error: rank {survivor}: a Horovod collective failed after step \d+ \(Horovod[A-Za-z]+: (Timed "
+                     r"out waiting 30000ms for recv operation to complete|Horovod has been shut down)\): another rank ended or stopped answering; exiting with status 75 so that the job ends "
+                     r"and resumes from its last checkpoint")
+
+
+@pytest.mark.parametrize("stopped_rank,timeout,expected", [(1, 15, STOPPED_LINE), (0, 15, STOPPED_LINE),
+                                                           (0, 120, GLOO_TIMEOUT_LINE)])
+def test_a_stopped_rank_ends_the_job_within_the_timeout_and_the_next_run_resumes(corpus, tmp_path, stopped_rank,
+                                                                                 timeout, expected):
+    logdir = tmp_path / "log"
+    job = start([HOROVODRUN, "-np", "2", "--gloo", sys.executable,
+                 *train_args(corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "200",
+                             "--step_timeout", str(timeout))])
+    try:
+        # Between checkpoints (at 200 and 400), where the limit is the plain --step_timeout.
+        wait_until(lambda: latest_step(logdir) >= 200 and logged_step(logdir) >= 300, 240, "step 300", job)
+        victim = ranks_of(logdir)[stopped_rank]
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out, err = job.communicate(timeout=min(timeout, 30) + 60)
+        ended = time.monotonic() - stopped_at
+    finally:
+        kill_tree(job.pid)
+    assert job.returncode != 0
+    survivor = 1 - stopped_rank
+    lines = [line for line in err.splitlines() if line.startswith(f"[{survivor}]<stderr>:error: ")]
+    assert len(lines) == 1, err[-3000:]
+    assert re.fullmatch(rf"\[{survivor}\]<stderr>:" + expected.format(survivor=survivor), lines[0]), lines[0]
+    assert "Traceback" not in "".join(line for line in err.splitlines() if line.startswith(f"[{survivor}]"))
+    assert ended < min(timeout, 30) + 30, f"the job took {ended:.0f} s to end"
+    assert not ranks_of(logdir), "a rank outlived the job"
+
+    saved = latest_step(logdir)
+    resumed = run([HOROVODRUN, "-np", "2", "--gloo", sys.executable,
+                   *train_args(corpus, logdir, "--max_steps", str(saved + 20))], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {logdir}/ckpt-{saved} at step {saved} (epoch" in resumed.stdout
+
+
+def test_the_watchdogs_limit_follows_the_runs_steps_and_allows_for_checkpoints(monkeypatch):
+    from lm1b_hvd import watchdog
+    clock = [1000.0]
+    monkeypatch.setattr(watchdog.time, "monotonic", lambda: clock[0])
+    dog = watchdog.StepWatchdog(rank=0)
+    dog.step, dog.interval_start = 0, clock[0]
+
+    def step(seconds, activity=None):
+        if activity:
+            with dog.activity(activity):
+                clock[0] += seconds
+        else:
+            clock[0] += seconds
+        dog.beat(dog.step + 1)
+
+    assert dog.limit() == 3 * watchdog.FLOOR_SECONDS, "the first step traces: three limits"
+    step(40.0)  # the first step's time (tracing) is not a step time
+    assert dog.limit() == watchdog.FLOOR_SECONDS
+    for _ in range(10):
+        step(30.0)  # slow steps: 20 x 30 s is above the floor
+    assert dog.limit() == 600.0
+    with dog.activity("the checkpoint of step 11"):
+        assert dog.limit() == 600.0 + 3 * 600.0, "a first checkpoint: three step limits more"
+        clock[0] += 100.0
+    clock[0] += 30.0
+    dog.beat(12)  # the interval holding the checkpoint took 130 s
+    with dog.activity("the checkpoint of step 12"):
+        assert dog.limit() == 600.0 + 4 * 130.0
+    assert watchdog.StepWatchdog(rank=0, step_timeout=15.0).step_limit() == 15.0
+    assert watchdog.stall_warning_seconds(15.0) == 7.5 and watchdog.stall_warning_seconds(0.0) == 60.0
+
+
+# --- kill of the launcher -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_kill_of_horovodrun_stops_every_rank_at_one_step_with_a_checkpoint(corpus, tmp_path, controller):
+    logdir = tmp_path / "log"
+    job = start([HOROVODRUN, "-np", "2", controller, sys.executable,
+                 *train_args(corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "100000")],
+                env_extra=MPI_ENV)
+    try:
+        wait_until(lambda: (logdir / "progress.json").exists(), 240, "first progress line", job)
+        os.kill(job.pid, signal.SIGTERM)  # what `kill PID` sends
+        wait_until(lambda: not ranks_of(logdir), 60, "end of every rank")
+        out, _ = job.communicate(timeout=30)
+    finally:
+        kill_tree(job.pid)
+    stopped = re.search(r"stopped at step (\d+) \((SIGTERM|the end of the shell running mpirun \(pid \d+\))\); "
+                        rf"checkpoint saved in {logdir}", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert latest_step(logdir) == step
+    resumed = run([HOROVODRUN, "-np", "2", "--gloo", sys.executable,
+                   *train_args(corpus, logdir, "--max_steps", str(step + 10))], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {logdir}/ckpt-{step} at step {step} (epoch" in resumed.stdout
+
+
+# --- damaged checkpoints --------------------------------------------------------------------------------------------
+
+def flip_bytes(path, every=3000):
+    data = bytearray(path.read_bytes())
+    for index in range(100, len(data), every):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_that_loads_and_none_is_one_line(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    first = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "20", "--checkpoint_steps", "5")])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert [latest_step(logdir)] == [20]
+    for data_file in logdir.glob("ckpt-20.data-*"):
+        flip_bytes(data_file)  # a bit flip in the newest
+    for data_file in logdir.glob("ckpt-15.data-*"):
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # a truncated copy
+    (logdir / "ckpt-10.index").unlink()  # a lost index
+
+    resumed = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "25", "--checkpoint_steps", "5")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    warnings = [line for line in resumed.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, resumed.stdout
+    assert re.fullmatch(rf"warning: {logdir}/ckpt-20: cannot restore \(.*Checksum does not match.*\); trying the "
+                        r"checkpoint before it", warnings[0]), warnings[0]
+    assert warnings[1].startswith(f"warning: {logdir}/ckpt-15: cannot restore (")
+    assert warnings[2] == (f"warning: {logdir}/ckpt-10: cannot restore (its index file ckpt-10.index is missing); "
+                           "trying the checkpoint before it")
+    assert f"resumed from {logdir}/ckpt-5 at step 5 (epoch 0, the same data position and LSTM rows)" in resumed.stdout
+    assert latest_step(logdir) == 25
+
+    for index in logdir.glob("ckpt-*.index"):
+        index.unlink()
+    before = snapshot(logdir, but=("run.lock",))
+    refused = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "40")], env_extra={
+        "TF_CPP_MIN_LOG_LEVEL": "0"})  # TensorFlow's own warnings on: none may follow the error
+    assert refused.returncode == 1
+    errors = refused.stderr.strip().splitlines()
+    assert re.fullmatch(rf"error: {logdir}: none of its 5 checkpoint\(s\) restores \(ckpt-25, ckpt-20, ckpt-15, "
+                        r"ckpt-10, ckpt-5\); the files are kept as they are: repair them, or train into another "
+                        r"--logdir", errors[-1]), errors[-1]
+    assert "Traceback" not in refused.stderr
+    assert snapshot(logdir, but=("run.lock",)) == before, "checkpoint files changed"
