@@ -52,10 +52,24 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def option(default, help, **argparse_options):
+def option(default, help, minimum=None, **argparse_options):
     """A field of a config record that is also the command-line flag --FIELD: its default and
-    help line live here once (add_options makes the flag, from_options the record)."""
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+    help line live here once (add_options makes the flag, from_options the record). A number
+    below `minimum` is refused as a bad flag."""
+    metadata = {"help": help, **argparse_options}
+    if minimum is not None:
+        metadata["minimum"] = minimum
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _at_least(convert, minimum):
+    def parse(text):
+        value = convert(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got '{text}'")
+        return value
+    parse.__name__ = convert.__name__  # argparse names the type in its 'invalid int value' line
+    return parse
 
 
 def add_options(parser, record):
@@ -65,10 +79,13 @@ def add_options(parser, record):
         if "help" not in field.metadata:
             continue
         options = dict(field.metadata)
+        minimum = options.pop("minimum", None)
         if isinstance(field.default, bool):
             options["action"] = "store_true"
         else:
             options.setdefault("type", type(field.default))
+            if minimum is not None:
+                options["type"] = _at_least(options["type"], minimum)
         parser.add_argument(f"--{field.name}", default=field.default, **options)
 
 

@@ -60,6 +60,8 @@ def newest_checkpoint(directory):
 
 def collect(logdir):
     """The status of `logdir` as a dict (what --json prints)."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise console.UserError(f"{logdir}: a file, not a log directory")
     if not os.path.isdir(logdir):
         raise console.UserError(f"{logdir}: no such log directory")
     if not os.path.exists(os.path.join(logdir, HPARAMS_FILE)):

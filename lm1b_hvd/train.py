@@ -33,6 +33,8 @@ def _first_last(text):
         first, last = (int(value) for value in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects FIRST,LAST, got '{text}'") from None
+    if not 0 <= first <= last:
+        raise argparse.ArgumentTypeError(f"expects FIRST,LAST with 0 <= FIRST <= LAST, got '{text}'")
     return first, last
 
 
@@ -44,28 +46,29 @@ class TrainConfig:
     preset: str = option("", "hparams preset; empty: 'demo' without --datadir, else 'default'",
                          choices=sorted(hparams.PRESETS))
     hpconfig: str = option("", "hparams overrides k=v,k=v, e.g. num_layers=2,state_size=4096")
-    max_steps: int = option(0, "stop after this step; 0: no limit")
+    max_steps: int = option(0, "stop after this step; 0: no limit", minimum=0)
     max_time: float = option(0.0, f"seconds of training; 0: no limit (without --datadir and --max_steps: "
-                                  f"{DEMO_MINUTES} minutes)")
-    log_every: int = option(100, "steps between progress lines")
-    summary_every: int = option(20, "steps between TensorBoard training scalars")
+                                  f"{DEMO_MINUTES} minutes)", minimum=0.0)
+    log_every: int = option(100, "steps between progress lines", minimum=1)
+    summary_every: int = option(20, "steps between TensorBoard training scalars", minimum=1)
     eval_every: int = option(0, "steps between heldout evaluations (each keeps the best checkpoint); "
-                                "0: only at the end")
-    eval_steps: int = option(0, "heldout batches per rank per evaluation; 0: the rank's whole share")
-    checkpoint_secs: float = option(600.0, "seconds between checkpoints")
-    checkpoint_steps: int = option(0, "steps between checkpoints, besides the clock; 0: by the clock only")
-    keep_checkpoints: int = option(5, "latest checkpoints kept (the best one is kept apart)")
+                                "0: only at the end", minimum=0)
+    eval_steps: int = option(0, "heldout batches per rank per evaluation; 0: the rank's whole share", minimum=0)
+    checkpoint_secs: float = option(600.0, "seconds between checkpoints; 0: none by the clock", minimum=0.0)
+    checkpoint_steps: int = option(0, "steps between checkpoints, besides the clock; 0: by the clock only",
+                                   minimum=0)
+    keep_checkpoints: int = option(5, "latest checkpoints kept (the best one is kept apart)", minimum=1)
     profile_steps: tuple = option((), "FIRST,LAST: a TensorFlow profiler trace of these steps in L/profile",
                                   type=_first_last, metavar="FIRST,LAST")
     allow_cpu: bool = option(False, "train on the CPU even if the job was given GPUs that TensorFlow cannot see")
     elastic: bool = option(False, "Horovod elastic mode: go on when ranks are lost or added "
                                   "(horovodrun --min-np/--max-np, Gloo)")
     commit_steps: int = option(100, "elastic: steps between commits of the state to host memory "
-                                    "(what a lost rank costs the others)")
+                                    "(what a lost rank costs the others)", minimum=1)
     step_timeout: float = option(0.0, "seconds without a completed step after which every live rank exits "
                                       f"(status {watchdog.EXIT_STALLED}); 0: {watchdog.STEP_FACTOR:.0f}x the slowest "
                                       f"recent step, at least {watchdog.FLOOR_SECONDS:.0f} s, more around checkpoints "
-                                      "and evaluations")
+                                      "and evaluations", minimum=0.0)
 
 
 class StopReason(enum.Enum):

@@ -107,6 +107,20 @@ CASES = {
     "non-numeric flag": (
         lambda c, t: dict(extra=["--max_steps", "ten"]),
         r"error: argument --max_steps: invalid int value: 'ten' \(see python -m lm1b_hvd.train --help\)"),
+    "negative step timeout": (
+        lambda c, t: dict(extra=["--step_timeout", "-5"]),
+        r"error: argument --step_timeout: must be at least 0.0, got '-5' \(see python -m lm1b_hvd.train --help\)"),
+    "no checkpoint to keep": (
+        lambda c, t: dict(extra=["--keep_checkpoints", "0"]),
+        r"error: argument --keep_checkpoints: must be at least 1, got '0' \(see python -m lm1b_hvd.train --help\)"),
+    "profile window backwards": (
+        lambda c, t: dict(extra=["--profile_steps", "5,2"]),
+        r"error: argument --profile_steps: expects FIRST,LAST with 0 <= FIRST <= LAST, got '5,2' "
+        r"\(see python -m lm1b_hvd.train --help\)"),
+    "log directory under a file": (
+        lambda c, t: dict(logdir=t / "a-file", logdir_below="sub"),
+        r"error: {logdir}/run.lock: cannot open the run's lock file \(Not a directory\); the log directory must be "
+        r"writable"),
     "log directory that is a file": (
         lambda c, t: dict(logdir=t / "a-file"),
         r"error: {logdir}: the log directory is a file"),
@@ -130,6 +144,9 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_no_damage(trained, tmp_path, 
         shutil.copytree(base_logdir, logdir)
     else:
         logdir.write_text("I am a file\n")
+    file_in_the_way = logdir
+    if "logdir_below" in setup:
+        logdir = logdir / setup["logdir_below"]
     if "corrupt" in setup:
         name, content = setup["corrupt"]
         (logdir / name).write_bytes(content)
@@ -144,5 +161,5 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_no_damage(trained, tmp_path, 
     pattern = expected.format(corpus=re.escape(str(setup.get("corpus", corpus))), logdir=re.escape(str(logdir)))
     assert re.fullmatch(pattern, stderr[-1]), stderr[-1]
     assert snapshot(logdir, but=("run.lock",)) == before, "files already in the log directory were changed"
-    if logdir.is_file():
-        assert logdir.read_text() == "I am a file\n"
+    if file_in_the_way.is_file():
+        assert file_in_the_way.read_text() == "I am a file\n"

@@ -5,6 +5,7 @@ missing Slurm fails instead of skipping.
 """
 import os
 import re
+import signal
 import sys
 import time
 
@@ -143,4 +144,29 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, corpus, tm
     assert "requeueing job" in log
     assert f"resumed from {logdir}/ckpt-{stopped} at step {stopped}" in log
     assert "stopped at step 2000 (max_steps)" in log
+    assert cluster.job_field(job_id, "Restarts") == "1"
+
+
+def test_a_stopped_rank_ends_the_job_which_requeues_and_resumes(cluster, corpus, tmp_path):
+    from tests.test_unattended import logged_step, ranks_of
+    logdir = tmp_path / "log"
+    job_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
+                    ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
+                     "--hpconfig", TINY, "--max_steps", "3000", "--log_every", "100", "--checkpoint_steps", "200",
+                     "--step_timeout", "15"])
+    cluster.wait_for(job_id, states=("RUNNING",), timeout=120)
+    deadline = time.monotonic() + 180
+    while not (logged_step(logdir) >= 300 and len(ranks_of(logdir)) == 2):
+        assert time.monotonic() < deadline, "training never reported step 300"
+        time.sleep(0.1)
+    os.kill(ranks_of(logdir)[1], signal.SIGSTOP)
+    # Slurm holds a requeued job back for about two minutes before it may start again.
+    final_state = cluster.wait_for(job_id, states=("COMPLETED", "FAILED"), timeout=480)
+    log = job_output(tmp_path, job_id)
+    assert final_state == "COMPLETED", log[-4000:]
+    assert re.search(r"error: rank 0: no training step completed for 1\d s, in step \d+ .*limit 15 s", log), log[-4000:]
+    assert "a rank stopped answering (see above); requeueing job" in log
+    saved = int(re.search(r"resumed from \S+/ckpt-(\d+) at step \d+", log).group(1))
+    assert saved >= 200
+    assert "stopped at step 3000 (max_steps)" in log
     assert cluster.job_field(job_id, "Restarts") == "1"

@@ -64,7 +64,7 @@ def logged_step(logdir):
 
 def ranks_of(logdir):
     """{rank: pid} of the training processes writing into `logdir` (their environment says
-    their rank: HOROVOD_RANK under Gloo, OMPI_COMM_WORLD_RANK under MPI)."""
+    their rank: HOROVOD_RANK under Gloo, OMPI_COMM_WORLD_RANK under MPI, SLURM_PROCID under srun)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -78,7 +78,7 @@ def ranks_of(logdir):
             continue
         for variable in environ:
             name, _, value = variable.partition(b"=")
-            if name in (b"HOROVOD_RANK", b"OMPI_COMM_WORLD_RANK"):
+            if name in (b"HOROVOD_RANK", b"OMPI_COMM_WORLD_RANK", b"SLURM_PROCID"):
                 found[int(value)] = int(entry)
     return found
 
@@ -245,20 +245,28 @@ def test_the_watchdogs_limit_follows_the_runs_steps_and_allows_for_checkpoints(m
 
 # --- kill of the launcher -----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
 @pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
-def test_kill_of_horovodrun_stops_every_rank_at_one_step_with_a_checkpoint(corpus, tmp_path, controller):
+def test_kill_or_ctrl_c_of_horovodrun_stops_every_rank_at_one_step_with_a_checkpoint(corpus, tmp_path, controller,
+                                                                                    how):
     logdir = tmp_path / "log"
-    job = start([HOROVODRUN, "-np", "2", controller, sys.executable,
-                 *train_args(corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "100000")],
-                env_extra=MPI_ENV)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **MPI_ENV}
+    # Its own process group, as a job started from a terminal has: Ctrl-C is SIGINT to that group.
+    job = subprocess.Popen([HOROVODRUN, "-np", "2", controller, sys.executable,
+                            *train_args(corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "100000")],
+                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     try:
         wait_until(lambda: (logdir / "progress.json").exists(), 240, "first progress line", job)
-        os.kill(job.pid, signal.SIGTERM)  # what `kill PID` sends
+        if how == "kill":
+            os.kill(job.pid, signal.SIGTERM)  # what `kill PID` sends
+        else:
+            os.killpg(job.pid, signal.SIGINT)
         wait_until(lambda: not ranks_of(logdir), 60, "end of every rank")
         out, _ = job.communicate(timeout=30)
     finally:
         kill_tree(job.pid)
-    stopped = re.search(r"stopped at step (\d+) \((SIGTERM|the end of the shell running mpirun \(pid \d+\))\); "
+    stopped = re.search(r"stopped at step (\d+) \((SIGTERM|SIGINT|the end of the shell running mpirun \(pid \d+\))\); "
                         rf"checkpoint saved in {logdir}", out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
