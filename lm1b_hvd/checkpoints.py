@@ -370,8 +370,8 @@ class CheckpointKeeper:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
                 return None
-            except (tf.errors.OpError, AssertionError, ValueError) as err:
-                return first_line(err)
+            except (tf.errors.OpError, AssertionError, ValueError, IndexError, OSError) as err:
+                return first_line(err)  # a truncated file is IndexError ('Read less bytes than requested')
             finally:
                 gc.collect()  # the failed restore's bookkeeping warns when collected: here, muted
 

@@ -129,7 +129,6 @@ class Run:
         self.config = config
         self.is_root = distributed.is_root()
         self.lock = run_lock.RunLock(config.logdir)
-        self._take_logdir()
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         data.check_datadir(self.datadir)
         self.hps = hparams.build(config.preset, config.hpconfig)
@@ -139,6 +138,7 @@ class Run:
                                     "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
                                     "do; drop one of the two")
         exchange = distributed.vocab_exchange(self.hps, len(self.vocab))
+        self._take_logdir()  # after the checks that only read, before the first write
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.is_root)
         self.train_data, self.heldout = self._data_shares()
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab), vocab_exchange=exchange)
@@ -206,12 +206,12 @@ class Run:
             self.hps.batch_size, self.hps.num_steps, seed=[self.hps.seed, distributed.rank()], position=position))
 
     def save_checkpoint(self, point):
-        with self.watchdog.activity(f"the checkpoint of step {point.step}"):
+        with self.watchdog.activity("checkpoint", f"the checkpoint of step {point.step}"):
             self.checkpoints.save(point)
 
     def evaluate(self, point):
         """The heldout perplexity at `point`, in TensorBoard and the log; its checkpoint kept if best."""
-        with self.watchdog.activity(f"the heldout evaluation of step {point.step}"):
+        with self.watchdog.activity("evaluation", f"the heldout evaluation of step {point.step}"):
             value, words = self.evaluator.perplexity_over_ranks(self.heldout, self.config.eval_steps)
             self.summaries.evaluation(point.step, value)
             best = self.checkpoints.save_if_best(point, value)
@@ -273,7 +273,7 @@ def train_steps(r, config, point, commit=None):
         progress.add(stats)
         if summary_every.due(point.step):
             r.summaries.training(point.step, stats, progress.words_per_sec(), r.model, distributed.size())
-        if log_every.due(point.step) or (reason is not None and progress.window_words):
+        if log_every.due(point.step):
             r.report_progress(progress, point.step)
 
         # evaluate
@@ -325,8 +325,10 @@ def run(config):
     r = Run(config)
     try:
         with distributed.collectives_fail_as_one_error():
-            r.log_start()
-            point = r.checkpoints.restore(r.log)
+            r.watchdog.start(step=None)  # the start too: a rank may stop answering before the first step
+            with r.watchdog.activity("start", "the start of the run (the device report, the restore)"):
+                r.log_start()
+                point = r.checkpoints.restore(r.log)
             if config.elastic:
                 point, reason = train_elastic(r, config, point)
             else:

@@ -62,7 +62,7 @@ def stall_warning_seconds(step_timeout):
 
 class StepWatchdog:
     """Call `beat(step)` after each completed step and wrap checkpoints and evaluations in
-    `activity(name)`; when the limit passes, `report` gets one line and the process exits with
+    `activity(kind, description)`; when the limit passes, `report` gets one line and the process exits with
     EXIT_STALLED (os._exit: a main thread stuck in a collective cannot unwind)."""
 
     def __init__(self, rank, step_timeout=0.0, report=None, poll_seconds=1.0):
@@ -82,9 +82,10 @@ class StepWatchdog:
         self.thread = None
 
     def start(self, step):
-        """Arms the watchdog at `step` (the loop is about to run its first step)."""
+        """Arms the watchdog at `step` (None: before the run's start-up), as at a completed step."""
         with self.lock:
             self.step, self.interval_start, self.paused = step, time.monotonic(), False
+            self.first_interval, self.interval_activities = True, set()  # the first step traces
         if self.thread is None:
             self.thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
             self.thread.start()
@@ -112,11 +113,12 @@ class StepWatchdog:
             self.interval_activities = set()
 
     @contextlib.contextmanager
-    def activity(self, name):
-        """A checkpoint or an evaluation, entered at the same step on every rank."""
+    def activity(self, kind, description):
+        """A checkpoint or an evaluation (`kind`: its allowance is measured per kind), entered at
+        the same step on every rank; `description` names it if the limit passes inside it."""
         with self.lock:
-            self.interval_activities.add(name)
-            self.doing = name
+            self.interval_activities.add(kind)
+            self.doing = description
         try:
             yield
         finally:
@@ -147,8 +149,9 @@ class StepWatchdog:
                 self._give_up(waited, limit, step, doing)
 
     def _give_up(self, waited, limit, step, doing):
-        where = (f"in step {step + 1} (its collectives wait for a rank that stopped answering, unless this rank's own "
-                 "work hangs)" if doing == TRAINING_STEP else f"in {doing}")
+        # doing: TRAINING_STEP, or the description of the activity under way
+        where = (f"in step {'?' if step is None else step + 1} (its collectives wait for a rank that stopped "
+                 "answering, unless this rank's own work hangs)" if doing == TRAINING_STEP else f"in {doing}")
         how = "--step_timeout" if self.fixed else "from the run's step times; --step_timeout sets it"
         line = (f"error: rank {self.rank}: no training step completed for {waited:.0f} s, {where}; limit "
                 f"{limit:.0f} s ({how}); {RESUMES}")
