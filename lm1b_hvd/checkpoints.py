@@ -49,10 +49,17 @@ class RunPosition(tf.Module):
         self.streams = tf.Variable("", dtype=tf.string, trainable=False)  # JSON, see store()
         self.row_states = tf.Variable(tf.zeros([0]), shape=tf.TensorShape(None), trainable=False)
 
-    def store(self, seed, batch_size, positions, row_states):
-        """`positions` (StreamPosition dicts) and `row_states` (arrays), rank by rank."""
-        self.streams.assign(json.dumps({"seed": seed, "batch_size": batch_size, "positions": positions}))
+    def store(self, seed, batch_size, positions, row_states, lr_schedule):
+        """`positions` (StreamPosition dicts) and `row_states` (arrays), rank by rank, and the
+        learning-rate schedule's state (training.PlateauDecay.state)."""
+        self.streams.assign(json.dumps({"seed": seed, "batch_size": batch_size, "positions": positions,
+                                        "lr_schedule": lr_schedule}))
         self.row_states.assign(np.stack(row_states))
+
+    def lr_schedule(self):
+        """The learning-rate schedule's state, or None (no position, or saved before the schedule)."""
+        text = self.streams.numpy().decode()
+        return json.loads(text).get("lr_schedule") if text else None
 
     def for_rank(self, rank, num_ranks, seed, batch_size):
         """The RankPosition this rank saved; unusable where the saved run differs (rank count,
@@ -111,6 +118,7 @@ class RunCheckpoints:
         if not path:
             log("starting from scratch")
             return fresh
+        self.trainer.lr_schedule.load(self.positions.lr_schedule())
         saved = self.positions.for_rank(distributed.rank(), distributed.size(), hps.seed, hps.batch_size)
         if saved.unusable:
             log(f"resumed from {path} at step {fresh.step}; {saved.unusable}: the data order restarts "
@@ -128,7 +136,7 @@ class RunCheckpoints:
         entries = distributed.gather_objects((point.position.to_dict(), model.state_to_array(point.row_state)))
         if self.keeper.writer:
             self.positions.store(hps.seed, hps.batch_size, [entry[0] for entry in entries],
-                                 [entry[1] for entry in entries])
+                                 [entry[1] for entry in entries], self.trainer.lr_schedule.state())
 
     def save(self, point):
         self._record_every_rank(point)
@@ -171,10 +179,10 @@ class RunCheckpoint:
 
     def table_keys(self):
         """(table, checkpoint key) of each table this checkpoint holds."""
-        names = VocabularyTables.NAMES
-        pairs = [(table, tables.KEY_PREFIX + name) for name, table in zip(names, self.model.tables)]
+        named = self.model.tables.named()  # tied embeddings: no softmax_w of its own
+        pairs = [(table, tables.KEY_PREFIX + name) for name, table in named]
         return pairs + [(table, f"{tables.KEY_PREFIX}{name}/adagrad_accumulator")
-                        for name, table in zip(names, self.table_accumulators)]
+                        for (name, _), table in zip(named, self.table_accumulators)]
 
     def write_tables_part(self, file_prefix, part=0):
         """This process's rows of every table, as part `part` of the checkpoint `file_prefix`."""
@@ -281,7 +289,9 @@ def check_or_write_hparams(logdir, hps, vocab_size, write):
     path = os.path.join(logdir, HPARAMS_FILE)
     record = {**hps.to_dict(), "vocab_size": vocab_size}
     if os.path.exists(path):
-        saved = _read_hparams_record(path)
+        # A key the record lacks was written before that hparam existed: it had its default then.
+        saved = {**{key: getattr(hparams_lib.HParams(), key) for key in hparams_lib.MODEL_SHAPE_KEYS},
+                 **_read_hparams_record(path)}
         for key in (*hparams_lib.MODEL_SHAPE_KEYS, "vocab_size"):
             if key in saved and saved[key] != record[key]:
                 raise CheckpointError(

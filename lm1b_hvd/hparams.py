@@ -29,6 +29,15 @@ class HParams:
     average_params: bool = True
     ema_decay: float = 0.999
     seed: int = 1
+    # The successors' LSTMs and regularisation; each off by default, where `default` is the paper's model.
+    lstm_factor: int = 0  # F-LSTM: the gate matrix factored through this inner size; 0: the full matrix
+    lstm_groups: int = 1  # G-LSTM: the gates split into this many independent groups; 1: one
+    tie_embeddings: bool = False  # the softmax's weights are the embedding (needs emb_size == projected_size)
+    variational_dropout: bool = False  # keep_prob's masks drawn once per row and window, shared by its steps
+    emb_keep_prob: float = 1.0  # embedding dropout: each word of the vocabulary kept with this probability a step
+    recurrent_keep_prob: float = 1.0  # DropConnect: each recurrent weight kept with this probability a step
+    lr_decay: float = 1.0  # learning_rate x this when the heldout perplexity has not improved (--eval_every); 1: never
+    lr_patience: int = 1  # evaluations without a new best before the learning rate decays
     # How the step runs, not what it computes: a checkpoint resumes under any of these.
     kernels: str = "auto"  # auto | cpu | portable: lm1b_hvd's CPU kernels or TF ops only (compute_plan.py)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
@@ -55,7 +64,8 @@ CHOICES = {
 }
 
 # Shapes that decide what a checkpoint holds: a resumed run must agree on them.
-MODEL_SHAPE_KEYS = ("num_shards", "num_layers", "emb_size", "state_size", "projected_size")
+MODEL_SHAPE_KEYS = ("num_shards", "num_layers", "emb_size", "state_size", "projected_size", "lstm_factor",
+                    "lstm_groups", "tie_embeddings")
 
 PRESETS = {
     # The original LSTM-2048-512 of the lm1b baseline.
@@ -121,8 +131,12 @@ def validate(hps):
     for key in positive:
         if getattr(hps, key) < 1:
             raise HParamsError(f"hparam '{key}' must be >= 1, got {getattr(hps, key)}")
-    if not 0.0 < hps.keep_prob <= 1.0:
-        raise HParamsError(f"hparam 'keep_prob' must be in (0, 1], got {hps.keep_prob}")
+    for key in ("keep_prob", "emb_keep_prob", "recurrent_keep_prob", "lr_decay"):
+        if not 0.0 < getattr(hps, key) <= 1.0:
+            raise HParamsError(f"hparam '{key}' must be in (0, 1], got {getattr(hps, key)}")
+    if hps.lr_patience < 1:
+        raise HParamsError(f"hparam 'lr_patience' must be >= 1, got {hps.lr_patience}")
+    _validate_lstm(hps)
     if not 0.0 <= hps.ema_decay < 1.0:
         raise HParamsError(f"hparam 'ema_decay' must be in [0, 1), got {hps.ema_decay}")
     if hps.num_sampled < 0:
@@ -137,6 +151,22 @@ def validate(hps):
         raise HParamsError(f"hparam 'vocab_parallel' cannot be combined with {clash}: the vocabulary's rows "
                            "and their gradients travel between their owners, outside any compiled part")
     return hps
+
+
+def _validate_lstm(hps):
+    """F-LSTM, G-LSTM and tied embeddings ask for shapes that fit them."""
+    if hps.lstm_factor < 0:
+        raise HParamsError(f"hparam 'lstm_factor' must be >= 0 (0: the full gate matrix), got {hps.lstm_factor}")
+    if hps.lstm_groups < 1:
+        raise HParamsError(f"hparam 'lstm_groups' must be >= 1, got {hps.lstm_groups}")
+    if hps.lstm_factor and hps.lstm_groups > 1:
+        raise HParamsError("hparams 'lstm_factor' and 'lstm_groups' cannot be combined: F-LSTM or G-LSTM, not both")
+    for key in ("emb_size", "state_size", "projected_size"):
+        if getattr(hps, key) % hps.lstm_groups:
+            raise HParamsError(f"hparam 'lstm_groups={hps.lstm_groups}' must divide '{key}' ({getattr(hps, key)})")
+    if hps.tie_embeddings and hps.emb_size != hps.projected_size:
+        raise HParamsError(f"hparam 'tie_embeddings' needs emb_size == projected_size, got {hps.emb_size} and "
+                           f"{hps.projected_size}")
 
 
 def build(preset="default", overrides=""):

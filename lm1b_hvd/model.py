@@ -28,7 +28,11 @@ def _uniform(shape, fan_in, seed):
     return values
 
 
-CANDIDATES_STREAM = 0  # sub-seed of a step's seed for the sampled candidates; dropout sites follow
+# Sub-seeds of a step's seed: the sampled candidates, then keep_prob's dropout sites (1 + site);
+# embedding dropout and each layer's DropConnect far enough past them for any number of layers.
+CANDIDATES_STREAM = 0
+WORD_DROPOUT_STREAM = 100_000
+RECURRENT_DROPOUT_STREAM = 200_000
 
 
 def sub_seed(seed, stream):
@@ -96,30 +100,50 @@ class SoftmaxRows(typing.NamedTuple):
     candidate_b: tf.Tensor  # [num_sampled], minus log expected count
 
 
+def gate_multiply_adds(hps, inputs):
+    """Multiply-adds of one layer's gates per word: (inputs + projected) x 4 state for the
+    original; through the inner size R for F-LSTM ((inputs + projected) x R + R x 4 state); 1/G
+    of the original's for G-LSTM. Also the gate matrices' parameter count."""
+    rows = inputs + hps.projected_size
+    if hps.lstm_factor:
+        return rows * hps.lstm_factor + hps.lstm_factor * 4 * hps.state_size
+    return rows * 4 * hps.state_size // hps.lstm_groups
+
+
 def training_flops_per_word(hps, vocab_size):
     """Model FLOPs of one trained word, counted from the shapes: per LSTMP layer the gates
-    ((inputs + projected) x 4 state) and the projection (state x projected), then the softmax
-    (sampled candidates plus the true word, or the whole vocabulary); x2 for multiply-adds, x3
-    for the backward's two matmuls per forward one."""
+    (gate_multiply_adds) and the projection (state x projected), then the softmax (sampled
+    candidates plus the true word, or the whole vocabulary); x2 for multiply-adds, x3 for the
+    backward's two matmuls per forward one."""
     multiply_adds = 0
     for layer in range(hps.num_layers):
         inputs = hps.emb_size if layer == 0 else hps.projected_size
-        multiply_adds += (inputs + hps.projected_size) * 4 * hps.state_size + hps.state_size * hps.projected_size
+        multiply_adds += gate_multiply_adds(hps, inputs) + hps.state_size * hps.projected_size
     sampled = 0 < hps.num_sampled < vocab_size
     multiply_adds += (hps.num_sampled + 1 if sampled else vocab_size) * hps.projected_size
     return 2 * 3 * multiply_adds
 
 
 class VocabularyTables:
-    """The model's three tables of the vocabulary (tables.VocabTable): the embedding, the
-    softmax's weights and its biases."""
+    """The model's tables of the vocabulary (tables.VocabTable): the embedding, the softmax's
+    weights and its biases; with tied embeddings the softmax's weights are the embedding, and
+    there are two tables, which is what a checkpoint of a tied model holds."""
     NAMES = ("embedding", "softmax_w", "softmax_b")
 
     def __init__(self, embedding, softmax_w, softmax_b):
         self.embedding, self.softmax_w, self.softmax_b = embedding, softmax_w, softmax_b
 
+    @property
+    def tied(self):
+        return self.softmax_w is self.embedding
+
+    def named(self):
+        """(name, table) of each distinct table."""
+        return [(name, table) for name, table in zip(self.NAMES, (self.embedding, self.softmax_w, self.softmax_b))
+                if not (name == "softmax_w" and self.tied)]
+
     def __iter__(self):
-        return iter((self.embedding, self.softmax_w, self.softmax_b))
+        return iter([table for _, table in self.named()])
 
 
 def batch_major(output_chunks):
@@ -148,12 +172,14 @@ class LSTMPLanguageModel(tf.Module):
         self.candidate_sampler = candidate_sampler
         seed = iter(range(hps.seed * 1000, hps.seed * 1000 + 1000))
         embedding_seeds = [next(seed) for _ in range(hps.num_shards)]
-        self.lstm_weights, self.lstm_biases, self.lstm_projections = [], [], []
+        # The gate matrices (ops.LayerWeights: their shapes say which LSTM), and F-LSTM's second factors.
+        self.lstm_weights, self.lstm_factors, self.lstm_biases, self.lstm_projections = [], [], [], []
         for layer in range(hps.num_layers):
             inputs = hps.emb_size if layer == 0 else hps.projected_size
-            fan_in = inputs + hps.projected_size
-            self.lstm_weights.append(tf.Variable(
-                _uniform([fan_in, 4 * hps.state_size], fan_in, next(seed)), name=f"lstm_{layer}_w"))
+            self.lstm_weights.append(self._initial_gate_matrix(inputs, next(seed), name=f"lstm_{layer}_w"))
+            if hps.lstm_factor:
+                self.lstm_factors.append(tf.Variable(_uniform([hps.lstm_factor, 4 * hps.state_size], hps.lstm_factor,
+                                                              next(seed)), name=f"lstm_{layer}_factor"))
             self.lstm_biases.append(tf.Variable(tf.zeros([4 * hps.state_size]), name=f"lstm_{layer}_b"))
             self.lstm_projections.append(tf.Variable(
                 _uniform([hps.state_size, hps.projected_size], hps.state_size, next(seed)),
@@ -162,11 +188,27 @@ class LSTMPLanguageModel(tf.Module):
         # A plain object, so that tf.Module does not track the tables' variables: checkpoints
         # hold them as logical matrices (tables.py), not as this model's block variables.
         bias_rows = self.exchange.rows if self.exchange else tables.Rows(0, vocab_size)
+        embedding = self._initial_table("emb", hps.emb_size, hps.emb_size, embedding_seeds)
         self.tables = VocabularyTables(
-            embedding=self._initial_table("emb", hps.emb_size, hps.emb_size, embedding_seeds),
-            softmax_w=self._initial_table("softmax_w", hps.projected_size, hps.projected_size, softmax_seeds),
+            embedding=embedding,
+            softmax_w=(embedding if hps.tie_embeddings else
+                       self._initial_table("softmax_w", hps.projected_size, hps.projected_size, softmax_seeds)),
             softmax_b=tables.VocabTable("softmax_b", vocab_size, None, [
                 (bias_rows, tf.Variable(tf.zeros([bias_rows.count]), name="softmax_b"))]))
+
+    def _initial_gate_matrix(self, inputs, seed, name):
+        """A layer's gate matrix: [inputs + projected, 4 state] (the original), [inputs +
+        projected, lstm_factor] (F-LSTM's first factor) or [groups, (inputs + projected) / groups,
+        4 state / groups] (G-LSTM), unit-scaling uniform over its own fan-in."""
+        hps = self.hps
+        rows = inputs + hps.projected_size
+        if hps.lstm_factor:
+            return tf.Variable(_uniform([rows, hps.lstm_factor], rows, seed), name=name)
+        if hps.lstm_groups > 1:
+            groups = hps.lstm_groups
+            return tf.Variable(_uniform([groups, rows // groups, 4 * hps.state_size // groups], rows // groups, seed),
+                               name=name)
+        return tf.Variable(_uniform([rows, 4 * hps.state_size], rows, seed), name=name)
 
     @property
     def vocab_parallel(self):
@@ -204,11 +246,16 @@ class LSTMPLanguageModel(tf.Module):
 
     @property
     def lstm_variables(self):
-        return self.lstm_weights + self.lstm_biases + self.lstm_projections
+        return self.lstm_weights + self.lstm_factors + self.lstm_biases + self.lstm_projections
+
+    @property
+    def tied(self):
+        return self.tables.tied
 
     @property
     def softmax_variables(self):
-        return self.softmax_w + [self.softmax_b]
+        """The softmax's own variables: with tied embeddings its biases alone."""
+        return ([] if self.tied else self.softmax_w) + [self.softmax_b]
 
     @property
     def all_variables(self):
@@ -216,7 +263,8 @@ class LSTMPLanguageModel(tf.Module):
         return self.embedding + self.lstm_variables + self.softmax_variables
 
     def layer_weights(self, layer):
-        return ops.LayerWeights(self.lstm_weights[layer], self.lstm_biases[layer], self.lstm_projections[layer])
+        return ops.LayerWeights(self.lstm_weights[layer], self.lstm_biases[layer], self.lstm_projections[layer],
+                                self.lstm_factors[layer] if self.lstm_factors else None)
 
     def copy_weights_from(self, other):
         """Gives this model `other`'s weights, whatever the two models' numbers of shards: the
@@ -248,25 +296,60 @@ class LSTMPLanguageModel(tf.Module):
     def _dropout(self, chunks, training, seed, site):
         """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs) of values given in time
         chunks, its mask drawn from the step's stateless `seed` for all of them at once: the same
-        mask, and the same result, as dropout of the values whole."""
+        mask, and the same result, as dropout of the values whole. With variational_dropout one
+        mask per row [batch, width], which every step of the window shares (Gal and Ghahramani)."""
         if not training or self.hps.keep_prob >= 1.0:
             return chunks
-        shape = tf.concat([[sum(chunk.shape[0] for chunk in chunks)], tf.shape(chunks[0])[1:]], axis=0)
+        steps = 1 if self.hps.variational_dropout else sum(chunk.shape[0] for chunk in chunks)
+        shape = tf.concat([[steps], tf.shape(chunks[0])[1:]], axis=0)
         masks = tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.hps.keep_prob,
                                                      seed=sub_seed(seed, CANDIDATES_STREAM + 1 + site))
+        if self.hps.variational_dropout:
+            return [chunk * masks for chunk in chunks]
         return [chunk * mask for chunk, mask in zip(chunks, tf.split(masks, [c.shape[0] for c in chunks]))]
 
-    def embed(self, x, traffic=None):
+    def word_keep_scale(self, seed):
+        """Embedding dropout's factor of each word of the vocabulary this step [vocab_size]:
+        0 for a dropped word, 1 / emb_keep_prob for a kept one, so every occurrence of a dropped
+        word in the batch loses its whole embedding (Merity et al.'s embedding dropout)."""
+        return tf.nn.experimental.stateless_dropout(tf.ones([self.vocab_size]), rate=1.0 - self.hps.emb_keep_prob,
+                                                    seed=sub_seed(seed, WORD_DROPOUT_STREAM))
+
+    def embed(self, x, traffic=None, seed=None):
         """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size].
         Vocabulary-parallel, each word's row comes from its owner (what moves is counted into
-        `traffic`, a distributed.Traffic, when given)."""
+        `traffic`, a distributed.Traffic, when given). Given a training step's `seed`, with
+        embedding dropout (emb_keep_prob < 1)."""
         ids = tf.transpose(x)
         if not self.exchange:
-            return tf.nn.embedding_lookup(self.embedding, ids)
-        unique, positions = tf.unique(tf.reshape(tf.cast(ids, tf.int64), [-1]))
-        rows = self.exchange.fetch(self.embedding, unique, traffic)
-        embedded = tf.reshape(tf.gather(rows, positions), tf.concat([tf.shape(ids), [self.hps.emb_size]], axis=0))
-        return tf.ensure_shape(embedded, ids.shape.concatenate([self.hps.emb_size]))
+            embedded = tf.nn.embedding_lookup(self.embedding, ids)
+        else:
+            unique, positions = tf.unique(tf.reshape(tf.cast(ids, tf.int64), [-1]))
+            rows = self.exchange.fetch(self.embedding, unique, traffic)
+            embedded = tf.reshape(tf.gather(rows, positions), tf.concat([tf.shape(ids), [self.hps.emb_size]], axis=0))
+            embedded = tf.ensure_shape(embedded, ids.shape.concatenate([self.hps.emb_size]))
+        if seed is not None and self.hps.emb_keep_prob < 1.0:
+            embedded *= tf.gather(self.word_keep_scale(seed), ids)[..., None]
+        return embedded
+
+    def training_layer_weights(self, layer, seed):
+        """The layer's weights for a training step: with DropConnect (recurrent_keep_prob < 1)
+        the recurrent rows of its gate matrix masked, one mask for the step's whole window, kept
+        weights scaled by 1 / recurrent_keep_prob (Merity et al.'s weight drop). The mask is applied
+        outside the layer, whose hand-written backward then gives the masked matrix's gradient."""
+        weights = self.layer_weights(layer)
+        if self.hps.recurrent_keep_prob >= 1.0:
+            return weights
+        inputs = self.hps.emb_size if layer == 0 else self.hps.projected_size
+        weight = weights.weight
+        if weight.shape.rank == 3:  # G-LSTM: each group's rows are its inputs', then its recurrent ones
+            split, axis = inputs // self.hps.lstm_groups, 1
+        else:
+            split, axis = inputs, 0
+        given, recurrent = tf.split(weight, [split, weight.shape[axis] - split], axis=axis)
+        recurrent = tf.nn.experimental.stateless_dropout(recurrent, rate=1.0 - self.hps.recurrent_keep_prob,
+                                                         seed=sub_seed(seed, RECURRENT_DROPOUT_STREAM + layer))
+        return weights._replace(weight=tf.concat([given, recurrent], axis=axis))
 
     def run_layers(self, embedded, state, training, seed=None):
         """The LSTM over time-major embeddings [steps, batch, emb_size]: its outputs, time-major,
@@ -276,8 +359,8 @@ class LSTMPLanguageModel(tf.Module):
         chunks = self._dropout(ops.time_chunks(embedded, self.plan.time_chunks), training, seed, 0)
         new_state = []
         for layer, layer_state in enumerate(state):
-            chunks, layer_state = ops.lstmp_layer(chunks, layer_state, self.layer_weights(layer),
-                                                  **self.plan.layer_options())
+            weights = self.training_layer_weights(layer, seed) if training else self.layer_weights(layer)
+            chunks, layer_state = ops.lstmp_layer(chunks, layer_state, weights, **self.plan.layer_options())
             chunks = self._dropout(chunks, training, seed, layer + 1)
             new_state.append(layer_state)
         return chunks, new_state
@@ -285,7 +368,8 @@ class LSTMPLanguageModel(tf.Module):
     def forward(self, x, state, training, seed=None):
         """LSTM outputs [batch, steps, projected_size] of word ids `x` [batch, steps], and the
         state after the last step."""
-        output_chunks, new_state = self.run_layers(self.embed(x), state, training, seed)
+        output_chunks, new_state = self.run_layers(self.embed(x, seed=seed if training else None), state, training,
+                                                   seed)
         return batch_major(output_chunks), new_state
 
     def serving_step(self, embedded, state):

@@ -29,11 +29,14 @@ class LSTMState(typing.NamedTuple):
 
 
 class LayerWeights(typing.NamedTuple):
-    """One LSTMP layer's weights: the original's [in + proj, 4 * state] gate matrix (gates in
-    the order i, j, f, o), its bias [4 * state] and the projection [state, proj]."""
+    """One LSTMP layer's weights: the gate matrix, its bias [4 * state] (gates in the order i, j,
+    f, o) and the projection [state, proj]. The gate matrix's shape says which LSTM it is (the
+    Gates classes below): the original's [in + proj, 4 * state]; F-LSTM's [in + proj, factor]
+    with `factor` [factor, 4 * state]; G-LSTM's [groups, (in + proj) / groups, 4 * state / groups]."""
     weight: tf.Tensor
     bias: tf.Tensor
     projection: tf.Tensor
+    factor: tf.Tensor = None
 
 
 def cell_update(gates, c_prev):
@@ -51,8 +54,9 @@ def cell_update(gates, c_prev):
 def lstmp_step(inputs, state, weights):
     """One time step of an LSTMP layer, forward only, fp32: the new LSTMState. For serving, where
     a tf.scan runs any number of steps (the training layer below unrolls a fixed window)."""
-    gates = tf.matmul(tf.concat([inputs, state.h], axis=1), weights.weight) + weights.bias
-    _, c, _, memory = cell_update(gates, state.c)
+    gates = gates_of(weights)(_Compute(tf.float32, step_weights=StoredStepWeights), weights, inputs.shape[-1])
+    gates.prepare_forward()
+    _, c, _, memory = cell_update(gates.input_gates(inputs) + gates.recurrent_gates(state.h) + weights.bias, state.c)
     return LSTMState(c, tf.matmul(memory, weights.projection))
 
 
@@ -67,10 +71,10 @@ def with_column(matrix, column=None):
 
 
 def transposed(matrix):
-    """matrix^T as a tensor of its own: oneDNN multiplies by a stored matrix faster than by a
-    transposed view of one. The Snapshot keeps Grappler from folding the transpose back into
-    the matmul."""
-    return tf.raw_ops.Snapshot(input=tf.transpose(matrix))
+    """matrix^T (of each matrix of a batch of them) as a tensor of its own: oneDNN multiplies by
+    a stored matrix faster than by a transposed view of one. The Snapshot keeps Grappler from
+    folding the transpose back into the matmul."""
+    return tf.raw_ops.Snapshot(input=tf.linalg.matrix_transpose(matrix))
 
 
 def time_chunks(values, count):
@@ -154,6 +158,7 @@ class _Compute(typing.NamedTuple):
     dtype: tf.DType
     cell: type = None
     step_weights: type = None
+    gates: type = None
 
     def cast(self, tensor):
         return tensor if self.dtype == tf.float32 else tf.cast(tensor, self.dtype)
@@ -169,15 +174,180 @@ class _Compute(typing.NamedTuple):
         return self.matmul(a, operand, transpose_b=self.step_weights.transpose_b)
 
 
+class FullGates:
+    """The original LSTM's gate matrix: gates = [x, h] @ W, W [in + proj, 4 * state]. Built on a
+    layer's LayerWeights for one _Compute: the input half multiplies a time chunk's rows at once,
+    the recurrent half one step's `h` (its operands laid out once per window by the plan's
+    step_weights, `prepare_forward` and `prepare_backward`)."""
+
+    def __init__(self, plan, weights, in_size):
+        self.plan = plan
+        self.input_weight = plan.cast(weights.weight[:in_size])
+        self.recurrent_weight = plan.cast(weights.weight[in_size:])
+
+    def prepare_forward(self):
+        self.recurrent_forward = self.plan.step_weights.forward(self.recurrent_weight)
+
+    def prepare_backward(self):
+        self.recurrent_backward = self.plan.step_weights.backward(self.recurrent_weight)
+        self.input_weight_t = transposed(self.input_weight)
+
+    def input_gates(self, rows):
+        """The input half of the gates of rows [n, in]: [n, 4 * state]."""
+        return self.plan.matmul(rows, self.input_weight)
+
+    def recurrent_gates(self, h):
+        """The recurrent half of a step's gates, h [batch, proj] -> [batch, 4 * state]."""
+        return self.plan.step_matmul(h, self.recurrent_forward)
+
+    def d_recurrent(self, d_gates):
+        """The gradient of h_prev from a step's gate gradients."""
+        return self.plan.step_matmul(d_gates, self.recurrent_backward)
+
+    def chunk_gradients(self, input_rows, h_prev_rows, d_gates):
+        """(d input rows, the gate matrix's and the bias's gradients as weight_gradients takes
+        them, summed over chunks) of a time chunk, from its rows [n, in], the h before each step
+        [n, proj] and its gate gradients [n, 4 * state]."""
+        layer_inputs = with_column(tf.concat([input_rows, h_prev_rows], axis=1))
+        d_weight_and_bias = self.plan.matmul(layer_inputs, d_gates, transpose_a=True)
+        return self.plan.matmul(d_gates, self.input_weight_t), (d_weight_and_bias,)
+
+    @staticmethod
+    def weight_gradients(summed):
+        """(gradients of the gate matrix's tensors, a tuple; the bias's) from the chunks' sums."""
+        (d_weight_and_bias,) = summed
+        return (d_weight_and_bias[:-1],), d_weight_and_bias[-1]
+
+
+class FactoredGates:
+    """F-LSTM (Kuchaiev and Ginsburg 2017): the gate matrix factored through an inner size R,
+    gates = ([x, h] @ W1) @ W2, W1 [in + proj, R] (LayerWeights.weight), W2 [R, 4 * state]
+    (LayerWeights.factor): (in + proj + 4 * state) * R multiply-adds a row instead of
+    (in + proj) * 4 * state. Every product goes through the inner size; W1 @ W2 is never formed."""
+
+    def __init__(self, plan, weights, in_size):
+        self.plan = plan
+        self.weight = plan.cast(weights.weight)
+        self.input_weight, self.recurrent_weight = self.weight[:in_size], self.weight[in_size:]
+        self.factor = plan.cast(weights.factor)
+
+    def prepare_forward(self):
+        forward = self.plan.step_weights.forward
+        self.recurrent_forward, self.factor_forward = forward(self.recurrent_weight), forward(self.factor)
+
+    def prepare_backward(self):
+        backward = self.plan.step_weights.backward
+        self.recurrent_backward, self.factor_backward = backward(self.recurrent_weight), backward(self.factor)
+        self.input_weight_t, self.factor_t = transposed(self.input_weight), transposed(self.factor)
+
+    def input_gates(self, rows):
+        return self.plan.matmul(self.plan.matmul(rows, self.input_weight), self.factor)
+
+    def recurrent_gates(self, h):
+        return self.plan.step_matmul(self.plan.step_matmul(h, self.recurrent_forward), self.factor_forward)
+
+    def d_recurrent(self, d_gates):
+        return self.plan.step_matmul(self.plan.step_matmul(d_gates, self.factor_backward), self.recurrent_backward)
+
+    def chunk_gradients(self, input_rows, h_prev_rows, d_gates):
+        plan = self.plan
+        layer_inputs = tf.concat([input_rows, h_prev_rows], axis=1)
+        inner = plan.matmul(layer_inputs, self.weight)  # [x, h] @ W1, recomputed rather than kept
+        d_factor_and_bias = plan.matmul(with_column(inner), d_gates, transpose_a=True)
+        d_inner = plan.matmul(d_gates, self.factor_t)
+        d_weight = plan.matmul(layer_inputs, d_inner, transpose_a=True)
+        return plan.matmul(d_inner, self.input_weight_t), (d_weight, d_factor_and_bias)
+
+    @staticmethod
+    def weight_gradients(summed):
+        d_weight, d_factor_and_bias = summed
+        return (d_weight, d_factor_and_bias[:-1]), d_factor_and_bias[-1]
+
+
+def to_groups(rows, groups):
+    """[n, groups * k] -> [groups, n, k]: group g's consecutive features."""
+    return tf.transpose(tf.reshape(rows, [tf.shape(rows)[0], groups, -1]), [1, 0, 2])
+
+
+def from_groups(grouped):
+    """[groups, n, k] -> [n, groups * k]: to_groups undone."""
+    return tf.reshape(tf.transpose(grouped, [1, 0, 2]), [tf.shape(grouped)[1], -1])
+
+
+def gates_from_groups(grouped):
+    """[groups, n, 4 * state / groups] (each group's i, j, f, o) -> [n, 4 * state] in the cell's
+    order: all i (group by group), then all j, f and o. Group g drives cells g * state / groups on."""
+    groups, size = grouped.shape[0], grouped.shape[2] // 4
+    split = tf.reshape(grouped, [groups, tf.shape(grouped)[1], 4, size])
+    return tf.reshape(tf.transpose(split, [1, 2, 0, 3]), [tf.shape(grouped)[1], 4 * groups * size])
+
+
+def gates_to_groups(gates, groups):
+    """gates_from_groups undone: [n, 4 * state] -> [groups, n, 4 * state / groups]."""
+    split = tf.reshape(gates, [tf.shape(gates)[0], 4, groups, -1])
+    return tf.reshape(tf.transpose(split, [2, 0, 1, 3]), [groups, tf.shape(gates)[0], -1])
+
+
+class GroupedGates:
+    """G-LSTM (Kuchaiev and Ginsburg 2017): the inputs x and h, and the cells, split into G
+    groups; group g's gates come from its own slices of x and h alone, through its own matrix
+    [(in + proj) / G, 4 * state / G] (LayerWeights.weight is [G, that]): 1/G of the gate
+    matrix's multiply-adds and parameters. The projection stays whole. As f-lm's GLSTMCell:
+    group g's slice of each of i, j, f, o is its columns in order."""
+
+    def __init__(self, plan, weights, in_size):
+        self.plan = plan
+        self.groups = weights.weight.shape[0]
+        group_in = in_size // self.groups
+        self.input_weight = plan.cast(weights.weight[:, :group_in])
+        self.recurrent_weight = plan.cast(weights.weight[:, group_in:])
+
+    def prepare_forward(self):
+        self.recurrent_forward = self.plan.step_weights.forward(self.recurrent_weight)
+
+    def prepare_backward(self):
+        self.recurrent_backward = self.plan.step_weights.backward(self.recurrent_weight)
+        self.input_weight_t = transposed(self.input_weight)
+
+    def input_gates(self, rows):
+        return gates_from_groups(self.plan.matmul(to_groups(rows, self.groups), self.input_weight))
+
+    def recurrent_gates(self, h):
+        return gates_from_groups(self.plan.step_matmul(to_groups(h, self.groups), self.recurrent_forward))
+
+    def d_recurrent(self, d_gates):
+        return from_groups(self.plan.step_matmul(gates_to_groups(d_gates, self.groups), self.recurrent_backward))
+
+    def chunk_gradients(self, input_rows, h_prev_rows, d_gates):
+        grouped_d_gates = gates_to_groups(d_gates, self.groups)
+        layer_inputs = tf.concat([to_groups(input_rows, self.groups), to_groups(h_prev_rows, self.groups),
+                                  tf.ones([self.groups, tf.shape(input_rows)[0], 1], input_rows.dtype)], axis=2)
+        d_weight_and_bias = self.plan.matmul(layer_inputs, grouped_d_gates, transpose_a=True)
+        return from_groups(self.plan.matmul(grouped_d_gates, self.input_weight_t)), (d_weight_and_bias,)
+
+    @staticmethod
+    def weight_gradients(summed):
+        (d_weight_and_bias,) = summed
+        return (d_weight_and_bias[:, :-1],), tf.reshape(gates_from_groups(d_weight_and_bias[:, -1:]), [-1])
+
+
+def gates_of(weights):
+    """The Gates class of a layer's LayerWeights, by the gate matrix's shape."""
+    if weights.factor is not None:
+        return FactoredGates
+    return GroupedGates if weights.weight.shape.rank == 3 else FullGates
+
+
 def lstmp_layer(input_chunks, state, weights, *, cell=ComposedCell, step_weights=StoredStepWeights,
                 compute_dtype=tf.float32):
     """One LSTM-with-projection layer over a window given in time chunks.
 
     input_chunks: [steps_k, batch, in] tensors, time-major, consecutive; state: the LSTMState
     before the window (the carried state of truncated BPTT: it gets no gradient); weights:
-    LayerWeights. Returns (output chunks [steps_k, batch, proj], the LSTMState after the last
-    step). A chunk's outputs are there once its steps are, so what reads them (the sampled
-    softmax, the next layer) can start on them beside the next chunk's steps.
+    LayerWeights, whose gate matrix says which LSTM (original, F-LSTM, G-LSTM: gates_of).
+    Returns (output chunks [steps_k, batch, proj], the LSTMState after the last step). A
+    chunk's outputs are there once its steps are, so what reads them (the sampled softmax, the
+    next layer) can start on them beside the next chunk's steps.
 
     Only the recurrent matmul and the projection run per step; the input half of the gates is
     one matmul per chunk, and so is every weight gradient in the backward, so that one chunk's
@@ -185,18 +355,25 @@ def lstmp_layer(input_chunks, state, weights, *, cell=ComposedCell, step_weights
     the step's arithmetic and the per-step weights are computed (ComposedCell and
     StoredStepWeights here, or cpu_kernels' FusedCell and TransposedStepWeights on the CPU):
     the results are the same."""
-    layer = _custom_gradient_layer(_Compute(tf.as_dtype(compute_dtype), cell, step_weights))
-    *output_chunks, c, h = layer(state.c, state.h, *weights, *input_chunks)
+    gates = gates_of(weights)
+    layer = _custom_gradient_layer(_Compute(tf.as_dtype(compute_dtype), cell, step_weights, gates))
+    factor = (weights.factor,) if gates is FactoredGates else ()
+    *output_chunks, c, h = layer(state.c, state.h, weights.weight, weights.bias, weights.projection, *factor,
+                                 *input_chunks)
     return output_chunks, LSTMState(c, h)
 
 
 @functools.lru_cache(maxsize=None)
 def _custom_gradient_layer(plan):
     """The custom-gradient layer of one _Compute (a custom gradient's arguments are tensors only)."""
+    factored = plan.gates is FactoredGates
 
     @tf.custom_gradient
-    def layer(c, h, weight, bias, projection, *input_chunks):
-        return _forward_and_backward(plan, input_chunks, LSTMState(c, h), LayerWeights(weight, bias, projection))
+    def layer(c, h, weight, bias, projection, *factor_and_input_chunks):
+        factor, input_chunks = ((factor_and_input_chunks[0], factor_and_input_chunks[1:]) if factored
+                                else (None, factor_and_input_chunks))
+        return _forward_and_backward(plan, input_chunks, LSTMState(c, h),
+                                     LayerWeights(weight, bias, projection, factor))
 
     return layer
 
@@ -204,10 +381,9 @@ def _custom_gradient_layer(plan):
 def _forward_and_backward(plan, input_chunks, state, weights):
     in_size = input_chunks[0].shape[2]
     batch = tf.shape(input_chunks[0])[1]
-    input_weight = plan.cast(weights.weight[:in_size])
-    recurrent_weight = plan.cast(weights.weight[in_size:])
+    gates = plan.gates(plan, weights, in_size)
     projection = plan.cast(weights.projection)
-    recurrent_forward = plan.step_weights.forward(recurrent_weight)
+    gates.prepare_forward()
     projection_forward = plan.step_weights.forward(projection)
     chunks, start = [], 0  # each chunk's range of steps
     for chunk_inputs in input_chunks:
@@ -217,7 +393,7 @@ def _forward_and_backward(plan, input_chunks, state, weights):
     chunk_rows = [tf.reshape(chunk_inputs, [-1, in_size]) for chunk_inputs in input_chunks]
     # A window per chunk: the recurrence starts once the first chunk's input gates are there,
     # and the later chunks' matmuls run beside its per-step matmuls.
-    windows = [plan.cell.window(tf.reshape(plan.matmul(rows, input_weight) + weights.bias, [len(chunk), batch, -1]))
+    windows = [plan.cell.window(tf.reshape(gates.input_gates(rows) + weights.bias, [len(chunk), batch, -1]))
                for rows, chunk in zip(chunk_rows, chunks)]
     c, h = state
     c_prev, h_prev, tanh_cs, memories, outputs = [], [], [], [], []
@@ -225,8 +401,7 @@ def _forward_and_backward(plan, input_chunks, state, weights):
         for t in chunk:
             c_prev.append(c)
             h_prev.append(h)
-            c, memory, tanh_c, windows[k] = plan.cell.forward(
-                windows[k], plan.step_matmul(h, recurrent_forward), c, t - chunk.start)
+            c, memory, tanh_c, windows[k] = plan.cell.forward(windows[k], gates.recurrent_gates(h), c, t - chunk.start)
             h = plan.step_matmul(memory, projection_forward)
             tanh_cs.append(tanh_c)
             memories.append(memory)
@@ -242,10 +417,9 @@ def _forward_and_backward(plan, input_chunks, state, weights):
         with tf.control_dependencies([d_output_chunks[-1]]):
             d_c = _or_zeros(d_c_last, c)
             d_h_next = _or_zeros(d_h_last, h)
-            input_weight_t = transposed(input_weight)
+            gates.prepare_backward()
             projection_backward = plan.step_weights.backward(projection)
-            recurrent_backward = plan.step_weights.backward(recurrent_weight)
-        d_hs, d_input_chunks, d_weight_and_bias = [None] * steps, [None] * len(chunks), None
+        d_hs, d_input_chunks, d_summed = [None] * steps, [None] * len(chunks), None
         for k in reversed(range(len(chunks))):
             chunk = chunks[k]
             d_outputs = tf.unstack(_or_zeros(d_output_chunks[k], output_chunks[k]))
@@ -257,21 +431,22 @@ def _forward_and_backward(plan, input_chunks, state, weights):
                         windows[k], tanh_cs[t], c_prev[t], d_c, plan.step_matmul(d_h, projection_backward),
                         t - chunk.start)
                 if t > 0:  # the incoming state gets no gradient
-                    d_h_next = plan.step_matmul(d_gates, recurrent_backward)
+                    d_h_next = gates.d_recurrent(d_gates)
             # The chunk's weight gradients once its gate gradients are all there: beside the
             # earlier chunks' per-step matmuls.
             chunk_d_gates = plan.cell.window_rows(windows[k])
             with tf.control_dependencies([chunk_d_gates]):
-                layer_inputs = with_column(tf.concat([chunk_rows[k], _rows(h_prev[chunk.start:chunk.stop])], axis=1))
-                chunk_d_weight_and_bias = plan.matmul(layer_inputs, chunk_d_gates, transpose_a=True)
-                d_input_chunks[k] = tf.reshape(plan.matmul(chunk_d_gates, input_weight_t), tf.shape(input_chunks[k]))
-            d_weight_and_bias = (chunk_d_weight_and_bias if d_weight_and_bias is None
-                                 else d_weight_and_bias + chunk_d_weight_and_bias)
+                d_rows, chunk_d_weights = gates.chunk_gradients(
+                    chunk_rows[k], _rows(h_prev[chunk.start:chunk.stop]), chunk_d_gates)
+                d_input_chunks[k] = tf.reshape(d_rows, tf.shape(input_chunks[k]))
+            d_summed = (chunk_d_weights if d_summed is None
+                        else tuple(total + part for total, part in zip(d_summed, chunk_d_weights)))
         # Computed as its transpose [proj, state], then transposed: oneDNN's transposed-A
         # product is faster with the wide matrix as the output's columns.
         d_projection = tf.transpose(plan.matmul(_rows(d_hs), _rows(memories), transpose_a=True))
-        return (tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight_and_bias[:-1], d_weight_and_bias[-1],
-                d_projection, *d_input_chunks)
+        (d_weight, *d_factor), d_bias = gates.weight_gradients(d_summed)
+        return (tf.zeros_like(c_prev[0]), tf.zeros_like(h_prev[0]), d_weight, d_bias, d_projection, *d_factor,
+                *d_input_chunks)
 
     return (*output_chunks, c, h), backward
 

@@ -217,6 +217,9 @@ class Run:
             best = self.checkpoints.save_if_best(point, value)
         self.log(f"step {point.step} | heldout perplexity {value:.2f} over {words} words"
                  f"{' (best so far)' if best else ''}")
+        decayed = self.trainer.lr_schedule.after_evaluation(value)
+        if decayed:
+            self.log(f"step {point.step} | {decayed}")
         return value
 
     def finish(self, point, reason):
@@ -272,7 +275,8 @@ def train_steps(r, config, point, commit=None):
         # report
         progress.add(stats)
         if summary_every.due(point.step):
-            r.summaries.training(point.step, stats, progress.words_per_sec(), r.model, distributed.size())
+            r.summaries.training(point.step, stats, progress.words_per_sec(), r.model, distributed.size(),
+                                 r.trainer.lr_schedule.learning_rate)
         if log_every.due(point.step):
             r.report_progress(progress, point.step)
 

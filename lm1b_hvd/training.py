@@ -9,6 +9,7 @@ summed before Adagrad sees them, since Adagrad squares what it is given.
 """
 import contextlib
 import dataclasses
+import math
 
 import tensorflow as tf
 
@@ -29,6 +30,14 @@ def scale(gradient, factor):
     if isinstance(gradient, tf.IndexedSlices):
         return tf.IndexedSlices(gradient.values * factor, gradient.indices, gradient.dense_shape)
     return gradient * factor
+
+
+def scale_gradient(values, factor):
+    """`values` forward; their gradient times `factor` backward."""
+    @tf.custom_gradient
+    def identity(tensor):
+        return tf.identity(tensor), lambda d_tensor: d_tensor * factor
+    return identity(values)
 
 
 class ExponentialMovingAverage:
@@ -120,6 +129,47 @@ class _TableSlots:
         return self._by_variable.get(variable.ref())
 
 
+class PlateauDecay:
+    """The learning rate times `decay` whenever `patience` heldout evaluations in a row bring no
+    new best perplexity (ReduceLROnPlateau's rule, for the corpora where a model overfits before
+    the run ends). Every rank sees the same perplexities, so every rank decays at the same step.
+    The rate is the optimizer's variable, checkpointed with it; the best and the count are the
+    run position's (RunCheckpoints), so a resumed run decays where the unbroken one would."""
+
+    def __init__(self, optimizer, decay, patience):
+        self.optimizer, self.decay, self.patience = optimizer, decay, patience
+        self.best = math.inf
+        self.evaluations_without_best = 0
+
+    @property
+    def learning_rate(self):
+        return float(self.optimizer.learning_rate.numpy())
+
+    def after_evaluation(self, perplexity):
+        """Counts the evaluation; when the rate decays, the line that says so, else None."""
+        if perplexity < self.best:
+            self.best, self.evaluations_without_best = perplexity, 0
+            return None
+        self.evaluations_without_best += 1
+        if self.decay >= 1.0 or self.evaluations_without_best < self.patience:
+            return None
+        before = self.learning_rate
+        self.optimizer.learning_rate.assign(before * self.decay)
+        self.evaluations_without_best = 0
+        return (f"learning rate {before:.4g} -> {self.learning_rate:.4g} (lr_decay): no better heldout perplexity "
+                f"than {self.best:.2f} in {self.patience} evaluation(s)")
+
+    def state(self):
+        return {"best": None if math.isinf(self.best) else self.best,
+                "evaluations_without_best": self.evaluations_without_best}
+
+    def load(self, state):
+        """What state() gave, or None (a checkpoint from before the schedule: nothing counted)."""
+        state = state or {}
+        self.best = math.inf if state.get("best") is None else float(state["best"])
+        self.evaluations_without_best = int(state.get("evaluations_without_best", 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Votes:
     """What a rank asks of this step. Summed over ranks with the step's statistics (StepStats
@@ -183,6 +233,7 @@ class Trainer:
         self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
                             if hps.precision == "fp16" else None)
         self.ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
+        self.lr_schedule = PlateauDecay(self.optimizer, hps.lr_decay, hps.lr_patience)
         # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
         # backward. Gathers from the shards, candidate sampling and the exchange stay outside.
         self._token_losses_fn = (tf.function(self._token_losses, jit_compile=True) if hps.xla
@@ -244,7 +295,10 @@ class Trainer:
         seed = self.step_seed()
         with tf.GradientTape() as tape:
             softmax_rows = model.softmax_rows(y, seed, traffic) if model.uses_sampled_softmax() else None
-            token_losses, new_state = self._token_losses_fn(model.embed(x, traffic), state, softmax_rows, y, w, seed)
+            embedded = model.embed(x, traffic, seed)
+            if model.tied:  # the original's x batch_size on the embedding's gradient, its own path only
+                embedded = scale_gradient(embedded, float(hps.batch_size))
+            token_losses, new_state = self._token_losses_fn(embedded, state, softmax_rows, y, w, seed)
             loss = tf.reduce_sum(token_losses) / hps.batch_size
             if self.loss_scaler:
                 loss = self.loss_scaler.get_scaled_loss(loss)
@@ -276,7 +330,8 @@ class Trainer:
         if exchange and hps.grad_combine == "rank_clip":
             gradients = [sum_duplicates(g) for g in distributed.combine_gradients(
                 gradients, hps, traffic, exchange_sparse=not model.vocab_parallel)]
-        embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
+        # Tied, the embedding's own path was scaled in _gradients, the softmax's is not.
+        embedding = gradients[:n_emb] if model.tied else [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
         stats = dict(loss_sum=tf.reduce_sum(token_losses), words=tf.reduce_sum(w), lstm_norm=lstm_norm,

@@ -79,6 +79,123 @@ def test_forward_and_weight_and_input_gradients_match_autodiff(step_weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11, err_msg=name)
 
 
+def reference_cell_layer(inputs, c, h, gates_of_xh, bias, projection):
+    """The textbook LSTMP loop with the gate pre-activations of [x, h] given by `gates_of_xh`."""
+    outputs = []
+    for t in range(inputs.shape[0]):
+        i, j, f, o = tf.split(gates_of_xh(inputs[t], h) + bias, 4, axis=1)
+        c = tf.sigmoid(f + FORGET_BIAS) * c + tf.sigmoid(i) * tf.tanh(j)
+        h = tf.matmul(tf.sigmoid(o) * tf.tanh(c), projection)
+        outputs.append(h)
+    return tf.stack(outputs), c, h
+
+
+def reference_factored_layer(inputs, c, h, weight, factor, bias, projection):
+    """f-lm's FLSTMCell: gates = ([x, h] @ W1) @ W2, the bias on the second product."""
+    return reference_cell_layer(inputs, c, h, lambda x, h_: tf.matmul(tf.matmul(tf.concat([x, h_], 1), weight), factor),
+                                bias, projection)
+
+
+def reference_grouped_layer(inputs, c, h, weight, bias, projection):
+    """f-lm's GLSTMCell: group g multiplies [its slice of x, its slice of h] by its own matrix
+    into 4 * state / G pre-activations, split into its i, j, f, o; each gate is the groups'
+    parts concatenated."""
+    groups = weight.shape[0]
+
+    def gates(x, h_):
+        parts = [[], [], [], []]
+        for g in range(groups):
+            x_g = tf.split(x, groups, axis=1)[g]
+            h_g = tf.split(h_, groups, axis=1)[g]
+            for gate, part in zip(parts, tf.split(tf.matmul(tf.concat([x_g, h_g], 1), weight[g]), 4, axis=1)):
+                gate.append(part)
+        return tf.concat([tf.concat(gate, axis=1) for gate in parts], axis=1)
+
+    return reference_cell_layer(inputs, c, h, gates, bias, projection)
+
+
+GROUPS, FACTOR = 2, 3
+
+
+def factored_and_grouped_arguments(seed, kind):
+    """float64 arguments of the F-LSTM (inputs, c, h, W1, W2, bias, projection) or G-LSTM layer
+    (inputs, c, h, W [G, ...], bias, projection), with sizes the groups divide."""
+    rng = np.random.default_rng(seed)
+    inputs, state, proj = 4, 6, 2
+    gate_shapes = ([(inputs + proj, FACTOR), (FACTOR, 4 * state)] if kind == "factored"
+                   else [(GROUPS, (inputs + proj) // GROUPS, 4 * state // GROUPS)])
+    shapes = [(STEPS, BATCH, inputs), (BATCH, state), (BATCH, proj), *gate_shapes, (4 * state,), (state, proj)]
+    return [tf.constant(rng.normal(size=shape)) for shape in shapes]
+
+
+def factored_or_grouped_layer(kind, cell=ops.ComposedCell, step_weights=ops.StoredStepWeights, chunks=2):
+    """ops.lstmp_layer with the reference layer's arguments and results."""
+    def layer(inputs, c, h, weight, *rest):
+        factor, bias, projection = rest if kind == "factored" else (None, *rest)
+        output_chunks, state = ops.lstmp_layer(ops.time_chunks(inputs, chunks), ops.LSTMState(c, h),
+                                               ops.LayerWeights(weight, bias, projection, factor), cell=cell,
+                                               step_weights=step_weights)
+        return tf.concat(output_chunks, axis=0), state.c, state.h
+    return layer
+
+
+REFERENCES = {"factored": reference_factored_layer, "grouped": reference_grouped_layer}
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCES))
+@pytest.mark.parametrize("step_weights", sorted(STEP_WEIGHTS))
+def test_f_lstm_and_g_lstm_match_autodiff_of_f_lms_cells(kind, step_weights):
+    """F-LSTM (lstm_factor) and G-LSTM (lstm_groups): the forward and every gradient as autodiff
+    of f-lm's FLSTMCell and GLSTMCell with a projection, in float64."""
+    arguments = factored_and_grouped_arguments(6, kind)
+    expected, expected_grads = outputs_and_gradients(REFERENCES[kind], arguments, True)
+    layer = factored_or_grouped_layer(kind, step_weights=STEP_WEIGHTS[step_weights])
+    got, got_grads = outputs_and_gradients(layer, arguments, True)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+    names = ["inputs", "c", "h", *(["weight", "factor"] if kind == "factored" else ["weight"]), "bias", "projection"]
+    for name, a, b in zip(names, got_grads, expected_grads):
+        if name in ("c", "h"):
+            assert not np.any(a.numpy()), name
+        else:
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11, err_msg=f"{kind}: {name}")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind", sorted(REFERENCES))
+def test_f_lstm_and_g_lstm_on_the_cpu_kernels_match_autodiff(kind):
+    arguments = factored_and_grouped_arguments(7, kind)
+    expected, expected_grads = outputs_and_gradients(REFERENCES[kind], arguments, True)
+    layer = factored_or_grouped_layer(kind, cell=cpu_kernels.FusedCell, step_weights=cpu_kernels.TransposedStepWeights)
+    got, got_grads = outputs_and_gradients(layer, [tf.cast(a, tf.float32) for a in arguments], True)
+    trained = [index for index in range(len(arguments)) if index not in (1, 2)]  # not the carried c and h
+    for a, b in zip([*got, *(got_grads[i] for i in trained)], [*expected, *(expected_grads[i] for i in trained)]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5)
+
+
+def test_one_group_is_the_original_lstm():
+    """G-LSTM with G = 1 is the original cell: the same outputs and gradients."""
+    arguments = random_arguments(8)
+    grouped = [*arguments[:3], arguments[3][None], *arguments[4:]]
+    expected, expected_grads = outputs_and_gradients(lstmp_layer, arguments, True)
+    got, got_grads = outputs_and_gradients(factored_or_grouped_layer("grouped"), grouped, True)
+    got_grads[3] = got_grads[3][0]
+    for a, b in zip([*got, *got_grads], [*expected, *expected_grads]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCES))
+def test_the_serving_step_of_f_lstm_and_g_lstm_is_the_layers_forward(kind):
+    inputs, c, h, weight, *rest = factored_and_grouped_arguments(9, kind)
+    factor, bias, projection = rest if kind == "factored" else (None, *rest)
+    expected, expected_c, _ = factored_or_grouped_layer(kind)(inputs, c, h, weight, *rest)
+    state, weights = ops.LSTMState(c, h), ops.LayerWeights(weight, bias, projection, factor)
+    for t in range(STEPS):
+        state = ops.lstmp_step(inputs[t], state, weights)
+        np.testing.assert_allclose(state.h.numpy(), expected[t].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(state.c.numpy(), expected_c.numpy(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cell", [ops.ComposedCell, pytest.param(cpu_kernels.FusedCell, marks=needs_cpu_kernels)])
 @pytest.mark.parametrize("time_chunks", [1, 3, STEPS])
 def test_any_number_of_time_chunks_gives_the_same_layer(cell, time_chunks):
