@@ -19,6 +19,7 @@ Examples:
   horovodrun -np 2 python -m lm1b_hvd.bench --no_exchange # the same two processes, no allreduce
   horovodrun -np 4 python -m lm1b_hvd.bench --preset small --vocab 200000 --hpconfig vocab_parallel=true
   python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
+  horovodrun -np 2 python -m lm1b_hvd.bench --preset big_g4 --vocab 20000 --hpconfig batch_size=8 --steps 2
 """
 import math
 import resource
@@ -31,11 +32,12 @@ import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd import console, devices, distributed, hparams
-from lm1b_hvd.model import LSTMPLanguageModel, training_flops_per_word
+from lm1b_hvd.model import LSTMPLanguageModel, parameter_count, table_bytes_per_row, training_flops_per_word
 from lm1b_hvd.training import Trainer
 
-# The real lm1b vocabulary (words seen at least 3 times), and the demo corpus's.
-VOCAB_SIZES = {"default": 793_470, "small": 793_470, "demo": 2_002}
+# The real lm1b vocabulary (words seen at least 3 times), every preset's default but the demo's.
+LM1B_VOCAB = 793_470
+VOCAB_SIZES = {"demo": 2_002}
 PEAK_SIZE = 2048
 PEAK_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 PEAK_RUNS = 2  # matmuls timed before and after each block
@@ -114,7 +116,8 @@ def parse_args(argv):
     parser.add_argument("--preset", default="default", choices=sorted(hparams.PRESETS), help="hparams preset")
     parser.add_argument("--hpconfig", default="", help="overrides, e.g. precision=bf16,xla=true")
     parser.add_argument("--vocab", type=int, default=0,
-                        help="vocabulary size; default: 793,470 (real lm1b), 2,002 for demo")
+                        help="vocabulary size; default: 793,470 (real lm1b), 2,002 for demo; a smaller one given "
+                             "here: parameters and peak memory also projected to 793,470")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing, allocation)")
     parser.add_argument("--no_exchange", action="store_true",
@@ -140,7 +143,7 @@ def bench(args):
     if hps.vocab_parallel and args.no_exchange:
         raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
                                 "the ranks that own them")
-    vocab_size = args.vocab or VOCAB_SIZES[args.preset]
+    vocab_size = args.vocab or VOCAB_SIZES.get(args.preset, LM1B_VOCAB)
     rank, size = distributed.rank(), distributed.size()
     say = console.say if rank == 0 else (lambda text: None)
     say(f"bench: preset {args.preset}, {size} rank(s), vocabulary {vocab_size:,}, "
@@ -172,11 +175,13 @@ def bench(args):
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
-    report_figures(blocks, hps, vocab_size, exchange=size > 1 and not args.no_exchange, say=say)
+    report_figures(blocks, hps, vocab_size, exchange=size > 1 and not args.no_exchange, say=say,
+                   reduced_vocab=0 < args.vocab < LM1B_VOCAB)
 
 
-def report_figures(blocks, hps, vocab_size, exchange, say):
-    """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls it)."""
+def report_figures(blocks, hps, vocab_size, exchange, say, reduced_vocab=False):
+    """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls
+    it); with `reduced_vocab`, the parameters and peak memory at the real vocabulary too."""
     size = distributed.size()
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
@@ -194,6 +199,12 @@ def report_figures(blocks, hps, vocab_size, exchange, say):
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")
     say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")
+    for vocab in [vocab_size] + ([LM1B_VOCAB] if reduced_vocab else []):
+        count = parameter_count(hps, vocab)
+        say(f"parameters at vocabulary {vocab:,}: {count.total / 1e6:,.1f} M (LSTM {count.lstm / 1e6:,.1f} M, "
+            f"embedding {count.embedding / 1e6:,.1f} M, softmax {count.softmax / 1e6:,.1f} M"
+            f"{', tied to the embedding' if hps.tie_embeddings else ''})"
+            + ("" if vocab == vocab_size else ", not built here"))
     say(f"achieved: {achieved / 1e9:,.1f} GFLOP/s | matmul peak ({hps.precision} {PEAK_SIZE}^3, "
         f"measured around each block of steps): median {statistics.median(block_peaks) / 1e9:,.1f}, "
         f"best {max(block_peaks) / 1e9:,.1f} GFLOP/s over {size} rank(s)")
@@ -211,6 +222,20 @@ def report_figures(blocks, hps, vocab_size, exchange, say):
             say(f"summing duplicate rows before the exchange saved {saved / 1e6:,.2f} MB per rank per step")
     memory = distributed.gather_numbers([peak_memory_bytes()])
     say("peak memory per rank: " + ", ".join(f"{m / 2 ** 30:.2f} GiB" for m in memory))
+    if reduced_vocab:
+        say(projected_memory_line(hps, vocab_size, max(memory), size))
+
+
+def projected_memory_line(hps, vocab_size, peak, ranks):
+    """The largest rank's peak projected to the real vocabulary: what grows with the vocabulary
+    is the rows a rank holds (all of them replicated, 1/ranks vocabulary-parallel), each
+    table_bytes_per_row; the step's gathered rows and the LSTM do not grow with it."""
+    holders = ranks if hps.vocab_parallel else 1
+    per_row = table_bytes_per_row(hps) / holders
+    projected = peak + (LM1B_VOCAB - vocab_size) * per_row
+    return (f"projected to vocabulary {LM1B_VOCAB:,}: {projected / 2 ** 30:.2f} GiB per rank (the largest peak "
+            f"here + {LM1B_VOCAB - vocab_size:,} rows x {per_row:,.0f} bytes held per rank: "
+            f"{'1/' + str(ranks) + ' of ' if holders > 1 else ''}the tables and their Adagrad accumulators)")
 
 
 if __name__ == "__main__":

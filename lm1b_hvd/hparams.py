@@ -76,6 +76,17 @@ PRESETS = {
         projected_size=64, num_sampled=512, keep_prob=1.0, learning_rate=0.2,
         ema_decay=0.99,
     ),
+    # The paper's BIG LSTM (2 x LSTM-8192-1024, ~1.8B parameters with the lm1b vocabulary, 50%
+    # dropout), with f-lm's batch and clip; and f-lm's BIGLSTM as F-LSTM F512 and G-LSTM G4.
+    "big": HParams(
+        batch_size=256, num_layers=2, emb_size=1024, state_size=8192, projected_size=1024, keep_prob=0.5,
+        max_grad_norm=1.0),
+    "big_f512": HParams(
+        batch_size=256, num_layers=2, emb_size=1024, state_size=8192, projected_size=1024, keep_prob=0.9,
+        max_grad_norm=1.0, lstm_factor=512),
+    "big_g4": HParams(
+        batch_size=256, num_layers=2, emb_size=1024, state_size=8192, projected_size=1024, keep_prob=0.9,
+        max_grad_norm=1.0, lstm_groups=4),
     # For corpora of about a million words, where the default overfits at once.
     "small": HParams(
         batch_size=32, num_steps=20, num_shards=2, emb_size=256, state_size=512,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm1b_hvd import hparams
-from lm1b_hvd.model import training_flops_per_word
+from lm1b_hvd.model import parameter_count, table_bytes_per_row, training_flops_per_word
 from tests.conftest import run
 from tests.test_multiprocess import horovodrun
 
@@ -21,6 +21,23 @@ def test_flops_per_word_of_the_original_model():
     forward = (512 + 512) * 4 * 2048 + 2048 * 512 + (8192 + 1) * 512
     assert training_flops_per_word(hps, 793_470) == 6 * forward == pytest.approx(81.8e6, rel=1e-3)
     assert training_flops_per_word(hps.replace(num_sampled=0), 1000) == 6 * (forward - 8193 * 512 + 1000 * 512)
+
+
+def test_big_lstm_has_the_papers_parameters_and_the_factorisations_cut_the_lstm():
+    """BIG LSTM: ~1.8B parameters at the lm1b vocabulary (Jozefowicz et al.); F512 and G4 cut
+    the gate matrices' parameters and FLOPs to (in + proj + 4 state) x 512 and 1/4."""
+    big, f512, g4 = (hparams.build(name) for name in ("big", "big_f512", "big_g4"))
+    count = parameter_count(big, 793_470)
+    assert count.total == pytest.approx(1.8e9, rel=0.02)
+    gates = 2 * (1024 + 1024) * 4 * 8192  # two layers' [in + proj, 4 state]
+    assert parameter_count(f512, 793_470).lstm == count.lstm - gates + 2 * (2048 * 512 + 512 * 4 * 8192)
+    assert parameter_count(g4, 793_470).lstm == count.lstm - gates + gates // 4
+    rest = 2 * 8192 * 1024 + (8192 + 1) * 1024  # projections and the sampled softmax, per word
+    assert training_flops_per_word(big, 793_470) == 6 * (gates + rest)
+    assert training_flops_per_word(f512, 793_470) == 6 * (2 * (2048 * 512 + 512 * 4 * 8192) + rest)
+    assert training_flops_per_word(g4, 793_470) == 6 * (gates // 4 + rest)
+    tied = parameter_count(hparams.build("small", "tie_embeddings=true"), 1000)
+    assert tied.softmax == 1000 and table_bytes_per_row(hparams.build("small", "tie_embeddings=true")) == 8 * 257
 
 
 class Figures(typing.NamedTuple):
@@ -46,7 +63,8 @@ def figures(stdout):
     mfu, blocks, steps_per_block, block_mfu = re.search(
         r"MFU: ([\d.]+)% \(median over (\d+) block\(s\) of (\d+) step\(s\), each against the peak measured "
         r"around it: ([\d. ]+)\)", stdout).groups()
-    memory = [float(m) for m in re.findall(r"([\d.]+) GiB", stdout.split("peak memory per rank:")[1])]
+    memory_line = stdout.split("peak memory per rank:")[1].split("\n")[0]
+    memory = [float(m) for m in re.findall(r"([\d.]+) GiB", memory_line)]
     return Figures(step_ms, words, achieved, peak, best_peak, float(mfu), [float(m) for m in block_mfu.split()],
                    int(blocks), int(steps_per_block), memory)
 
@@ -97,6 +115,23 @@ def test_two_ranks_report_the_exchange_and_every_rank_memory(exchange):
     assert 0.01 < sent < 0.5 and received == pytest.approx(sent, rel=0.5)
     assert "alltoall" not in moved, "the replicated vocabulary moves no rows by alltoall"
     assert re.search(r"summing duplicate rows before the exchange saved [\d.]+ MB per rank per step", result.stdout)
+
+
+# G-LSTM G2 of the same shapes: the gate matrix halves, the bias and projection stay.
+GROUPED_DENSE_MB = ((32 + 32) * 4 * 64 // 2 + 4 * 64 + 64 * 32) * 4 / 1e6
+
+
+def test_g_lstm_allreduces_its_smaller_gradients_and_memory_is_projected_to_lm1b():
+    result = horovodrun(["-m", "lm1b_hvd.bench", *TINY[:3], TINY[3] + ",lstm_groups=2", *TINY[4:]])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert traffic(result.stdout)["allreduce"] == pytest.approx((GROUPED_DENSE_MB, GROUPED_DENSE_MB), abs=0.006)
+    hps = hparams.build("demo", TINY[3] + ",lstm_groups=2")
+    for vocab in (500, 793_470):
+        count = parameter_count(hps, vocab)
+        assert f"parameters at vocabulary {vocab:,}: {count.total / 1e6:,.1f} M" in result.stdout
+    peak = max(figures(result.stdout).memory)
+    projected = float(re.search(r"projected to vocabulary 793,470: ([\d.]+) GiB per rank", result.stdout).group(1))
+    assert projected == pytest.approx(peak + 792_970 * table_bytes_per_row(hps) / 2 ** 30, abs=0.011)
 
 
 def test_the_tapes_exchange_is_counted_as_the_original_update_s():

@@ -105,7 +105,8 @@ def trainer_gradients(hps):
     _, _, gradients = trainer._gradients(x, y, w, model.zero_state(hps.batch_size), distributed.Traffic())
     names = (["embedding"] + [f"weight{k}" for k in range(hps.num_layers)]
              + [f"factor{k}" for k in range(len(model.lstm_factors))] + [f"bias{k}" for k in range(hps.num_layers)]
-             + [f"projection{k}" for k in range(hps.num_layers)] + ([] if model.tied else ["softmax_w"]) + ["softmax_b"])
+             + [f"projection{k}" for k in range(hps.num_layers)] + ([] if model.tied else ["softmax_w"])
+             + ["softmax_b"])
     values = {name: variable.numpy() for name, variable in zip(names, model.all_variables)}
     got = {name: dense(g) for name, g in zip(names, gradients)}
     return trainer, got, values, trainer.step_seed()

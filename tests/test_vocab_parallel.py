@@ -17,12 +17,17 @@ from tests.workers import vocab_parallel as worker
 STEPS = 30
 
 
-@pytest.mark.parametrize("ranks, grad_combine", [(2, "rank_clip"), (2, "tape"), (4, "rank_clip"), (4, "tape")])
-def test_sharded_vocabulary_gives_the_replicated_update(tmp_path, ranks, grad_combine):
-    result = horovodrun(["-m", "tests.workers.vocab_parallel", str(tmp_path), grad_combine, str(STEPS)], np_=ranks,
-                        timeout=900)
+# Tied embeddings: the softmax's rows are the embedding's, fetched from and sent back to one owner.
+TIED = "tie_embeddings=true,emb_size=6,emb_keep_prob=0.7,variational_dropout=true,recurrent_keep_prob=0.8"
+
+
+@pytest.mark.parametrize("ranks, grad_combine, overrides", [
+    (2, "rank_clip", ""), (2, "tape", ""), (4, "rank_clip", ""), (4, "tape", ""), (2, "rank_clip", TIED)])
+def test_sharded_vocabulary_gives_the_replicated_update(tmp_path, ranks, grad_combine, overrides):
+    result = horovodrun(["-m", "tests.workers.vocab_parallel", str(tmp_path), grad_combine, str(STEPS), overrides],
+                        np_=ranks, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    covered = {name: [] for name in ("emb", "softmax_w", "softmax_b")}
+    covered = {name: [] for name in (("emb", "softmax_b") if overrides else ("emb", "softmax_w", "softmax_b"))}
     for rank in range(ranks):
         replicated, sharded = (np.load(tmp_path / f"{kind}{rank}.npz") for kind in ("replicated", "sharded"))
         for name in replicated.files:

@@ -2,7 +2,7 @@
 the ranks (vocab_parallel), from the same seeds on the same data; each rank saves what it holds.
 
 Shared with tests/test_vocab_parallel.py, which checks that every variable agrees.
-Usage: python -m tests.workers.vocab_parallel OUTDIR GRAD_COMBINE STEPS
+Usage: python -m tests.workers.vocab_parallel OUTDIR GRAD_COMBINE STEPS [HPCONFIG]
 """
 import sys
 
@@ -55,9 +55,9 @@ def held(trainer):
     return values
 
 
-def main(outdir, grad_combine, steps):
+def main(outdir, grad_combine, steps, overrides=""):
     distributed.init()
-    hps = HPS.replace(grad_combine=grad_combine)
+    hps = hparams.parse_overrides(HPS.replace(grad_combine=grad_combine), overrides)
     replicated = held(train(hps, None, steps))
     sharded = held(train(hps.replace(vocab_parallel=True), distributed.VocabExchange(VOCAB), steps))
     rank = distributed.rank()
@@ -66,4 +66,4 @@ def main(outdir, grad_combine, steps):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
