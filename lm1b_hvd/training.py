@@ -32,14 +32,6 @@ def scale(gradient, factor):
     return gradient * factor
 
 
-def scale_gradient(values, factor):
-    """`values` forward; their gradient times `factor` backward."""
-    @tf.custom_gradient
-    def identity(tensor):
-        return tf.identity(tensor), lambda d_tensor: d_tensor * factor
-    return identity(values)
-
-
 class ExponentialMovingAverage:
     """Shadow copies of some variables, moved towards them after each step (constant decay)."""
 
@@ -296,8 +288,6 @@ class Trainer:
         with tf.GradientTape() as tape:
             softmax_rows = model.softmax_rows(y, seed, traffic) if model.uses_sampled_softmax() else None
             embedded = model.embed(x, traffic, seed)
-            if model.tied:  # the original's x batch_size on the embedding's gradient, its own path only
-                embedded = scale_gradient(embedded, float(hps.batch_size))
             token_losses, new_state = self._token_losses_fn(embedded, state, softmax_rows, y, w, seed)
             loss = tf.reduce_sum(token_losses) / hps.batch_size
             if self.loss_scaler:
@@ -330,8 +320,8 @@ class Trainer:
         if exchange and hps.grad_combine == "rank_clip":
             gradients = [sum_duplicates(g) for g in distributed.combine_gradients(
                 gradients, hps, traffic, exchange_sparse=not model.vocab_parallel)]
-        # Tied, the embedding's own path was scaled in _gradients, the softmax's is not.
-        embedding = gradients[:n_emb] if model.tied else [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
+        # Tied, the table's whole gradient (its rows as inputs and as the softmax's) takes the x batch_size.
+        embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (self.loss_scaler or self.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
         self.ema.update()
         stats = dict(loss_sum=tf.reduce_sum(token_losses), words=tf.reduce_sum(w), lstm_norm=lstm_norm,

@@ -96,8 +96,8 @@ def dense(gradient):
 
 
 def trainer_gradients(hps):
-    """{name: gradient} of one training step of the model (scaled as the step applies them, but
-    before the clip), and the model's initial values under the same names."""
+    """{name: gradient} of one training step of the model (before the step's scaling and clip),
+    and the model's initial values under the same names."""
     distributed.init()
     trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
     model = trainer.model
@@ -139,9 +139,7 @@ def test_a_training_steps_gradients_are_autodiff_of_the_textbook_model(case, ker
         tape.watch(list(params.values()))
         loss = textbook_loss(hps, params, x, y, w, seed, trainer.model.word_keep_scale(seed))
     expected = dict(zip(params, tape.gradient(loss, list(params.values()))))
-    # The original's x batch_size on the embedding's gradient; tied, on its input path alone.
-    embedding_in = dense(expected.pop("embedding_in")) * (hps.batch_size if trainer.model.tied else 1)
-    embedding_out = dense(expected.pop("embedding_out"))
+    embedding_in, embedding_out = dense(expected.pop("embedding_in")), dense(expected.pop("embedding_out"))
     if trainer.model.tied:
         expected["embedding"] = embedding_in + embedding_out
     else:
