@@ -49,3 +49,12 @@ def test_speed_options_are_off_by_default_and_typed():
         "fp32", False, "rank_clip", False, False)
     hps = hparams.build("default", "precision=bf16,xla=true,grad_combine=tape,fp16_allreduce=true")
     assert (hps.precision, hps.xla, hps.grad_combine, hps.fp16_allreduce) == ("bf16", True, "tape", True)
+
+
+def test_every_preset_is_valid_and_default_keeps_the_successors_options_off():
+    for name, preset in hparams.PRESETS.items():
+        assert hparams.validate(preset) == preset, name
+    default = hparams.build("default")
+    assert (default.lstm_factor, default.lstm_groups, default.tie_embeddings, default.variational_dropout,
+            default.emb_keep_prob, default.recurrent_keep_prob, default.lr_decay) == (0, 1, False, False, 1.0, 1.0, 1.0)
+    assert hparams.build("big_f512").lstm_factor == 512 and hparams.build("big_g4").lstm_groups == 4
