@@ -3,7 +3,7 @@ preset, seeds, data, ranks and --max_time, each row one option added to the base
 `corpus` recipe, all of them together), then a markdown table of the best heldout perplexity,
 its step, and the steps the run made in its time.
 
-  .venv/bin/python scripts/compare_options.py --datadir ../shared/data/lm1b-sample --minutes 15 \\
+  .venv/bin/python scripts/compare_options.py --datadir SAMPLE --minutes 15 \\
       --workdir runs/options > docs/options_table.md
 
 Each run is `horovodrun -np NP python -m lm1b_hvd.train --preset P --hpconfig ROW --max_time
