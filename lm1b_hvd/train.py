@@ -8,6 +8,7 @@ again to continue. Rank 0 alone prints, writes summaries and saves checkpoints.
 Examples:
   horovodrun -np 2 python -m lm1b_hvd.train
   horovodrun -np 8 python -m lm1b_hvd.train --datadir /data/lm1b --logdir runs/lstm-2048-512 --eval_every 5000
+  horovodrun -np 2 python -m lm1b_hvd.train --datadir my_corpus --preset corpus --max_time 900 --eval_every 500
   python -m lm1b_hvd.train --preset demo --hpconfig kernels=portable,keep_prob=0.9 --max_steps 300
 """
 import argparse
