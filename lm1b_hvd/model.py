@@ -368,15 +368,10 @@ class LSTMPLanguageModel(tf.Module):
         if self.hps.recurrent_keep_prob >= 1.0:
             return weights
         inputs = self.hps.emb_size if layer == 0 else self.hps.projected_size
-        weight = weights.weight
-        if weight.shape.rank == 3:  # G-LSTM: each group's rows are its inputs', then its recurrent ones
-            split, axis = inputs // self.hps.lstm_groups, 1
-        else:
-            split, axis = inputs, 0
-        given, recurrent = tf.split(weight, [split, weight.shape[axis] - split], axis=axis)
+        given, recurrent = ops.split_gate_rows(weights.weight, inputs)
         recurrent = tf.nn.experimental.stateless_dropout(recurrent, rate=1.0 - self.hps.recurrent_keep_prob,
                                                          seed=sub_seed(seed, RECURRENT_DROPOUT_STREAM + layer))
-        return weights._replace(weight=tf.concat([given, recurrent], axis=axis))
+        return weights._replace(weight=tf.concat([given, recurrent], axis=ops.gate_rows_axis(weights.weight)))
 
     def run_layers(self, embedded, state, training, seed=None):
         """The LSTM over time-major embeddings [steps, batch, emb_size]: its outputs, time-major,

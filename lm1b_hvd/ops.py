@@ -174,6 +174,19 @@ class _Compute(typing.NamedTuple):
         return self.matmul(a, operand, transpose_b=self.step_weights.transpose_b)
 
 
+def gate_rows_axis(weight):
+    """The axis of a gate matrix's rows: 0, or 1 for G-LSTM's [groups, rows, columns]."""
+    return 1 if weight.shape.rank == 3 else 0
+
+
+def split_gate_rows(weight, in_size):
+    """(the rows the layer's inputs multiply, the recurrent rows h multiplies) of a gate matrix
+    (LayerWeights.weight, or F-LSTM's first factor); of each group's rows for G-LSTM."""
+    axis = gate_rows_axis(weight)
+    given = in_size // weight.shape[0] if axis else in_size
+    return tf.split(weight, [given, weight.shape[axis] - given], axis=axis)
+
+
 class FullGates:
     """The original LSTM's gate matrix: gates = [x, h] @ W, W [in + proj, 4 * state]. Built on a
     layer's LayerWeights for one _Compute: the input half multiplies a time chunk's rows at once,
@@ -182,8 +195,8 @@ class FullGates:
 
     def __init__(self, plan, weights, in_size):
         self.plan = plan
-        self.input_weight = plan.cast(weights.weight[:in_size])
-        self.recurrent_weight = plan.cast(weights.weight[in_size:])
+        given, recurrent = split_gate_rows(weights.weight, in_size)
+        self.input_weight, self.recurrent_weight = plan.cast(given), plan.cast(recurrent)
 
     def prepare_forward(self):
         self.recurrent_forward = self.plan.step_weights.forward(self.recurrent_weight)
@@ -228,7 +241,7 @@ class FactoredGates:
     def __init__(self, plan, weights, in_size):
         self.plan = plan
         self.weight = plan.cast(weights.weight)
-        self.input_weight, self.recurrent_weight = self.weight[:in_size], self.weight[in_size:]
+        self.input_weight, self.recurrent_weight = split_gate_rows(self.weight, in_size)
         self.factor = plan.cast(weights.factor)
 
     def prepare_forward(self):
@@ -288,7 +301,7 @@ def gates_to_groups(gates, groups):
     return tf.reshape(tf.transpose(split, [2, 0, 1, 3]), [groups, tf.shape(gates)[0], -1])
 
 
-class GroupedGates:
+class GroupedGates(FullGates):
     """G-LSTM (Kuchaiev and Ginsburg 2017): the inputs x and h, and the cells, split into G
     groups; group g's gates come from its own slices of x and h alone, through its own matrix
     [(in + proj) / G, 4 * state / G] (LayerWeights.weight is [G, that]): 1/G of the gate
@@ -296,18 +309,8 @@ class GroupedGates:
     group g's slice of each of i, j, f, o is its columns in order."""
 
     def __init__(self, plan, weights, in_size):
-        self.plan = plan
+        super().__init__(plan, weights, in_size)  # the per-group input and recurrent rows
         self.groups = weights.weight.shape[0]
-        group_in = in_size // self.groups
-        self.input_weight = plan.cast(weights.weight[:, :group_in])
-        self.recurrent_weight = plan.cast(weights.weight[:, group_in:])
-
-    def prepare_forward(self):
-        self.recurrent_forward = self.plan.step_weights.forward(self.recurrent_weight)
-
-    def prepare_backward(self):
-        self.recurrent_backward = self.plan.step_weights.backward(self.recurrent_weight)
-        self.input_weight_t = transposed(self.input_weight)
 
     def input_gates(self, rows):
         return gates_from_groups(self.plan.matmul(to_groups(rows, self.groups), self.input_weight))
