@@ -91,7 +91,7 @@ PRESETS = {
     # Merity et al.'s regularisation (docs/performance.md, "The model for a small corpus").
     "corpus": HParams(
         batch_size=32, num_steps=20, num_shards=2, emb_size=256, state_size=512, projected_size=256,
-        num_sampled=2048, keep_prob=0.4, learning_rate=0.2, ema_decay=0.995, tie_embeddings=True,
+        num_sampled=2048, keep_prob=0.4, learning_rate=0.4, ema_decay=0.998, tie_embeddings=True,
         variational_dropout=True, emb_keep_prob=0.9, recurrent_keep_prob=0.5),
     # For corpora of about a million words, where the default overfits at once: the plain LSTMP.
     "small": HParams(
