@@ -94,7 +94,10 @@ class HiddenMarkovLanguage:
         return out
 
     def sentence_log_prob(self, sentence):
-        """log P(w1..wn, end) by the scaled forward algorithm."""
+        """log P(w1..wn, end) by the scaled forward algorithm; -inf for the empty sentence, which
+        the language never makes (every class emits a word before it may end)."""
+        if not sentence:
+            return -math.inf
         alpha = self.start * self.emission[:, sentence[0]]
         log_prob = 0.0
         for word in sentence[1:]:

@@ -87,11 +87,18 @@ def test_score_reads_stdin_skips_blank_lines_and_counts_unknown_words(trained):
     assert summary["summary"]["blank_lines_skipped"] == 2 and summary["summary"]["unk"] == 2
 
 
+SMOOTHING = 1e-4
+
+
 def per_word_true_log_prob(language, words):
+    """The empty sentence, which a model may sample (most of all when hot) but the language never
+    makes, scores the smoothing's floor instead of minus infinity."""
+    if not words:
+        return math.log(SMOOTHING)
     return true_log_prob(language, words) / (len(words) + 1)
 
 
-def smoothed(language, epsilon=1e-4):
+def smoothed(language, epsilon=SMOOTHING):
     """The generator with every word emittable by every class at a tiny rate, so that a sampled
     sentence the true language cannot produce scores very low instead of minus infinity."""
     emission = (1 - epsilon) * language.emission + epsilon / language.emission.shape[1]
