@@ -28,6 +28,8 @@ from torch.nn import functional
 
 PRESETS = {  # (vocabulary, batch, steps, emb, state, projection, sampled, keep_prob): lm1b_hvd.hparams' presets
     "default": (793_470, 128, 20, 512, 2048, 512, 8192, 0.9),
+    # The demo preset before 8e5acf1 (256 cells, untied): what docs/performance.md compared. The
+    # bench's model: --preset demo --hpconfig state_size=256,tie_embeddings=false
     "demo": (2_002, 32, 20, 64, 256, 64, 512, 1.0),
 }
 
