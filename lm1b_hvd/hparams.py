@@ -70,10 +70,10 @@ MODEL_SHAPE_KEYS = ("num_shards", "num_layers", "emb_size", "state_size", "proje
 PRESETS = {
     # The original LSTM-2048-512 of the lm1b baseline.
     "default": HParams(),
-    # Trains in minutes on 2 CPU cores on the built-in demo corpus. In 3 minutes the demo is
-    # bound by steps, not capacity: a 128-cell state makes ~1.6x the steps of 256 and tied
-    # embeddings learn the words' vectors from both ends (docs/performance.md, "The demo against
-    # its oracle").
+    # Trains in minutes on 2 CPU cores on the built-in demo corpus. In its 3 minutes the steps
+    # it makes matter more than its capacity: 128 cells end lower than 256 by making more of
+    # them, and tied embeddings learn the words' vectors from both ends (docs/performance.md,
+    # "The demo against its oracle").
     "demo": HParams(
         batch_size=32, num_steps=20, num_shards=2, emb_size=64, state_size=128,
         projected_size=64, num_sampled=512, keep_prob=1.0, learning_rate=0.4,

@@ -63,6 +63,7 @@ def test_generator_is_a_proper_distribution():
     for word, count in one_word.items():
         exact = math.exp(language.sentence_log_prob([word]))
         assert abs(count / len(sample) - exact) < 5 * math.sqrt(exact / len(sample)) + 1e-3
+    assert all(s for s in sample) and language.sentence_log_prob([]) == -math.inf
 
 
 def test_default_corpus_is_deterministic_and_in_range(tmp_path):
