@@ -101,7 +101,7 @@ class RunCheckpoints:
         self.trainer = trainer
         self.positions = RunPosition()
         table_parts = distributed.size() if trainer.model.vocab_parallel else 1
-        checkpoint = RunCheckpoint(trainer.model, trainer.ema.shadows, trainer.optimizer, trainer.table_accumulators,
+        checkpoint = RunCheckpoint(trainer.model, trainer.ema, trainer.optimizer, trainer.table_accumulators,
                                    self.positions, table_parts=table_parts)
         self.keeper = CheckpointKeeper(logdir, checkpoint, keep, writer)
 
@@ -149,24 +149,27 @@ class RunCheckpoints:
 
 
 PARTS_SUFFIX = "_parts"  # the folder a checkpoint's parts are written to before they are merged
+AVERAGE_SUFFIX = "/exponential_moving_average"  # tables/NAME + this: the EMA of a table (average_tables)
 
 
 class RunCheckpoint:
-    """One checkpoint of a run: the model's LSTM, the optimizer's step and LSTM slots, the EMA
-    shadows and the run position as TensorFlow's object-based checkpoint, and the vocabulary
-    tables (with Adagrad's accumulators when an optimizer is given) as logical matrices
-    (tables.py). Each part is written by its own writer into a folder beside the prefix, then
-    TensorFlow's MergeV2Checkpoints makes them one checkpoint, as its own sharded saves do.
+    """One checkpoint of a run: the model's LSTM, the optimizer's step and LSTM slots, the EMA's
+    LSTM shadows and the run position as TensorFlow's object-based checkpoint, and the
+    vocabulary tables (with Adagrad's accumulators when an optimizer is given, and the EMA's
+    averages of them with average_tables) as logical matrices (tables.py). Each part is
+    written by its own writer into a folder beside the prefix, then TensorFlow's
+    MergeV2Checkpoints makes them one checkpoint, as its own sharded saves do.
 
     CheckpointManager calls `_write` and `save_counter`, as of a tf.train.Checkpoint."""
 
-    def __init__(self, model, ema_shadows, optimizer=None, table_accumulators=(), run_position=None, table_parts=1):
+    def __init__(self, model, ema, optimizer=None, table_accumulators=(), run_position=None, table_parts=1):
         self.model, self.optimizer = model, optimizer
         self.table_accumulators = list(table_accumulators)
+        self.table_averages = list(ema.table_shadows)
         # 1: the writer holds every row and writes the tables itself; N: each of N vocabulary-
         # parallel ranks writes its own part (write_tables_part) before the writer merges them.
         self.table_parts = table_parts
-        self.objects = dict(model=model, ema_shadows=ema_shadows)
+        self.objects = dict(model=model, ema_shadows=ema.shadows)
         if optimizer is not None:
             self.objects["optimizer"] = optimizer
         if run_position is not None:
@@ -181,8 +184,10 @@ class RunCheckpoint:
         """(table, checkpoint key) of each table this checkpoint holds."""
         named = self.model.tables.named()  # tied embeddings: no softmax_w of its own
         pairs = [(table, tables.KEY_PREFIX + name) for name, table in named]
-        return pairs + [(table, f"{tables.KEY_PREFIX}{name}/adagrad_accumulator")
-                        for (name, _), table in zip(named, self.table_accumulators)]
+        return (pairs + [(table, f"{tables.KEY_PREFIX}{name}/adagrad_accumulator")
+                         for (name, _), table in zip(named, self.table_accumulators)]
+                + [(table, f"{tables.KEY_PREFIX}{name}{AVERAGE_SUFFIX}")
+                   for (name, _), table in zip(named, self.table_averages)])
 
     def write_tables_part(self, file_prefix, part=0):
         """This process's rows of every table, as part `part` of the checkpoint `file_prefix`."""
@@ -209,11 +214,24 @@ class RunCheckpoint:
         status. A checkpoint of the earlier format (the tables as the model's block variables,
         their accumulators in the Keras optimizer) reads too."""
         if not tables.holds_tables(path):
-            return self._restore_earlier_format(path)
+            status = self._restore_earlier_format(path)
+            self._start_table_averages_at_the_weights()
+            return status
         status = self.checkpoint.restore(path)
+        averages_saved = any(name.endswith(AVERAGE_SUFFIX) for name, _ in tf.train.list_variables(path))
         for table, key in self.table_keys():
-            table.restore(path, key)
+            if averages_saved or not key.endswith(AVERAGE_SUFFIX):
+                table.restore(path, key)
+        if not averages_saved:
+            self._start_table_averages_at_the_weights()
         return status
+
+    def _start_table_averages_at_the_weights(self):
+        """A checkpoint of a run that did not average its tables: their averages start at the
+        restored weights, as a fresh run's start at the initial ones."""
+        for average, table in zip(self.table_averages, self.model.tables):
+            for shadow, variable in zip(average.variables, table.variables):
+                shadow.assign(variable)
 
     def _restore_earlier_format(self, path):
         """Before the tables were logical matrices: model/NAME/BLOCK keys of the original's

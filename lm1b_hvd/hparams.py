@@ -38,6 +38,7 @@ class HParams:
     recurrent_keep_prob: float = 1.0  # DropConnect: each recurrent weight kept with this probability a step
     lr_decay: float = 1.0  # learning_rate x this when the heldout perplexity has not improved (--eval_every); 1: never
     lr_patience: int = 1  # evaluations without a new best before the learning rate decays
+    average_tables: bool = False  # with average_params, the tables averaged too: a copy of each, a pass over it a step
     # How the step runs, not what it computes: a checkpoint resumes under any of these.
     kernels: str = "auto"  # auto | cpu | portable: lm1b_hvd's CPU kernels or TF ops only (compute_plan.py)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
@@ -72,12 +73,13 @@ PRESETS = {
     "default": HParams(),
     # Trains in minutes on 2 CPU cores on the built-in demo corpus. In its 3 minutes the steps
     # it makes matter more than its capacity: 128 cells end lower than 256 by making more of
-    # them, and tied embeddings learn the words' vectors from both ends (docs/performance.md,
+    # them, tied embeddings learn the words' vectors from both ends, and averaging the table
+    # too takes out the noise of its last updates at a rate this fast (docs/performance.md,
     # "The demo against its oracle").
     "demo": HParams(
         batch_size=32, num_steps=20, num_shards=2, emb_size=64, state_size=128,
         projected_size=64, num_sampled=512, keep_prob=1.0, learning_rate=0.4,
-        ema_decay=0.995, tie_embeddings=True,
+        ema_decay=0.995, tie_embeddings=True, average_tables=True,
     ),
     # The paper's BIG LSTM (2 x LSTM-8192-1024, ~1.8B parameters with the lm1b vocabulary, 50%
     # dropout), with f-lm's batch and clip; and f-lm's BIGLSTM as F-LSTM F512 and G-LSTM G4.

@@ -9,9 +9,8 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, data, demo_corpus, vocab as vocab_lib
+from lm1b_hvd import checkpoints, data, demo_corpus, training, vocab as vocab_lib
 from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.training import ExponentialMovingAverage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class RunWeights(typing.NamedTuple):
     hps: object  # the run's HParams
     vocab: vocab_lib.Vocabulary
     model: LSTMPLanguageModel
-    ema: ExponentialMovingAverage
+    ema: training.ExponentialMovingAverage
     checkpoint: checkpoints.RunCheckpoint  # model and EMA shadows: restore(path).expect_partial()
 
 
@@ -54,8 +53,8 @@ def run_weights(logdir, datadir, precision=None):
     here = hps.replace(kernels="auto", vocab_parallel=False,
                        **(dict(precision=precision, xla=False) if precision else {}))
     model = LSTMPLanguageModel(here, len(words))
-    ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
-    return RunWeights(hps, words, model, ema, checkpoints.RunCheckpoint(model, ema.shadows))
+    ema = training.model_average(model)
+    return RunWeights(hps, words, model, ema, checkpoints.RunCheckpoint(model, ema))
 
 
 class TrainedModel:

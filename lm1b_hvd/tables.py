@@ -115,6 +115,13 @@ def like(table, name, initial_value):
                        for index, (rows, variable) in enumerate(table.blocks)])
 
 
+def copy(table, name):
+    """A table of the same rows and layout as `table`, holding its values now (the EMA's shadows)."""
+    return VocabTable(name, table.vocab_size, table.width,
+                      [(rows, tf.Variable(variable.read_value(), trainable=False, name=f"{name}_{index}"))
+                       for index, (rows, variable) in enumerate(table.blocks)])
+
+
 def save_slices(prefix, tables_and_keys):
     """Writes the slices of each (table, key) into a checkpoint of its own at `prefix`."""
     entries = [entry for table, key in tables_and_keys for entry in table.checkpoint_slices(key)]

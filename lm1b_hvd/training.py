@@ -33,34 +33,48 @@ def scale(gradient, factor):
 
 
 class ExponentialMovingAverage:
-    """Shadow copies of some variables, moved towards them after each step (constant decay)."""
+    """Shadow copies of some variables, moved towards them after each step (constant decay).
 
-    def __init__(self, variables, decay):
-        self.targets = list(variables)
+    `vocab_tables`: vocabulary tables averaged too (average_tables). Their shadows are tables
+    of the same rows (`table_shadows`, checkpointed as logical matrices like the tables): a
+    second copy of each table and a pass over it every step, which is why the original
+    averages the LSTM only."""
+
+    def __init__(self, variables, decay, vocab_tables=()):
         self.decay = decay
-        self.shadows = [tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "_ema")
-                        for v in self.targets]
+        self.shadows = [tf.Variable(v, trainable=False, name=v.name.split(":")[0] + "_ema") for v in variables]
+        self.table_shadows = [tables.copy(table, f"{table.name}_ema") for table in vocab_tables]
+        self._pairs = list(zip(self.shadows, variables)) + list(zip(
+            tables.variables_of(self.table_shadows), tables.variables_of(vocab_tables)))
 
     def update(self):
-        for shadow, target in zip(self.shadows, self.targets):
+        for shadow, target in self._pairs:
             shadow.assign_sub((1.0 - self.decay) * (shadow - target))
 
     def copy_averages_to_targets(self):
         """The targets take the averages' values: for good, where nothing trains afterwards
         (inference), or inside swapped_in."""
-        for shadow, target in zip(self.shadows, self.targets):
+        for shadow, target in self._pairs:
             target.assign(shadow)
 
     @contextlib.contextmanager
     def swapped_in(self):
         """Within the block the targets hold the averages; afterwards their own values again."""
-        saved = [tf.identity(v) for v in self.targets]
+        saved = [tf.identity(target) for _, target in self._pairs]
         self.copy_averages_to_targets()
         try:
             yield
         finally:
-            for value, target in zip(saved, self.targets):
+            for value, (_, target) in zip(saved, self._pairs):
                 target.assign(value)
+
+
+def model_average(model):
+    """The EMA a run of `model` keeps: of the LSTM, and of the vocabulary's tables with
+    average_tables when evaluation reads the averages (average_params)."""
+    hps = model.hps
+    averaged_tables = model.tables if hps.average_tables and hps.average_params else ()
+    return ExponentialMovingAverage(model.lstm_variables, hps.ema_decay, vocab_tables=averaged_tables)
 
 
 def evaluation_weights(ema, hps):
@@ -224,7 +238,7 @@ class Trainer:
         # Keras starts at 2^15, where this model's first steps overflow and are skipped.
         self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
                             if hps.precision == "fp16" else None)
-        self.ema = ExponentialMovingAverage(model.lstm_variables, hps.ema_decay)
+        self.ema = model_average(model)
         self.lr_schedule = PlateauDecay(self.optimizer, hps.lr_decay, hps.lr_patience)
         # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
         # backward. Gathers from the shards, candidate sampling and the exchange stay outside.
@@ -247,7 +261,7 @@ class Trainer:
         if self.model.vocab_parallel:
             return self.model.lstm_variables + list(self.optimizer.variables) + self.ema.shadows
         return (self.model.all_variables + list(self.optimizer.variables) + tables.variables_of(self.table_accumulators)
-                + self.ema.shadows)
+                + self.ema.shadows + tables.variables_of(self.ema.table_shadows))
 
     def step(self, x, y, w, state, votes=Votes()):
         """One training step; returns the new row state and the StepStats (host numbers)."""

@@ -35,8 +35,7 @@ def whole(table):
 
 
 def checkpoint_of(trainer):
-    return checkpoints.RunCheckpoint(trainer.model, trainer.ema.shadows, trainer.optimizer,
-                                     trainer.table_accumulators)
+    return checkpoints.RunCheckpoint(trainer.model, trainer.ema, trainer.optimizer, trainer.table_accumulators)
 
 
 def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
@@ -64,6 +63,33 @@ def test_another_layout_restores_the_same_matrices(tmp_path, num_shards):
                             list(source.model.tables) + source.table_accumulators):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
     assert int(other.global_step) == 3
+
+
+AVERAGE = checkpoints.AVERAGE_SUFFIX
+
+
+def test_averaged_tables_are_logical_matrices_and_restore_in_another_layout(tmp_path):
+    source = trained(tiny(average_tables=True, ema_decay=0.5))
+    path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
+    reader = tf.train.load_checkpoint(path)
+    for (name, table), average in zip(source.model.tables.named(), source.ema.table_shadows):
+        saved = reader.get_tensor(tables.KEY_PREFIX + name + AVERAGE)
+        np.testing.assert_array_equal(saved, whole(average))
+        assert np.abs(saved - whole(table)).max() > 1e-4, f"{name}: the average lags the weights"
+    other = Trainer(LSTMPLanguageModel(tiny(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), VOCAB))
+    checkpoint_of(other).restore(path).expect_partial()
+    for mine, theirs in zip(other.ema.table_shadows, source.ema.table_shadows):
+        np.testing.assert_array_equal(whole(mine), whole(theirs))
+
+
+def test_a_checkpoint_without_table_averages_starts_them_at_its_weights(tmp_path):
+    source = trained(tiny())
+    path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
+    assert not any(name.endswith(AVERAGE) for name, _ in tf.train.list_variables(path))
+    averaging = Trainer(LSTMPLanguageModel(tiny(average_tables=True, seed=7), VOCAB))
+    checkpoint_of(averaging).restore(path).expect_partial()
+    for average, table in zip(averaging.ema.table_shadows, source.model.tables):
+        np.testing.assert_array_equal(whole(average), whole(table))
 
 
 def test_a_table_of_some_rows_reads_only_those(tmp_path):

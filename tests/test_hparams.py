@@ -56,5 +56,6 @@ def test_every_preset_is_valid_and_default_keeps_the_successors_options_off():
         assert hparams.validate(preset) == preset, name
     default = hparams.build("default")
     assert (default.lstm_factor, default.lstm_groups, default.tie_embeddings, default.variational_dropout,
-            default.emb_keep_prob, default.recurrent_keep_prob, default.lr_decay) == (0, 1, False, False, 1.0, 1.0, 1.0)
+            default.emb_keep_prob, default.recurrent_keep_prob, default.lr_decay, default.average_tables) == (
+        0, 1, False, False, 1.0, 1.0, 1.0, False)
     assert hparams.build("big_f512").lstm_factor == 512 and hparams.build("big_g4").lstm_groups == 4

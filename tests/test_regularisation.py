@@ -1,14 +1,14 @@
 """The regularisation options (tied embeddings, variational dropout, embedding dropout, DropConnect
-on the recurrent weights, the learning rate's plateau decay), alone and together, on the original
-LSTM, F-LSTM and G-LSTM: a training step's gradients equal autodiff of the textbook model with the
-same masks, on the portable ops and on the CPU kernels."""
+on the recurrent weights, the learning rate's plateau decay, the tables' average), alone and
+together, on the original LSTM, F-LSTM and G-LSTM: a training step's gradients equal autodiff of
+the textbook model with the same masks, on the portable ops and on the CPU kernels."""
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, distributed, hparams
+from lm1b_hvd import checkpoints, distributed, hparams, training
 from lm1b_hvd.model import RECURRENT_DROPOUT_STREAM, LSTMPLanguageModel, sub_seed
 from lm1b_hvd.ops import FORGET_BIAS
 from lm1b_hvd.training import PlateauDecay, Trainer
@@ -195,7 +195,7 @@ def test_tied_checkpoints_hold_one_embedding_and_say_so(tmp_path):
     hps = tiny(tie_embeddings=True)
     trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
     assert trainer.model.softmax_w == trainer.model.embedding
-    path = checkpoints.RunCheckpoint(trainer.model, trainer.ema.shadows, trainer.optimizer,
+    path = checkpoints.RunCheckpoint(trainer.model, trainer.ema, trainer.optimizer,
                                      trainer.table_accumulators).write(str(tmp_path / "ckpt-1"))
     names = dict(tf.train.list_variables(path))
     assert "tables/embedding" in names and "tables/embedding/adagrad_accumulator" in names
@@ -256,3 +256,30 @@ def test_the_schedule_resumes_from_the_checkpoint(tmp_path):
     assert math.isclose(resumed.lr_schedule.learning_rate, 0.1, rel_tol=1e-6)
     assert resumed.lr_schedule.state() == {"best": 50.0, "evaluations_without_best": 1}
     assert resumed.lr_schedule.after_evaluation(55.0) is not None  # the second evaluation without a best
+
+
+def whole(table):
+    return np.concatenate([variable.numpy()[:rows.count] for rows, variable in table.blocks])
+
+
+def test_averaged_tables_follow_the_ema_and_evaluation_reads_them():
+    """average_tables: after each step every table's average moves (1 - ema_decay) of the way to
+    the table, as the LSTM's do; evaluation's weights are the averages, training's come back."""
+    distributed.init()
+    hps = tiny(tie_embeddings=True, average_tables=True, ema_decay=0.7, num_shards=2)
+    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
+    expected = [whole(table).astype(np.float64) for table in trainer.model.tables]
+    state = trainer.model.zero_state(hps.batch_size)
+    for step in range(4):
+        state, _ = trainer.step(*batch(step), state)
+        for average, table in zip(expected, trainer.model.tables):
+            average -= (1.0 - hps.ema_decay) * (average - whole(table))
+    trained = [whole(table) for table in trainer.model.tables]
+    for average, shadow, weights in zip(expected, trainer.ema.table_shadows, trained):
+        np.testing.assert_allclose(whole(shadow), average, rtol=0, atol=1e-6)
+        assert np.abs(weights - average).max() > 1e-3, "the average lags the weights"
+    with training.evaluation_weights(trainer.ema, hps):
+        for table, average in zip(trainer.model.tables, expected):
+            np.testing.assert_allclose(whole(table), average, rtol=0, atol=1e-6)
+    for table, weights in zip(trainer.model.tables, trained):
+        np.testing.assert_array_equal(whole(table), weights)

@@ -78,6 +78,20 @@ def test_score_agrees_with_the_generator_and_stream_matches_evaluate(trained, tm
     assert math.log(streamed) == pytest.approx(log_perplexity, abs=1e-4)
 
 
+def test_the_model_read_for_use_holds_the_runs_averages_of_its_tables(trained):
+    """The demo preset averages its tables (average_tables): score, sample and export read the
+    averages, as the trainer's evaluation does, not the last step's rows."""
+    corpus, logdir, _ = trained
+    model = TrainedModel(str(logdir), str(corpus))
+    assert model.hps.average_tables
+    reader = tf.train.load_checkpoint(model.path)
+    for name, table in model.model.tables.named():
+        average = reader.get_tensor(f"tables/{name}/exponential_moving_average")
+        held = np.concatenate([variable.numpy()[:rows.count] for rows, variable in table.blocks])
+        np.testing.assert_array_equal(held, average)
+        assert np.abs(reader.get_tensor(f"tables/{name}") - average).max() > 1e-4, name
+
+
 def test_score_reads_stdin_skips_blank_lines_and_counts_unknown_words(trained):
     corpus, logdir, _ = trained
     result = tool("score", corpus, logdir, "--input", "-", stdin="ba bi\n\n   \nzzz ba qqq\n")

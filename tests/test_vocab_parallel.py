@@ -17,8 +17,10 @@ from tests.workers import vocab_parallel as worker
 STEPS = 30
 
 
-# Tied embeddings: the softmax's rows are the embedding's, fetched from and sent back to one owner.
-TIED = "tie_embeddings=true,emb_size=6,emb_keep_prob=0.7,variational_dropout=true,recurrent_keep_prob=0.8"
+# Tied embeddings: the softmax's rows are the embedding's, fetched from and sent back to one owner;
+# each rank averages the rows it holds.
+TIED = ("tie_embeddings=true,emb_size=6,emb_keep_prob=0.7,variational_dropout=true,recurrent_keep_prob=0.8,"
+        "average_tables=true")
 
 
 @pytest.mark.parametrize("ranks, grad_combine, overrides", [
@@ -33,15 +35,18 @@ def test_sharded_vocabulary_gives_the_replicated_update(tmp_path, ranks, grad_co
         for name in replicated.files:
             if name.endswith("_rows"):
                 continue
-            if name.split("_slot")[0] in covered:
-                first, stop = sharded[f"{name.split('_slot')[0]}_rows"]
+            table, kind, _ = name.partition("_slot") if "_slot" in name else name.partition("_average")
+            if table in covered:
+                first, stop = sharded[f"{table}_rows"]
                 expected = replicated[name][first:stop]
-                if "_slot" not in name:
+                if not kind:
                     covered[name].append((first, stop))
             else:
                 expected = replicated[name]
             np.testing.assert_allclose(sharded[name], expected, rtol=0, atol=1e-5, err_msg=f"rank {rank}: {name}")
         assert np.abs(replicated["emb_slot"] - 1.0).max() > 1e-3, "the steps changed the tables' slots"
+        if "average_tables=true" in overrides:
+            assert np.abs(replicated["emb_average"] - replicated["emb"]).max() > 1e-4, "the average lags the rows"
     for name, shares in covered.items():
         assert sorted(shares)[0][0] == 0 and sorted(shares)[-1][1] == worker.VOCAB, name
         assert all(a[1] == b[0] for a, b in zip(sorted(shares), sorted(shares)[1:])), f"{name}: every row once"

@@ -43,7 +43,7 @@ def train(hps, exchange, steps):
 
 def held(trainer):
     """{name: value} of everything this rank holds: the LSTM, its slots and EMA, and the
-    tables' rows with their accumulators."""
+    tables' rows with their accumulators (and averages, with average_tables)."""
     model = trainer.model
     values = {f"lstm_{i}": v.numpy() for i, v in enumerate(model.lstm_variables)}
     values.update({f"lstm_slot_{i}": v.numpy() for i, v in enumerate(trainer.optimizer.lstm_accumulators())})
@@ -52,6 +52,8 @@ def held(trainer):
         for prefix, source in ((table.name, table), (f"{table.name}_slot", accumulators)):
             values[prefix] = np.concatenate([v.numpy()[:rows.count] for rows, v in source.blocks])
         values[f"{table.name}_rows"] = np.array([table.rows.first, table.rows.stop])
+    for table, average in zip(model.tables, trainer.ema.table_shadows):
+        values[f"{table.name}_average"] = np.concatenate([v.numpy()[:rows.count] for rows, v in average.blocks])
     return values
 
 
