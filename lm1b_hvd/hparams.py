@@ -92,12 +92,13 @@ PRESETS = {
     "big_g4": HParams(
         batch_size=256, num_layers=2, emb_size=1024, state_size=8192, projected_size=1024, keep_prob=0.9,
         max_grad_norm=1.0, lstm_groups=4),
-    # A corpus of about a million words, with --eval_every: `small` with tied embeddings and
-    # Merity et al.'s regularisation (docs/performance.md, "The model for a small corpus").
+    # A corpus of about a million words, with --eval_every: `small` with tied embeddings,
+    # Merity et al.'s regularisation and the tables averaged as the LSTM is (docs/performance.md,
+    # "The model for a small corpus").
     "corpus": HParams(
         batch_size=32, num_steps=20, num_shards=2, emb_size=256, state_size=512, projected_size=256,
         num_sampled=2048, keep_prob=0.4, learning_rate=0.4, ema_decay=0.998, tie_embeddings=True,
-        variational_dropout=True, emb_keep_prob=0.9, recurrent_keep_prob=0.5),
+        variational_dropout=True, emb_keep_prob=0.9, recurrent_keep_prob=0.5, average_tables=True),
     # For corpora of about a million words, where the default overfits at once: the plain LSTMP.
     "small": HParams(
         batch_size=32, num_steps=20, num_shards=2, emb_size=256, state_size=512,
