@@ -106,20 +106,23 @@ def replicated_blocks(vocab_size, num_shards):
             for b in range(num_shards)]
 
 
+def _same_layout(table, name, initial_block):
+    """A table of the same rows and layout as `table`, each block variable (not trained) starting
+    at `initial_block(the table's block variable)`."""
+    return VocabTable(name, table.vocab_size, table.width,
+                      [(rows, tf.Variable(initial_block(variable), trainable=False, name=f"{name}_{index}"))
+                       for index, (rows, variable) in enumerate(table.blocks)])
+
+
 def like(table, name, initial_value):
     """A table of the same rows and layout as `table`, every entry `initial_value` (Adagrad's
     accumulators)."""
-    return VocabTable(name, table.vocab_size, table.width,
-                      [(rows, tf.Variable(tf.fill(variable.shape, initial_value), trainable=False,
-                                          name=f"{name}_{index}"))
-                       for index, (rows, variable) in enumerate(table.blocks)])
+    return _same_layout(table, name, lambda variable: tf.fill(variable.shape, initial_value))
 
 
 def copy(table, name):
     """A table of the same rows and layout as `table`, holding its values now (the EMA's shadows)."""
-    return VocabTable(name, table.vocab_size, table.width,
-                      [(rows, tf.Variable(variable.read_value(), trainable=False, name=f"{name}_{index}"))
-                       for index, (rows, variable) in enumerate(table.blocks)])
+    return _same_layout(table, name, lambda variable: variable.read_value())
 
 
 def save_slices(prefix, tables_and_keys):

@@ -1,8 +1,15 @@
-"""The model's losses in the forms tests compare with references: batch-major outputs in, per-token
-values out (the model itself takes the LSTM's time-major chunks, as training produces them)."""
+"""The model's values in the forms tests compare with references: a table's rows as one array, and
+the losses with batch-major outputs in, per-token values out (the model itself takes the LSTM's
+time-major chunks, as training produces them)."""
+import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd import ops
+
+
+def whole(table):
+    """The rows a tables.VocabTable holds, block after block, as one array (no padding rows)."""
+    return np.concatenate([variable.numpy()[:rows.count] for rows, variable in table.blocks])
 
 
 def sampled_softmax_losses(model, outputs, y, seed=None):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from lm1b_hvd import checkpoints, distributed, hparams, tables
 from lm1b_hvd.model import LSTMPLanguageModel, VocabularyTables
 from lm1b_hvd.training import Trainer
+from tests.model_helpers import whole
 
 VOCAB = 31
 
@@ -30,12 +31,15 @@ def trained(hps, steps=3):
     return trainer
 
 
-def whole(table):
-    return np.concatenate([variable.numpy()[:rows.count] for rows, variable in table.blocks])
-
-
 def checkpoint_of(trainer):
     return checkpoints.RunCheckpoint(trainer.model, trainer.ema, trainer.optimizer, trainer.table_accumulators)
+
+
+def restored_trainer(hps, path):
+    """A new trainer of `hps` with the checkpoint at `path` restored into it."""
+    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
+    checkpoint_of(trainer).restore(path).expect_partial()
+    return trainer
 
 
 def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
@@ -57,8 +61,7 @@ def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
 def test_another_layout_restores_the_same_matrices(tmp_path, num_shards):
     source = trained(tiny())
     path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
-    other = Trainer(LSTMPLanguageModel(tiny(num_shards=num_shards, seed=7), VOCAB))
-    checkpoint_of(other).restore(path).expect_partial()
+    other = restored_trainer(tiny(num_shards=num_shards, seed=7), path)
     for mine, theirs in zip(list(other.model.tables) + other.table_accumulators,
                             list(source.model.tables) + source.table_accumulators):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
@@ -76,8 +79,7 @@ def test_averaged_tables_are_logical_matrices_and_restore_in_another_layout(tmp_
         saved = reader.get_tensor(tables.KEY_PREFIX + name + AVERAGE)
         np.testing.assert_array_equal(saved, whole(average))
         assert np.abs(saved - whole(table)).max() > 1e-4, f"{name}: the average lags the weights"
-    other = Trainer(LSTMPLanguageModel(tiny(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), VOCAB))
-    checkpoint_of(other).restore(path).expect_partial()
+    other = restored_trainer(tiny(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), path)
     for mine, theirs in zip(other.ema.table_shadows, source.ema.table_shadows):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
 
@@ -86,8 +88,7 @@ def test_a_checkpoint_without_table_averages_starts_them_at_its_weights(tmp_path
     source = trained(tiny())
     path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
     assert not any(name.endswith(AVERAGE) for name, _ in tf.train.list_variables(path))
-    averaging = Trainer(LSTMPLanguageModel(tiny(average_tables=True, seed=7), VOCAB))
-    checkpoint_of(averaging).restore(path).expect_partial()
+    averaging = restored_trainer(tiny(average_tables=True, seed=7), path)
     for average, table in zip(averaging.ema.table_shadows, source.model.tables):
         np.testing.assert_array_equal(whole(average), whole(table))
 
@@ -133,8 +134,7 @@ def test_a_checkpoint_of_the_earlier_format_restores_weights_and_slots(tmp_path)
         str(tmp_path / "ckpt-42"))
     assert not tables.holds_tables(path)
 
-    restored = Trainer(LSTMPLanguageModel(tiny(seed=9), VOCAB))
-    checkpoint_of(restored).restore(path)
+    restored = restored_trainer(tiny(seed=9), path)
     assert int(restored.global_step) == 42
     blocks = len(earlier.embedding)
     old_slots = [v.numpy() for v in optimizer.variables[1:]]  # slot i is all_variables[i]'s

@@ -12,6 +12,7 @@ from lm1b_hvd import checkpoints, distributed, hparams, training
 from lm1b_hvd.model import RECURRENT_DROPOUT_STREAM, LSTMPLanguageModel, sub_seed
 from lm1b_hvd.ops import FORGET_BIAS
 from lm1b_hvd.training import PlateauDecay, Trainer
+from tests.model_helpers import whole
 from tests.test_ops import needs_cpu_kernels
 
 VOCAB = 40
@@ -256,10 +257,6 @@ def test_the_schedule_resumes_from_the_checkpoint(tmp_path):
     assert math.isclose(resumed.lr_schedule.learning_rate, 0.1, rel_tol=1e-6)
     assert resumed.lr_schedule.state() == {"best": 50.0, "evaluations_without_best": 1}
     assert resumed.lr_schedule.after_evaluation(55.0) is not None  # the second evaluation without a best
-
-
-def whole(table):
-    return np.concatenate([variable.numpy()[:rows.count] for rows, variable in table.blocks])
 
 
 def test_averaged_tables_follow_the_ema_and_evaluation_reads_them():

@@ -11,6 +11,7 @@ import numpy as np
 from lm1b_hvd import distributed, hparams
 from lm1b_hvd.model import LSTMPLanguageModel
 from lm1b_hvd.training import Trainer
+from tests.model_helpers import whole
 
 VOCAB = 53  # divides evenly by neither 2 nor 4 ranks, nor by num_shards
 HPS = hparams.validate(hparams.HParams(
@@ -50,10 +51,10 @@ def held(trainer):
     values.update({f"ema_{i}": v.numpy() for i, v in enumerate(trainer.ema.shadows)})
     for table, accumulators in zip(model.tables, trainer.table_accumulators):
         for prefix, source in ((table.name, table), (f"{table.name}_slot", accumulators)):
-            values[prefix] = np.concatenate([v.numpy()[:rows.count] for rows, v in source.blocks])
+            values[prefix] = whole(source)
         values[f"{table.name}_rows"] = np.array([table.rows.first, table.rows.stop])
     for table, average in zip(model.tables, trainer.ema.table_shadows):
-        values[f"{table.name}_average"] = np.concatenate([v.numpy()[:rows.count] for rows, v in average.blocks])
+        values[f"{table.name}_average"] = whole(average)
     return values
 
 
