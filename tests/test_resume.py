@@ -3,6 +3,7 @@ kill -9) after its checkpoint at step K and resumed to 2K ends with every saved 
 the unbroken 2K-step run's. The data position and LSTM rows of each rank ride in the checkpoint,
 and candidates and dropout masks come from stateless seeds keyed by (seed, rank, step)."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,3 +117,26 @@ def test_resuming_with_another_number_of_ranks_says_the_data_order_restarts(corp
     assert (f"resumed from {logdir}/ckpt-6 at step 6; the checkpoint was written by 2 rank(s), this run has 1: "
             "the data order restarts and the LSTM rows start from zero") in out
     assert "stopped at step 10 (max_steps)" in out
+
+
+FROM_MAIN = REPO_ROOT / "tests" / "data" / "checkpoint-3c202e8"
+
+
+def test_a_checkpoint_written_by_an_earlier_main_resumes_to_its_unbroken_run(tmp_path):
+    """tests/data/checkpoint-3c202e8: a 2-rank run of the demo preset (average_tables, dropout)
+    stopped at step 3 by the trainer of commit 3c202e8, and the same run unbroken to step 6. The
+    checkpoint resumes exactly, and the steps after it are the ones that trainer took."""
+    logdir = tmp_path / "log"
+    shutil.copytree(FROM_MAIN / "log", logdir)
+    out = train(FROM_MAIN / "corpus", logdir, 6)
+    assert f"resumed from {logdir}/ckpt-3 at step 3 (epoch 0, the same data position and LSTM rows)" in out
+    reader = tf.train.load_checkpoint(str(FROM_MAIN / "unbroken" / "ckpt-6"))
+    unbroken = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+                if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    resumed = saved_variables(logdir, 6)
+    assert sorted(unbroken) == sorted(resumed)
+    for name, value in unbroken.items():
+        if isinstance(value, bytes):
+            assert value == resumed[name], name
+        else:
+            np.testing.assert_allclose(resumed[name], value, rtol=0, atol=1e-5, err_msg=name)
