@@ -158,7 +158,7 @@ fi
 if [ "$stack_only" -eq 0 ]; then
   begin "lm1b_hvd (this package)"
   quiet $PIP install --no-build-isolation --no-deps -e .
-  if "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('lm1b_hvd._kernels')" 2>/dev/null; then
+  if "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('lm1b_hvd.model._kernels')" 2>/dev/null; then
     done_stage "installed, with its CPU kernels"
   else
     done_stage "installed, without CPU kernels (GPU stack: the portable ops run)"

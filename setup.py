@@ -14,9 +14,9 @@ def pinned_requirements():
 
 
 def cpu_kernels():
-    """The TensorFlow op library of lm1b_hvd/kernels/*.cc, loaded by lm1b_hvd.cpu_kernels: the
+    """The TensorFlow op library of lm1b_hvd/model/kernels/*.cc, loaded by lm1b_hvd.model.cpu_kernels: the
     LSTM cell's gate arithmetic and the sampled softmax's forward. Built for CPU installs only:
-    a GPU install (TensorFlow's CUDA build) runs the portable ops (lm1b_hvd.compute_plan), so
+    a GPU install (TensorFlow's CUDA build) runs the portable ops (lm1b_hvd.model.compute_plan), so
     it builds none unless LM1B_HVD_CPU_KERNELS=1; LM1B_HVD_CPU_KERNELS=0 skips them anywhere."""
     try:
         import tensorflow as tf
@@ -28,8 +28,8 @@ def cpu_kernels():
         return []
     # AVX2 and FMA (x86 CPUs since 2013): Eigen vectorizes the kernels' tanh and exp 8 floats at a time.
     vector_flags = ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
-    sources = sorted(str(path) for path in Path("lm1b_hvd/kernels").glob("*.cc"))
-    return [Extension("lm1b_hvd._kernels", sources=sources, language="c++",
+    sources = sorted(str(path) for path in Path("lm1b_hvd/model/kernels").glob("*.cc"))
+    return [Extension("lm1b_hvd.model._kernels", sources=sources, language="c++",
                       extra_compile_args=tf.sysconfig.get_compile_flags() + ["-O3"] + vector_flags,
                       extra_link_args=tf.sysconfig.get_link_flags())]
 

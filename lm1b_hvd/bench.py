@@ -31,9 +31,14 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import console, devices, distributed, hparams
-from lm1b_hvd.model import LSTMPLanguageModel, parameter_count, table_bytes_per_row, training_flops_per_word
-from lm1b_hvd.training import Trainer
+from lm1b_hvd import console, devices, hparams
+from lm1b_hvd.exchange import collectives
+from lm1b_hvd.exchange.gradients import TRAFFIC_KINDS
+from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
+from lm1b_hvd.model.cost import parameter_count, table_bytes_per_row, training_flops_per_word
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.step import Trainer
 
 # The real lm1b vocabulary (words seen at least 3 times), every preset's default but the demo's.
 LM1B_VOCAB = 793_470
@@ -90,7 +95,7 @@ class Block(typing.NamedTuple):
         return sum(stats.words for stats in self.step_stats)
 
 
-def timed_blocks(trainer, batches, state, steps, steps_per_block, peak):
+def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak):
     """Runs `steps` timed steps in blocks of `steps_per_block`, sampling the peak before and
     after each block (the better of the two is the block's peak)."""
     blocks, done = [], 0
@@ -99,7 +104,7 @@ def timed_blocks(trainer, batches, state, steps, steps_per_block, peak):
         times, step_stats = [], []
         for _ in range(min(steps_per_block, steps - done)):
             start = time.perf_counter()
-            state, stats = trainer.step(*batches[done % len(batches)], state)
+            row_state, stats = trainer.step(*batches[done % len(batches)], row_state)
             times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
             step_stats.append(stats)
             done += 1
@@ -137,52 +142,53 @@ def main(argv=None):
 
 
 def bench(args):
-    distributed.init()
+    ranks = collectives.init()
     devices.check_gpus_used(args.allow_cpu)
     hps = hparams.build(args.preset, args.hpconfig)
     if hps.vocab_parallel and args.no_exchange:
         raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
                                 "the ranks that own them")
     vocab_size = args.vocab or VOCAB_SIZES.get(args.preset, LM1B_VOCAB)
-    rank, size = distributed.rank(), distributed.size()
+    rank, size = ranks.rank, ranks.size
     say = console.say if rank == 0 else (lambda text: None)
     say(f"bench: preset {args.preset}, {size} rank(s), vocabulary {vocab_size:,}, "
         f"batch {hps.batch_size}x{hps.num_steps} per rank, exchange {'off' if args.no_exchange else 'on'}")
     say(f"hparams: {hps.to_string()}")
-    for line in distributed.device_report(devices.describe(distributed.cores_per_rank()), devices.on_gpu()):
+    for line in collectives.device_report(ranks, devices.describe(collectives.cores_per_rank()), devices.on_gpu()):
         say(line)
 
-    model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=distributed.vocab_exchange(hps, vocab_size))
-    trainer = Trainer(model, exchange=not args.no_exchange)
-    say(trainer.model.plan.describe())
+    model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=vocab_exchange(hps, vocab_size, ranks))
+    state = TrainingState(model)
+    trainer = Trainer(state, ranks, exchange=not args.no_exchange)
+    say(model.plan.describe())
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
-    state = trainer.model.zero_state(hps.batch_size)
+    row_state = model.zero_state(hps.batch_size)
 
     # Warm-up: tracing, first allocations, and rank 0's weights everywhere as in training.
     for index in range(args.warmup):
         began = time.perf_counter()
-        state, stats = trainer.step(*batches[index % len(batches)], state)
+        row_state, stats = trainer.step(*batches[index % len(batches)], row_state)
         if index == 0:
-            distributed.broadcast_from_root(trainer.state_variables())
-    warm_step = max(distributed.gather_numbers([time.perf_counter() - began]))
+            state.broadcast_from_root(ranks)
+    warm_step = max(ranks.gather_numbers([time.perf_counter() - began]))
     steps_per_block = max(1, math.floor(BLOCK_SECONDS / warm_step))  # the same on every rank
 
     peak = MatmulPeak(PEAK_DTYPES[hps.precision])
-    distributed.sum_over_ranks(tf.zeros([1])).numpy()  # every rank starts timing at once
+    ranks.sum(tf.zeros([1])).numpy()  # every rank starts timing at once
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.start(args.profile_dir)
-    blocks = timed_blocks(trainer, batches, state, args.steps, steps_per_block, peak)
+    blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak)
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
-    report_figures(blocks, hps, vocab_size, exchange=size > 1 and not args.no_exchange, say=say,
+    report_figures(blocks, hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange, say=say,
                    reduced_vocab=0 < args.vocab < LM1B_VOCAB)
 
 
-def report_figures(blocks, hps, vocab_size, exchange, say, reduced_vocab=False):
+def report_figures(blocks, hps, vocab_size, ranks, exchange, say, reduced_vocab=False):
     """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls
     it); with `reduced_vocab`, the parameters and peak memory at the real vocabulary too."""
-    size = distributed.size()
+    size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
     step_time = statistics.median(times)
@@ -190,7 +196,7 @@ def report_figures(blocks, hps, vocab_size, exchange, say, reduced_vocab=False):
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
     # Each block's peak summed over ranks (they ran the block together), then its MFU.
-    rank_peaks = distributed.gather_numbers([block.peak for block in blocks])
+    rank_peaks = ranks.gather_numbers([block.peak for block in blocks])
     block_peaks = [sum(rank_peaks[i::len(blocks)]) for i in range(len(blocks))]
     block_mfu = [100 * block.words * flops_per_word / sum(block.step_times) / block_peak
                  for block, block_peak in zip(blocks, block_peaks)]
@@ -212,7 +218,7 @@ def report_figures(blocks, hps, vocab_size, exchange, say, reduced_vocab=False):
         f"{len(blocks[0].step_times)} step(s), each against the peak measured around it: "
         + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
     if exchange:
-        for kind in distributed.TRAFFIC_KINDS:
+        for kind in TRAFFIC_KINDS:
             sent, received = (statistics.median(getattr(stats, f"{kind}_{way}") / size for stats in step_stats)
                               for way in ("sent", "received"))
             if sent or received:
@@ -220,7 +226,7 @@ def report_figures(blocks, hps, vocab_size, exchange, say, reduced_vocab=False):
         saved = statistics.median(stats.duplicate_bytes / size for stats in step_stats)
         if saved:
             say(f"summing duplicate rows before the exchange saved {saved / 1e6:,.2f} MB per rank per step")
-    memory = distributed.gather_numbers([peak_memory_bytes()])
+    memory = ranks.gather_numbers([peak_memory_bytes()])
     say("peak memory per rank: " + ", ".join(f"{m / 2 ** 30:.2f} GiB" for m in memory))
     if reduced_vocab:
         say(projected_memory_line(hps, vocab_size, max(memory), size))

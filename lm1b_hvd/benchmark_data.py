@@ -12,14 +12,15 @@ import os
 import sys
 import time
 
-from lm1b_hvd import console, data, demo_corpus, hparams, vocab
+from lm1b_hvd import console, hparams
+from lm1b_hvd.data import dataset, demo_corpus, vocab
 
 
-def measure(dataset, batch_size, num_steps, seconds, seed=0):
+def measure(training_data, batch_size, num_steps, seconds, seed=0):
     """(batches, predicted words, elapsed seconds) after about `seconds` of packing."""
     batches = words = 0
     start = time.perf_counter()
-    for _, _, w, _ in dataset.iterate_forever(batch_size, num_steps, [seed]):
+    for _, _, w, _ in training_data.iterate_forever(batch_size, num_steps, [seed]):
         batches += 1
         words += int(w.sum())
         if time.perf_counter() - start >= seconds:
@@ -41,9 +42,9 @@ def main(argv=None):
 
 def report(args):
     datadir = args.datadir or demo_corpus.ensure_demo_corpus()
-    words = vocab.load(os.path.join(datadir, data.VOCAB_FILE))
-    dataset = data.ShardedDataset.for_rank(datadir, "train", words)
-    batches, predicted, elapsed = measure(dataset, args.batch_size, args.num_steps, args.seconds)
+    words = vocab.load(os.path.join(datadir, dataset.VOCAB_FILE))
+    training_data = dataset.ShardedDataset.for_rank(datadir, "train", words)
+    batches, predicted, elapsed = measure(training_data, args.batch_size, args.num_steps, args.seconds)
     console.say(f"pipeline: {datadir} batch {args.batch_size}x{args.num_steps}: "
                 f"{batches / elapsed:.1f} batches/s, {predicted / elapsed:,.0f} words/s "
                 f"({batches} batches in {elapsed:.1f}s, one process)")

@@ -16,7 +16,9 @@ import sys
 
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, console, data, demo_corpus, devices, evaluation, inference
+from lm1b_hvd import console, devices, inference
+from lm1b_hvd.data import dataset, demo_corpus
+from lm1b_hvd.run import checkpoints, evaluation
 
 MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 
@@ -25,14 +27,14 @@ class CheckpointEvaluator:
     def __init__(self, logdir, datadir, mode, eval_steps):
         self.logdir, self.mode, self.eval_steps = logdir, mode, eval_steps
         weights = inference.run_weights(logdir, datadir)
-        self.hps, self.checkpoint = weights.hps, weights.checkpoint
-        self.dataset = data.ShardedDataset.for_rank(datadir, MODES[mode], weights.vocab)
-        self.evaluator = evaluation.Evaluator(weights.model, weights.ema, report=console.say)
+        self.hps, self.state = weights.hps, weights.state
+        self.dataset = dataset.ShardedDataset.for_rank(datadir, MODES[mode], weights.vocab)
+        self.evaluator = evaluation.Evaluator(self.state.model, self.state.ema, report=console.say)
         self.writer = evaluation.summary_writer(os.path.join(logdir, mode))
 
     def evaluate(self, path):
         """Perplexity of checkpoint `path`; writes its summaries at the checkpoint's step."""
-        self.checkpoint.restore(path).expect_partial()
+        self.state.restore(path)
         step = checkpoints.step_of(path)
         sums = self.evaluator.sums(self.dataset.sentences_once(), self.eval_steps)
         value = evaluation.perplexity(*sums)

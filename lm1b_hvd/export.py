@@ -22,8 +22,10 @@ import sys
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from lm1b_hvd import console, inference, tables, vocab
-from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd import console, inference
+from lm1b_hvd.data import vocab
+from lm1b_hvd.model import tables
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
 
 PROJECTOR_DIR = "projector"
 

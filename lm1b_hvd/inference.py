@@ -1,6 +1,7 @@
 """A trained model put to use: its weights (the EMA averages when the run kept them) and
 vocabulary from a log directory, and what users ask of it: the log-probability of each word of
-their sentences, and the distribution of the next word after a prefix. Full softmax throughout.
+their sentences, the distribution of the next word after a prefix, sentences drawn from it.
+Full softmax throughout, in one process: no Horovod and no training step are loaded.
 """
 import dataclasses
 import os
@@ -9,8 +10,10 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, data, demo_corpus, training, vocab as vocab_lib
-from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.data import dataset, demo_corpus, vocab as vocab_lib
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.run import checkpoints
+from lm1b_hvd.run.state import TrainingState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +36,10 @@ def add_model_arguments(parser):
 
 
 class RunWeights(typing.NamedTuple):
-    """What reading a run's weights needs: no optimizer, whose Adagrad slots would be a second
-    model-sized allocation that nothing reading the weights uses."""
+    """What reading a run's weights needs: its model and averages, no optimizer."""
     hps: object  # the run's HParams
     vocab: vocab_lib.Vocabulary
-    model: LSTMPLanguageModel
-    ema: training.ExponentialMovingAverage
-    checkpoint: checkpoints.RunCheckpoint  # model and EMA shadows: restore(path).expect_partial()
+    state: TrainingState  # for_training=False: the model and its EMA; restore(path) reads them
 
 
 def run_weights(logdir, datadir, precision=None):
@@ -47,14 +47,12 @@ def run_weights(logdir, datadir, precision=None):
     `precision` overrides the run's compute precision. The compute plan is this machine's
     (kernels=auto), whatever the run trained with: a run trained on CPUs is read on a GPU too."""
     hps = checkpoints.load_run_hparams(logdir)
-    words = vocab_lib.load(os.path.join(datadir, data.VOCAB_FILE))
+    words = vocab_lib.load(os.path.join(datadir, dataset.VOCAB_FILE))
     checkpoints.check_or_write_hparams(logdir, hps, len(words), write=False)
     # One process holds every row, whichever way the run's ranks held them.
     here = hps.replace(kernels="auto", vocab_parallel=False,
                        **(dict(precision=precision, xla=False) if precision else {}))
-    model = LSTMPLanguageModel(here, len(words))
-    ema = training.model_average(model)
-    return RunWeights(hps, words, model, ema, checkpoints.RunCheckpoint(model, ema))
+    return RunWeights(hps, words, TrainingState(LSTMPLanguageModel(here, len(words)), for_training=False))
 
 
 class TrainedModel:
@@ -64,11 +62,11 @@ class TrainedModel:
         self.datadir = datadir or demo_corpus.ensure_demo_corpus()
         # Inference in fp32 whatever the run trained in: the numbers a SavedModel export gives.
         weights = run_weights(logdir, self.datadir, precision="fp32")
-        self.hps, self.vocab, self.model = weights.hps, weights.vocab, weights.model
+        self.hps, self.vocab, self.model = weights.hps, weights.vocab, weights.state.model
         self.path = checkpoints.find_checkpoint(logdir, checkpoint)
-        weights.checkpoint.restore(self.path).expect_partial()
+        weights.state.restore(self.path)
         if self.hps.average_params:  # inference uses the averages, as evaluation does
-            weights.ema.copy_averages_to_targets()
+            weights.state.ema.copy_averages_to_targets()
         self.step = checkpoints.step_of(self.path)
         self._window_log_probs = tf.function(self._window_log_probs_eager)
         self._next_log_probs = tf.function(self.model.full_log_probs)
@@ -123,3 +121,50 @@ class TrainedModel:
         outputs, state = self.model.forward(tf.reshape(tf.constant(word_ids, tf.int32), [-1, 1]), state,
                                             training=False)
         return self._next_log_probs(outputs[:, -1]), state
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How `sample` draws: sentences (`num`), each at most `max_words` words after the prefix,
+    each word from the full softmax divided by `temperature`, cut to the `top_k` most probable
+    when given; <UNK> only with `allow_unk`; the same `seed`, the same sentences."""
+    num: int = 10
+    max_words: int = 50
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    allow_unk: bool = False
+
+
+def draw(log_probs, temperature, top_k, seed):
+    """One word id per row from log-probabilities [rows, vocab], stateless in `seed`."""
+    logits = log_probs / temperature
+    if top_k:
+        kth = tf.math.top_k(logits, k=top_k).values[:, -1:]
+        logits = tf.where(logits < kth, tf.float32.min, logits)
+    return tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0].numpy()
+
+
+def sample(trained, prefix, options):
+    """`options.num` word lists, each the prefix's words then the continuation drawn one word at
+    a time (from <S> and a zero state) until the end mark <S> or `options.max_words` words."""
+    num = options.num
+    mark, unk = trained.vocab.sentence_id, trained.vocab.unk_id
+    log_probs, state = trained.next_word_log_probs([prefix] * num)
+    words = [[] for _ in range(num)]
+    finished = np.zeros(num, bool)
+    for position in range(options.max_words + 1):
+        if not options.allow_unk:
+            log_probs = tf.tensor_scatter_nd_update(log_probs, [[row, unk] for row in range(num)],
+                                                    tf.fill([num], tf.float32.min))
+        chosen = draw(log_probs, options.temperature, options.top_k, tf.constant([options.seed, position], tf.int64))
+        for row, word in enumerate(chosen):
+            if not finished[row]:
+                if word == mark or position == options.max_words:
+                    finished[row] = True
+                else:
+                    words[row].append(trained.vocab.id_to_word(int(word)))
+        if finished.all():
+            break
+        log_probs, state = trained.continue_from(chosen, state)
+    return [prefix.split() + row for row in words]

@@ -5,7 +5,8 @@
 """
 import sys
 
-from lm1b_hvd import console, demo_corpus, lm1b_download
+from lm1b_hvd import console
+from lm1b_hvd.data import demo_corpus, lm1b_download
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ import math
 import sys
 import time
 
-from lm1b_hvd import console, evaluation, inference
+from lm1b_hvd import console, inference
+from lm1b_hvd.run import evaluation
 
 
 class InputError(console.UserError):

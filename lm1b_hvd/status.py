@@ -19,9 +19,10 @@ import re
 import sys
 import time
 
-from lm1b_hvd import console, run_lock
+from lm1b_hvd import console
+from lm1b_hvd.run import lock as run_lock
 from lm1b_hvd.console import option
-from lm1b_hvd.logdir_files import BEST_DIR, BEST_FILE, CHECKPOINT_STATE_FILE, HPARAMS_FILE, PROGRESS_FILE
+from lm1b_hvd.run.logdir_files import BEST_DIR, BEST_FILE, CHECKPOINT_STATE_FILE, HPARAMS_FILE, PROGRESS_FILE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,22 +80,22 @@ def measure(args):
     """In this process: warm up, trace args.steps steps, print the split as one JSON line."""
     import tensorflow as tf
 
-    from lm1b_hvd import bench, distributed, hparams
-    from lm1b_hvd.model import LSTMPLanguageModel
-    from lm1b_hvd.training import Trainer
+    from lm1b_hvd import bench, hparams
+    from lm1b_hvd.model.language_model import LSTMPLanguageModel
+    from lm1b_hvd.run.state import TrainingState
+    from lm1b_hvd.update.step import Trainer
 
-    distributed.init()
     hps = hparams.build(args.preset, args.hpconfig)
     vocab_size = args.vocab or bench.VOCAB_SIZES[args.preset]
-    trainer = Trainer(LSTMPLanguageModel(hps, vocab_size))
+    trainer = Trainer(TrainingState(LSTMPLanguageModel(hps, vocab_size)))
     batches = bench.zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, 0])
-    state = trainer.model.zero_state(hps.batch_size)
+    row_state = trainer.model.zero_state(hps.batch_size)
     for index in range(3):
-        state, _ = trainer.step(*batches[index % len(batches)], state)
+        row_state, _ = trainer.step(*batches[index % len(batches)], row_state)
     trace_dir = tempfile.mkdtemp(prefix="lm1b-profile-")
     tf.profiler.experimental.start(trace_dir)
     for index in range(args.steps):
-        state, _ = trainer.step(*batches[index % len(batches)], state)
+        row_state, _ = trainer.step(*batches[index % len(batches)], row_state)
     tf.profiler.experimental.stop()
     (xplane,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb"))
     steps, intervals = read_trace(xplane)

@@ -33,7 +33,7 @@ def write_lm1b_dir(root, train_shards, heldout_shards, vocab_lines):
 
 def write_tiny_demo_corpus(root):
     """A demo corpus small enough for seconds-long runs (40 words, 400 training sentences)."""
-    from lm1b_hvd import demo_corpus
+    from lm1b_hvd.data import demo_corpus
     spec = demo_corpus.LanguageSpec(num_words=40, num_classes=4, successors=2, start_classes=2)
     demo_corpus.write_corpus(str(root), spec, train_sentences=400, heldout_sentences=40, train_files=3)
     return root

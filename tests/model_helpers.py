@@ -4,7 +4,7 @@ time-major chunks, as training produces them)."""
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import ops
+from lm1b_hvd.model import ops
 
 
 def whole(table):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm1b_hvd import hparams
-from lm1b_hvd.model import parameter_count, table_bytes_per_row, training_flops_per_word
+from lm1b_hvd.model.cost import parameter_count, table_bytes_per_row, training_flops_per_word
 from tests.conftest import run
 from tests.test_multiprocess import horovodrun
 

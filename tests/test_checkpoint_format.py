@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, distributed, hparams, tables
-from lm1b_hvd.model import LSTMPLanguageModel, VocabularyTables
-from lm1b_hvd.training import Trainer
+from lm1b_hvd import hparams
+from lm1b_hvd.model import tables
+from lm1b_hvd.model.language_model import LSTMPLanguageModel, VocabularyTables
+from lm1b_hvd.run import state as run_state
+from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.step import Trainer
 from tests.model_helpers import whole
 
 VOCAB = 31
@@ -20,37 +23,33 @@ def tiny(**changes):
 
 
 def trained(hps, steps=3):
-    """A trainer after a few steps, so that weights and slots differ from their initial values."""
-    distributed.init()
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
+    """A training state after a few steps, so that weights and slots differ from their initial values."""
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB))
+    trainer = Trainer(state)
     rng = np.random.default_rng(0)
-    state = trainer.model.zero_state(hps.batch_size)
+    row_state = state.model.zero_state(hps.batch_size)
     for _ in range(steps):
         x, y = (rng.integers(0, VOCAB, (hps.batch_size, hps.num_steps)).astype(np.int32) for _ in range(2))
-        state, _ = trainer.step(x, y, np.ones(x.shape, np.float32), state)
-    return trainer
+        row_state, _ = trainer.step(x, y, np.ones(x.shape, np.float32), row_state)
+    return state
 
 
-def checkpoint_of(trainer):
-    return checkpoints.RunCheckpoint(trainer.model, trainer.ema, trainer.optimizer, trainer.table_accumulators)
-
-
-def restored_trainer(hps, path):
-    """A new trainer of `hps` with the checkpoint at `path` restored into it."""
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
-    checkpoint_of(trainer).restore(path).expect_partial()
-    return trainer
+def restored_state(hps, path):
+    """A new training state of `hps` with the checkpoint at `path` restored into it."""
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB))
+    state.restore(path)
+    return state
 
 
 def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
-    trainer = trained(tiny())
-    path = checkpoint_of(trainer).write(str(tmp_path / "ckpt-3"))
+    state = trained(tiny())
+    path = state.write(str(tmp_path / "ckpt-3"))
     shapes = dict(tf.train.list_variables(path))
     assert shapes["tables/embedding"] == [VOCAB, 8] and shapes["tables/softmax_w"] == [VOCAB, 6]
     assert shapes["tables/softmax_b"] == [VOCAB] and shapes["tables/embedding/adagrad_accumulator"] == [VOCAB, 8]
     assert not any(name.startswith("model/embedding") for name in shapes), "no block variables of the layout"
     reader = tf.train.load_checkpoint(path)
-    for name, table, accumulators in zip(VocabularyTables.NAMES, trainer.model.tables, trainer.table_accumulators):
+    for name, table, accumulators in zip(VocabularyTables.NAMES, state.model.tables, state.table_accumulators):
         key = tables.KEY_PREFIX + name
         np.testing.assert_array_equal(reader.get_tensor(key), whole(table))
         np.testing.assert_array_equal(reader.get_tensor(key + "/adagrad_accumulator"), whole(accumulators))
@@ -60,42 +59,42 @@ def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("num_shards", [1, 4])
 def test_another_layout_restores_the_same_matrices(tmp_path, num_shards):
     source = trained(tiny())
-    path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
-    other = restored_trainer(tiny(num_shards=num_shards, seed=7), path)
+    path = source.write(str(tmp_path / "ckpt"))
+    other = restored_state(tiny(num_shards=num_shards, seed=7), path)
     for mine, theirs in zip(list(other.model.tables) + other.table_accumulators,
                             list(source.model.tables) + source.table_accumulators):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
-    assert int(other.global_step) == 3
+    assert int(other.step) == 3
 
 
-AVERAGE = checkpoints.AVERAGE_SUFFIX
+AVERAGE = run_state.AVERAGE_SUFFIX
 
 
 def test_averaged_tables_are_logical_matrices_and_restore_in_another_layout(tmp_path):
     source = trained(tiny(average_tables=True, ema_decay=0.5))
-    path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
+    path = source.write(str(tmp_path / "ckpt"))
     reader = tf.train.load_checkpoint(path)
     for (name, table), average in zip(source.model.tables.named(), source.ema.table_shadows):
         saved = reader.get_tensor(tables.KEY_PREFIX + name + AVERAGE)
         np.testing.assert_array_equal(saved, whole(average))
         assert np.abs(saved - whole(table)).max() > 1e-4, f"{name}: the average lags the weights"
-    other = restored_trainer(tiny(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), path)
+    other = restored_state(tiny(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), path)
     for mine, theirs in zip(other.ema.table_shadows, source.ema.table_shadows):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
 
 
 def test_a_checkpoint_without_table_averages_starts_them_at_its_weights(tmp_path):
     source = trained(tiny())
-    path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
+    path = source.write(str(tmp_path / "ckpt"))
     assert not any(name.endswith(AVERAGE) for name, _ in tf.train.list_variables(path))
-    averaging = restored_trainer(tiny(average_tables=True, seed=7), path)
+    averaging = restored_state(tiny(average_tables=True, seed=7), path)
     for average, table in zip(averaging.ema.table_shadows, source.model.tables):
         np.testing.assert_array_equal(whole(average), whole(table))
 
 
 def test_a_table_of_some_rows_reads_only_those(tmp_path):
     source = trained(tiny())
-    path = checkpoint_of(source).write(str(tmp_path / "ckpt"))
+    path = source.write(str(tmp_path / "ckpt"))
     rows = tables.Rows(10, 20)
     part = tables.VocabTable("emb", VOCAB, 8, [(rows, tf.Variable(tf.zeros([10, 8])))])
     part.restore(path, "tables/embedding")
@@ -134,8 +133,8 @@ def test_a_checkpoint_of_the_earlier_format_restores_weights_and_slots(tmp_path)
         str(tmp_path / "ckpt-42"))
     assert not tables.holds_tables(path)
 
-    restored = restored_trainer(tiny(seed=9), path)
-    assert int(restored.global_step) == 42
+    restored = restored_state(tiny(seed=9), path)
+    assert int(restored.step) == 42
     blocks = len(earlier.embedding)
     old_slots = [v.numpy() for v in optimizer.variables[1:]]  # slot i is all_variables[i]'s
     lstm = len(earlier.lstm_weights) * 3
@@ -145,7 +144,7 @@ def test_a_checkpoint_of_the_earlier_format_restores_weights_and_slots(tmp_path)
     np.testing.assert_array_equal(whole(restored.table_accumulators[1]),
                                   np.concatenate(old_slots[blocks + lstm:2 * blocks + lstm])[:VOCAB])
     np.testing.assert_array_equal(whole(restored.table_accumulators[2]), old_slots[-1])
-    for mine, theirs in zip(restored.optimizer.lstm_accumulators(), old_slots[blocks:blocks + lstm]):
+    for mine, theirs in zip(restored.optimizer.accumulators(), old_slots[blocks:blocks + lstm]):
         np.testing.assert_array_equal(mine.numpy(), theirs)
     for mine, theirs in zip(restored.model.lstm_variables, source.model.lstm_variables):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())

@@ -1,8 +1,9 @@
 """The compute plan: chosen once from the hparams and the device, every choice named."""
 import pytest
 
-from lm1b_hvd import compute_plan, console, cpu_kernels, hparams
-from lm1b_hvd.compute_plan import DeviceTraits
+from lm1b_hvd import console, hparams
+from lm1b_hvd.model import compute_plan, cpu_kernels
+from lm1b_hvd.model.compute_plan import DeviceTraits
 
 AVX512_CPU = DeviceTraits(gpu=False, onednn_avx512=True, cpu_kernels_built=True)
 AVX2_CPU = DeviceTraits(gpu=False, onednn_avx512=False, cpu_kernels_built=True)
@@ -61,12 +62,14 @@ def test_an_unknown_kernels_value_is_refused_by_name():
 def test_a_run_trained_with_the_cpu_kernels_is_read_with_this_machines_plan(tmp_path, monkeypatch):
     """evaluate, score, sample and export choose their own plan: a run trained with
     kernels=cpu is read on a GPU node, where those kernels cannot run."""
-    from lm1b_hvd import checkpoints, data, inference, vocab
+    from lm1b_hvd import inference
+    from lm1b_hvd.data import dataset, vocab
+    from lm1b_hvd.run import checkpoints
     from tests.conftest import write_tiny_demo_corpus
     corpus = write_tiny_demo_corpus(tmp_path / "demo")
-    words = vocab.load(str(corpus / data.VOCAB_FILE))
+    words = vocab.load(str(corpus / dataset.VOCAB_FILE))
     trained_with = hparams.build("demo", "kernels=cpu,state_size=16,projected_size=8,emb_size=8,num_sampled=16")
     checkpoints.check_or_write_hparams(str(tmp_path / "log"), trained_with, len(words), write=True)
     monkeypatch.setattr(DeviceTraits, "detect", classmethod(lambda cls: GPU))
     weights = inference.run_weights(str(tmp_path / "log"), str(corpus))
-    assert weights.hps.kernels == "cpu" and weights.model.plan.kernels == "portable"
+    assert weights.hps.kernels == "cpu" and weights.state.model.plan.kernels == "portable"

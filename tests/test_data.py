@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from lm1b_hvd import data, vocab
+from lm1b_hvd.data import dataset, vocab
 from tests.conftest import run, write_lm1b_dir
 
 VOCAB = ["<S> 0", "<UNK> 0"] + [f"w{i} 1" for i in range(50)]
@@ -29,7 +29,7 @@ def test_packer_invariants(batch_size, num_steps):
     rng = np.random.default_rng(batch_size * 100 + num_steps)
     sentences = [np.array([0, *rng.integers(2, 40, size=rng.integers(1, 25)), 0], np.int32)
                  for _ in range(60)]
-    batches = list(data.pack_batches(iter(sentences), batch_size, num_steps))
+    batches = list(dataset.pack_batches(iter(sentences), batch_size, num_steps))
     assert all(b[0].shape == (batch_size, num_steps) for b in batches)
     xs, ys, ws = streams_from_batches(batches)
     # Every prediction of every sentence appears exactly once with w = 1.
@@ -54,14 +54,14 @@ def test_packer_invariants(batch_size, num_steps):
 
 def test_state_carrying_layout_row_continues_across_batches():
     sentence = np.array([0, 5, 6, 7, 8, 9, 0], np.int32)
-    batches = list(data.pack_batches(iter([sentence]), batch_size=1, num_steps=4))
+    batches = list(dataset.pack_batches(iter([sentence]), batch_size=1, num_steps=4))
     assert [b[0].tolist() for b in batches] == [[[0, 5, 6, 7]], [[8, 9, 0, 0]]]
     assert [b[1].tolist() for b in batches] == [[[5, 6, 7, 8]], [[9, 0, 0, 0]]]
     assert [b[2].tolist() for b in batches] == [[[1, 1, 1, 1]], [[1, 1, 0, 0]]]
 
 
 def all_sentences(parts, v):
-    return [tuple(s) for part in parts for s in data.read_sentences(part, v)]
+    return [tuple(s) for part in parts for s in dataset.read_sentences(part, v)]
 
 
 @pytest.mark.parametrize("num_files", [1, 2, 3, 5])
@@ -72,13 +72,13 @@ def test_sharding_is_disjoint_and_complete(tmp_path, num_files, num_ranks):
         "\n".join(f"w{f} w{i % 50}" + f" w{rng.integers(0, 50)}" * (i % 3) for i in range(37 + f)) + "\n"
         for f in range(num_files)]
     root = write_lm1b_dir(tmp_path / "d", shards, ["w1 w2\n"], VOCAB)
-    v = vocab.load(str(root / data.VOCAB_FILE))
-    paths = data.find_files(str(root), "train")
-    whole = all_sentences(data.parts_for_rank(paths, 0, 1), v)
-    per_rank = [all_sentences(data.parts_for_rank(paths, r, num_ranks), v) for r in range(num_ranks)]
+    v = vocab.load(str(root / dataset.VOCAB_FILE))
+    paths = dataset.find_files(str(root), "train")
+    whole = all_sentences(dataset.parts_for_rank(paths, 0, 1), v)
+    per_rank = [all_sentences(dataset.parts_for_rank(paths, r, num_ranks), v) for r in range(num_ranks)]
     assert sorted(sum(per_rank, [])) == sorted(whole)
     lines_of = {p: len(open(p, "rb").read().splitlines()) for p in paths}
-    located = [{(p.path, line) for p in data.parts_for_rank(paths, r, num_ranks)
+    located = [{(p.path, line) for p in dataset.parts_for_rank(paths, r, num_ranks)
                 for line in range(p.offset, lines_of[p.path], p.stride)} for r in range(num_ranks)]
     for a in range(num_ranks):
         for b in range(a + 1, num_ranks):
@@ -90,8 +90,8 @@ def test_sharding_is_disjoint_and_complete(tmp_path, num_files, num_ranks):
 def test_invalid_utf8_blank_lines_and_empty_files(tmp_path):
     shards = [b"w1 w2\n\n   \nw3 \xff\xfe w4\r\n", b"", b"\t\n"]
     root = write_lm1b_dir(tmp_path / "d", shards, ["w1\n"], VOCAB)
-    v = vocab.load(str(root / data.VOCAB_FILE))
-    ds = data.ShardedDataset.for_rank(str(root), "train", v)
+    v = vocab.load(str(root / dataset.VOCAB_FILE))
+    ds = dataset.ShardedDataset.for_rank(str(root), "train", v)
     got = [s.tolist() for s in ds.sentences_once()]
     w = v.word_to_id
     assert got == [[0, w("w1"), w("w2"), 0], [0, w("w3"), v.unk_id, w("w4"), 0]]
@@ -99,25 +99,25 @@ def test_invalid_utf8_blank_lines_and_empty_files(tmp_path):
 
 def test_rank_without_sentences_is_an_error(tmp_path):
     root = write_lm1b_dir(tmp_path / "d", [b"", b"\n\n"], ["w1\n"], VOCAB)
-    v = vocab.load(str(root / data.VOCAB_FILE))
-    ds = data.ShardedDataset.for_rank(str(root), "train", v)
-    with pytest.raises(data.DataError, match="no sentences in .*news.en-00001-of-00100"):
-        list(data.pack_batches(ds.sentences_once(), 2, 3))
-    with pytest.raises(data.DataError, match="no sentences in"):
+    v = vocab.load(str(root / dataset.VOCAB_FILE))
+    ds = dataset.ShardedDataset.for_rank(str(root), "train", v)
+    with pytest.raises(dataset.DataError, match="no sentences in .*news.en-00001-of-00100"):
+        list(dataset.pack_batches(ds.sentences_once(), 2, 3))
+    with pytest.raises(dataset.DataError, match="no sentences in"):
         next(ds.iterate_forever(2, 3, seed=[0]))
 
 
 def test_missing_files_name_the_directory(tmp_path):
-    with pytest.raises(data.DataError, match=f"{tmp_path}: no train files matching"):
-        data.find_files(str(tmp_path), "train")
+    with pytest.raises(dataset.DataError, match=f"{tmp_path}: no train files matching"):
+        dataset.find_files(str(tmp_path), "train")
 
 
 def test_endless_iterator_is_seeded_and_reshuffles(tmp_path):
     rng = np.random.default_rng(0)
     root = write_lm1b_dir(tmp_path / "d", ["\n".join(random_sentences(rng, 40)) for _ in range(3)],
                           ["w1\n"], VOCAB)
-    v = vocab.load(str(root / data.VOCAB_FILE))
-    ds = data.ShardedDataset.for_rank(str(root), "train", v)
+    v = vocab.load(str(root / dataset.VOCAB_FILE))
+    ds = dataset.ShardedDataset.for_rank(str(root), "train", v)
 
     def first(seed, count=200):
         it = ds.sentences_forever([seed])
@@ -134,11 +134,11 @@ def test_a_stream_continued_from_its_saved_position_is_the_same_stream(tmp_path)
     rng = np.random.default_rng(1)
     root = write_lm1b_dir(tmp_path / "d", ["\n".join(random_sentences(rng, 30)) for _ in range(3)],
                           ["w1\n"], VOCAB)
-    ds = data.ShardedDataset.for_rank(str(root), "train", vocab.load(str(root / data.VOCAB_FILE)))
+    ds = dataset.ShardedDataset.for_rank(str(root), "train", vocab.load(str(root / dataset.VOCAB_FILE)))
     batches = ds.iterate_forever(4, 5, seed=[3, 0])
     straight = [next(batches) for _ in range(250)]  # ~3.5 epochs
     for stop in (1, 70, 150):
-        saved = data.StreamPosition.from_dict(json.loads(json.dumps(straight[stop][3].to_dict())))
+        saved = dataset.StreamPosition.from_dict(json.loads(json.dumps(straight[stop][3].to_dict())))
         resumed = ds.iterate_forever(4, 5, seed=[3, 0], position=saved)
         for expected in straight[stop + 1:]:
             got = next(resumed)
@@ -149,30 +149,30 @@ def test_a_stream_continued_from_its_saved_position_is_the_same_stream(tmp_path)
 
 
 def test_reads_the_real_lm1b_sample(lm1b_sample):
-    v = vocab.load(str(lm1b_sample / data.VOCAB_FILE))
+    v = vocab.load(str(lm1b_sample / dataset.VOCAB_FILE))
     assert 13_000 < len(v) < 14_000
-    heldout = data.ShardedDataset.for_rank(str(lm1b_sample), "heldout", v)
+    heldout = dataset.ShardedDataset.for_rank(str(lm1b_sample), "heldout", v)
     sentences = list(heldout.sentences_once())
     assert len(sentences) == 1216
-    batches = list(data.pack_batches(heldout.sentences_once(), 16, 20))
+    batches = list(dataset.pack_batches(heldout.sentences_once(), 16, 20))
     predictions = sum(int(b[2].sum()) for b in batches)
     assert predictions == sum(len(s) - 1 for s in sentences)
     unk_rate = sum(int(np.sum(s == v.unk_id)) for s in sentences) / predictions
     assert 0.005 < unk_rate < 0.2
-    train = [data.ShardedDataset.for_rank(str(lm1b_sample), "train", v, r, 3) for r in range(3)]
+    train = [dataset.ShardedDataset.for_rank(str(lm1b_sample), "train", v, r, 3) for r in range(3)]
     assert sum(len(list(t.sentences_once())) for t in train) == 11_000
 
 
 def test_prefetch_keeps_order_and_raises_the_producers_error():
-    assert list(data.prefetch(iter(range(50)), depth=3)) == list(range(50))
+    assert list(dataset.prefetch(iter(range(50)), depth=3)) == list(range(50))
 
     def failing():
         yield 1
-        raise data.DataError("no sentences in shard-7")
+        raise dataset.DataError("no sentences in shard-7")
 
-    got = data.prefetch(failing())
+    got = dataset.prefetch(failing())
     assert next(got) == 1
-    with pytest.raises(data.DataError, match="no sentences in shard-7"):
+    with pytest.raises(dataset.DataError, match="no sentences in shard-7"):
         next(got)
 
 

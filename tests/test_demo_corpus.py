@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from lm1b_hvd import data, demo_corpus, vocab
+from lm1b_hvd.data import dataset, demo_corpus, vocab
 
 TINY = demo_corpus.LanguageSpec(num_words=6, num_classes=3, successors=2, start_classes=2,
                                 shared_words=0.5, end_prob=(0.3, 0.5), seed=3)
@@ -37,13 +37,13 @@ def test_oracle_matches_brute_force_on_the_heldout_file(tmp_path):
                                     heldout_sentences=60, train_files=2)
     language = demo_corpus.HiddenMarkovLanguage.random(TINY)
     index_of = {w.encode(): i for i, w in enumerate(language.words)}
-    v = vocab.load(str(tmp_path / "c" / data.VOCAB_FILE))
-    heldout = data.ShardedDataset.for_rank(str(tmp_path / "c"), "heldout", v)
+    v = vocab.load(str(tmp_path / "c" / dataset.VOCAB_FILE))
+    heldout = dataset.ShardedDataset.for_rank(str(tmp_path / "c"), "heldout", v)
     sentences = [[index_of[v.words[i]] for i in s[1:-1]] for s in heldout.sentences_once()]
     total = sum(brute_force_log_prob(language, s) for s in sentences if len(s) <= 9)
     assert all(len(s) <= 9 for s in sentences), "tiny spec keeps sentences short"
     # The model's evaluation counts one prediction per packed position with w = 1.
-    predictions = sum(int(b[2].sum()) for b in data.pack_batches(heldout.sentences_once(), 4, 5))
+    predictions = sum(int(b[2].sum()) for b in dataset.pack_batches(heldout.sentences_once(), 4, 5))
     assert info["heldout_predictions"] == predictions
     assert math.isclose(info["oracle_perplexity"], math.exp(-total / predictions), rel_tol=1e-9)
 
@@ -75,7 +75,7 @@ def test_default_corpus_is_deterministic_and_in_range(tmp_path):
     assert read_tree(tmp_path / "a") != read_tree(tmp_path / "c")
     assert a == b
     assert 20 < a["oracle_perplexity"] < 200 and 20 < c["oracle_perplexity"] < 200
-    v = vocab.load(str(tmp_path / "a" / data.VOCAB_FILE))
+    v = vocab.load(str(tmp_path / "a" / dataset.VOCAB_FILE))
     assert len(v) == spec.num_words + 2
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import cpu_kernels
+from lm1b_hvd.model import cpu_kernels
 from tests.conftest import run
 
 STEPS = 300

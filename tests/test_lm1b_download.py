@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from lm1b_hvd import data, lm1b_download, prepare_data, vocab
+from lm1b_hvd import prepare_data
+from lm1b_hvd.data import dataset, lm1b_download, vocab
 
 ROOT = lm1b_download.ARCHIVE_ROOT
 TRAIN = f"{ROOT}/training-monolingual.tokenized.shuffled"
@@ -65,11 +66,11 @@ def test_fetch_builds_the_original_vocabulary_format(tmp_path, server, capsys):
     assert code == 0
     datadir = out / ROOT
     assert f"--datadir {datadir}" in capsys.readouterr().out
-    v = vocab.load(str(datadir / data.VOCAB_FILE))
+    v = vocab.load(str(datadir / dataset.VOCAB_FILE))
     assert [w.decode() for w in v.words] == ["<S>", "<UNK>", "the", "cat", "sat"]
     assert v.counts == [4, 5, 3, 2, 2]  # 4 sentences; dog, ran, a, rare, word seen once
     assert not (out / "lm1b.tar.gz").exists()
-    assert len(data.find_files(str(datadir), "train")) == 2
+    assert len(dataset.find_files(str(datadir), "train")) == 2
 
 
 def test_checksum_mismatch_is_refused(tmp_path, server):

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import compute_plan, hparams
-from lm1b_hvd.model import LSTMPLanguageModel, unique_log_uniform_candidates
-from lm1b_hvd.training import sum_duplicates
+from lm1b_hvd import hparams
+from lm1b_hvd.model import compute_plan
+from lm1b_hvd.model.candidates import draw as draw_candidates, unique_log_uniform_candidates
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.update.step import sum_duplicates
 from tests.model_helpers import sampled_softmax_losses, true_logits
 
 VOCAB = 31  # not a multiple of num_shards: the last shard is padded
@@ -77,8 +79,8 @@ def test_softmax_rows_have_the_same_shapes_every_step():
     assert all(t.shape.is_fully_defined() for t in tf.nest.flatten(traced.structured_outputs))
     x, y = batch(5, hps)
     hits = model.softmax_rows(y, tf.constant([1, 7])).hit_columns.numpy()
-    candidates, _, _ = model.sample_candidates(tf.reshape(tf.cast(tf.transpose(y), tf.int64), [-1, 1]),
-                                               tf.constant([1, 7]))
+    candidates, _, _ = draw_candidates(tf.reshape(tf.cast(tf.transpose(y), tf.int64), [-1, 1]), tf.constant([1, 7]),
+                                       hps.num_sampled, VOCAB)
     # Per time-major token: the column holding its target word among the candidates, else -1.
     expected = [list(candidates.numpy()).index(word) if word in candidates.numpy() else -1
                 for word in np.transpose(y).reshape(-1)]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import demo_corpus
-from lm1b_hvd.model import LSTMPLanguageModel
+from lm1b_hvd.data import demo_corpus
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from tests.conftest import run, write_tiny_demo_corpus
 from tests.model_helpers import sampled_softmax_losses
 from tests.workers import broadcast, equivalence as eq

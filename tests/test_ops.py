@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import console, cpu_kernels, ops
-from lm1b_hvd.compute_plan import ComputePlan
+from lm1b_hvd import console
 from lm1b_hvd.hparams import HParams
-from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.ops import FORGET_BIAS
+from lm1b_hvd.model import cpu_kernels, ops
+from lm1b_hvd.model.compute_plan import ComputePlan
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.model.ops import FORGET_BIAS
 
 STEPS, BATCH, INPUTS, STATE, PROJ = 5, 3, 4, 6, 2
 

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, distributed, hparams, training
-from lm1b_hvd.model import RECURRENT_DROPOUT_STREAM, LSTMPLanguageModel, sub_seed
-from lm1b_hvd.ops import FORGET_BIAS
-from lm1b_hvd.training import PlateauDecay, Trainer
+from lm1b_hvd import hparams
+from lm1b_hvd.exchange.gradients import Traffic
+from lm1b_hvd.exchange.ranks import ONE_PROCESS
+from lm1b_hvd.model import regularisation
+from lm1b_hvd.model.averaging import evaluation_weights
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.model.ops import FORGET_BIAS
+from lm1b_hvd.model.step_seeds import RECURRENT_DROPOUT_STREAM, step_seed, sub_seed
+from lm1b_hvd.run import checkpoints
+from lm1b_hvd.run.state import RunPoint, TrainingState
+from lm1b_hvd.update.optimizer import PlateauDecay
+from lm1b_hvd.update.step import Trainer
 from tests.model_helpers import whole
 from tests.test_ops import needs_cpu_kernels
 
@@ -99,18 +107,17 @@ def dense(gradient):
 def trainer_gradients(hps):
     """{name: gradient} of one training step of the model (before the step's scaling and clip),
     and the model's initial values under the same names."""
-    distributed.init()
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
+    trainer = Trainer(TrainingState(LSTMPLanguageModel(hps, VOCAB)))
     model = trainer.model
     x, y, w = batch()
-    _, _, gradients = trainer._gradients(x, y, w, model.zero_state(hps.batch_size), distributed.Traffic())
+    _, _, gradients = trainer.gradients(x, y, w, model.zero_state(hps.batch_size), Traffic())
     names = (["embedding"] + [f"weight{k}" for k in range(hps.num_layers)]
              + [f"factor{k}" for k in range(len(model.lstm_factors))] + [f"bias{k}" for k in range(hps.num_layers)]
              + [f"projection{k}" for k in range(hps.num_layers)] + ([] if model.tied else ["softmax_w"])
              + ["softmax_b"])
     values = {name: variable.numpy() for name, variable in zip(names, model.all_variables)}
     got = {name: dense(g) for name, g in zip(names, gradients)}
-    return trainer, got, values, trainer.step_seed()
+    return trainer, got, values, step_seed(hps.seed, 0, trainer.state.step)
 
 
 CASES = {
@@ -138,7 +145,7 @@ def test_a_training_steps_gradients_are_autodiff_of_the_textbook_model(case, ker
     params["embedding_out"] = tf.constant(values["embedding" if trainer.model.tied else "softmax_w"])
     with tf.GradientTape() as tape:
         tape.watch(list(params.values()))
-        loss = textbook_loss(hps, params, x, y, w, seed, trainer.model.word_keep_scale(seed))
+        loss = textbook_loss(hps, params, x, y, w, seed, regularisation.word_keep_scale(hps, VOCAB, seed))
     expected = dict(zip(params, tape.gradient(loss, list(params.values()))))
     embedding_in, embedding_out = dense(expected.pop("embedding_in")), dense(expected.pop("embedding_out"))
     if trainer.model.tied:
@@ -151,17 +158,16 @@ def test_a_training_steps_gradients_are_autodiff_of_the_textbook_model(case, ker
 
 
 def test_variational_masks_are_one_per_row_shared_by_the_windows_steps():
-    model = LSTMPLanguageModel(tiny(variational_dropout=True, keep_prob=0.5, batch_size=64), VOCAB)
+    hps = tiny(variational_dropout=True, keep_prob=0.5, batch_size=64)
     chunks = [tf.ones([2, 64, 6]), tf.ones([3, 64, 6])]
     seed = tf.constant([1, 7], tf.int64)
-    steps = tf.concat(model._dropout(chunks, True, seed, 0), axis=0).numpy()
+    steps = tf.concat(regularisation.dropout(chunks, hps, seed, 0), axis=0).numpy()
     assert np.all(steps == steps[:1]), "every step of a row has the row's mask"
     assert set(np.unique(steps)) == {0.0, 2.0} and 0.35 < np.mean(steps[0] == 0) < 0.65
     assert not np.array_equal(steps[0, 0], steps[0, 1]), "rows have masks of their own"
-    later = tf.concat(model._dropout(chunks, True, tf.constant([1, 8], tf.int64), 0), axis=0).numpy()
+    later = tf.concat(regularisation.dropout(chunks, hps, tf.constant([1, 8], tf.int64), 0), axis=0).numpy()
     assert not np.array_equal(steps[0], later[0]), "the next step's window draws new masks"
-    per_step = LSTMPLanguageModel(tiny(keep_prob=0.5, batch_size=64), VOCAB)
-    plain = tf.concat(per_step._dropout(chunks, True, seed, 0), axis=0).numpy()
+    plain = tf.concat(regularisation.dropout(chunks, tiny(keep_prob=0.5, batch_size=64), seed, 0), axis=0).numpy()
     assert not np.array_equal(plain[0], plain[1]), "without it, a mask per step"
 
 
@@ -172,7 +178,7 @@ def test_embedding_dropout_drops_every_occurrence_of_a_dropped_word():
     seed = tf.constant([3, 4], tf.int64)
     dropped = model.embed(x, seed=seed).numpy()
     whole = model.embed(x).numpy()
-    scale = model.word_keep_scale(seed).numpy()
+    scale = regularisation.word_keep_scale(model.hps, VOCAB, seed).numpy()
     assert set(np.unique(scale)) == {0.0, 2.0}
     for row, step in np.ndindex(x.shape):
         np.testing.assert_allclose(dropped[step, row], whole[step, row] * scale[x[row, step]], rtol=1e-6)
@@ -183,7 +189,7 @@ def test_dropconnect_masks_only_the_recurrent_rows_and_only_in_training():
     model = LSTMPLanguageModel(tiny(recurrent_keep_prob=0.5), VOCAB)
     seed = tf.constant([5, 6], tf.int64)
     stored = model.layer_weights(0).weight.numpy()
-    masked = model.training_layer_weights(0, seed).weight.numpy()
+    masked = regularisation.drop_connect(model.layer_weights(0), model.hps, 0, seed).weight.numpy()
     np.testing.assert_array_equal(masked[:6], stored[:6])  # the input rows (emb_size 6)
     recurrent = masked[6:] / stored[6:]
     assert set(np.round(np.unique(recurrent), 5)) == {0.0, 2.0}
@@ -194,10 +200,9 @@ def test_dropconnect_masks_only_the_recurrent_rows_and_only_in_training():
 
 def test_tied_checkpoints_hold_one_embedding_and_say_so(tmp_path):
     hps = tiny(tie_embeddings=True)
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
-    assert trainer.model.softmax_w == trainer.model.embedding
-    path = checkpoints.RunCheckpoint(trainer.model, trainer.ema, trainer.optimizer,
-                                     trainer.table_accumulators).write(str(tmp_path / "ckpt-1"))
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB))
+    assert state.model.softmax_w == state.model.embedding
+    path = state.write(str(tmp_path / "ckpt-1"))
     names = dict(tf.train.list_variables(path))
     assert "tables/embedding" in names and "tables/embedding/adagrad_accumulator" in names
     assert not any(name.startswith("tables/softmax_w") for name in names)
@@ -245,15 +250,14 @@ def test_the_learning_rate_decays_after_patience_evaluations_without_a_new_best(
 
 def test_the_schedule_resumes_from_the_checkpoint(tmp_path):
     """The rate (the optimizer's) and the best and its count (the run position's) come back."""
-    distributed.init()
     hps = tiny(lr_decay=0.5, lr_patience=2)
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB))
     for perplexity in (50.0, 60.0, 61.0, 62.0):  # a decay after 61, one evaluation counted since
-        trainer.lr_schedule.after_evaluation(perplexity)
-    run = checkpoints.RunCheckpoints(str(tmp_path), trainer, keep=2, writer=True)
-    run.save(checkpoints.RunPoint.start(7, trainer.model))
-    resumed = Trainer(LSTMPLanguageModel(hps, VOCAB))
-    checkpoints.RunCheckpoints(str(tmp_path), resumed, keep=2, writer=True).restore(lambda _: None)
+        state.lr_schedule.after_evaluation(perplexity)
+    run = checkpoints.RunCheckpoints(str(tmp_path), state, keep=2, ranks=ONE_PROCESS)
+    run.save(RunPoint.start(7, state.model))
+    resumed = TrainingState(LSTMPLanguageModel(hps, VOCAB))
+    checkpoints.RunCheckpoints(str(tmp_path), resumed, keep=2, ranks=ONE_PROCESS).restore(lambda _: None)
     assert math.isclose(resumed.lr_schedule.learning_rate, 0.1, rel_tol=1e-6)
     assert resumed.lr_schedule.state() == {"best": 50.0, "evaluations_without_best": 1}
     assert resumed.lr_schedule.after_evaluation(55.0) is not None  # the second evaluation without a best
@@ -262,9 +266,8 @@ def test_the_schedule_resumes_from_the_checkpoint(tmp_path):
 def test_averaged_tables_follow_the_ema_and_evaluation_reads_them():
     """average_tables: after each step every table's average moves (1 - ema_decay) of the way to
     the table, as the LSTM's do; evaluation's weights are the averages, training's come back."""
-    distributed.init()
     hps = tiny(tie_embeddings=True, average_tables=True, ema_decay=0.7, num_shards=2)
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB))
+    trainer = Trainer(TrainingState(LSTMPLanguageModel(hps, VOCAB)))
     expected = [whole(table).astype(np.float64) for table in trainer.model.tables]
     state = trainer.model.zero_state(hps.batch_size)
     for step in range(4):
@@ -272,10 +275,10 @@ def test_averaged_tables_follow_the_ema_and_evaluation_reads_them():
         for average, table in zip(expected, trainer.model.tables):
             average -= (1.0 - hps.ema_decay) * (average - whole(table))
     trained = [whole(table) for table in trainer.model.tables]
-    for average, shadow, weights in zip(expected, trainer.ema.table_shadows, trained):
+    for average, shadow, weights in zip(expected, trainer.state.ema.table_shadows, trained):
         np.testing.assert_allclose(whole(shadow), average, rtol=0, atol=1e-6)
         assert np.abs(weights - average).max() > 1e-3, "the average lags the weights"
-    with training.evaluation_weights(trainer.ema, hps):
+    with evaluation_weights(trainer.state.ema, hps):
         for table, average in zip(trainer.model.tables, expected):
             np.testing.assert_allclose(whole(table), average, rtol=0, atol=1e-6)
     for table, weights in zip(trainer.model.tables, trained):

@@ -5,9 +5,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd.reporting import Progress
-from lm1b_hvd.train import Every, StopReason, parse_args, stop_reason
-from lm1b_hvd.training import ExponentialMovingAverage, StepStats, Votes, stack_stats
+from lm1b_hvd.model.averaging import ExponentialMovingAverage
+from lm1b_hvd.run.loop import Every, StopReason, stop_reason
+from lm1b_hvd.run.reporting import Progress
+from lm1b_hvd.train import parse_args
+from lm1b_hvd.update.step import StepStats, Votes, stack_stats
 
 
 TRAFFIC = [f"{kind}_{way}" for kind in ("allreduce", "allgather", "alltoall") for way in ("sent", "received")]

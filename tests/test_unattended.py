@@ -212,7 +212,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_and_the_next_run_resumes
 
 
 def test_the_watchdogs_limit_follows_the_runs_steps_and_allows_for_checkpoints(monkeypatch):
-    from lm1b_hvd import watchdog
+    from lm1b_hvd.run import watchdog
     clock = [1000.0]
     monkeypatch.setattr(watchdog.time, "monotonic", lambda: clock[0])
     dog = watchdog.StepWatchdog(rank=0)

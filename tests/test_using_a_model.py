@@ -15,7 +15,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorboard.plugins.projector import ProjectorConfig
 
-from lm1b_hvd import demo_corpus
+from lm1b_hvd.data import demo_corpus
 from lm1b_hvd.inference import TrainedModel
 from tests.conftest import run
 from tests.model_helpers import whole

@@ -1,6 +1,6 @@
 import pytest
 
-from lm1b_hvd import vocab
+from lm1b_hvd.data import vocab
 
 
 def test_ids_follow_file_order(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import distributed
+from lm1b_hvd.exchange import collectives
 
 
 def rank_values(rank):
@@ -17,11 +17,11 @@ def rank_values(rank):
 
 
 def main(outdir):
-    distributed.init()
-    rank = distributed.rank()
+    ranks = collectives.init()
+    rank = ranks.rank
     variables = [tf.Variable(value, name=f"state_{i}") for i, value in enumerate(rank_values(rank))]
     variables[0].sparse_read([1, 3]).numpy()
-    distributed.broadcast_from_root(variables)
+    ranks.broadcast_from_root(variables)
     np.savez(f"{outdir}/rank{rank}.npz", *[v.numpy() for v in variables])
 
 

@@ -8,9 +8,11 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import distributed, hparams
-from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.training import Trainer
+from lm1b_hvd import hparams
+from lm1b_hvd.exchange import collectives
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.step import Trainer
 
 VOCAB = 31
 STEPS = 4
@@ -44,17 +46,18 @@ def tower_batches(tower):
 
 
 def main(outdir):
-    distributed.init()
-    rank = distributed.rank()
-    trainer = Trainer(LSTMPLanguageModel(HPS, VOCAB, candidate_sampler=fixed_sampler(rank)))
-    state = trainer.model.zero_state(HPS.batch_size)
+    ranks = collectives.init()
+    rank = ranks.rank
+    state = TrainingState(LSTMPLanguageModel(HPS, VOCAB, candidate_sampler=fixed_sampler(rank)))
+    trainer = Trainer(state, ranks)
+    row_state = state.model.zero_state(HPS.batch_size)
     for step, (x, y, w) in enumerate(tower_batches(rank)):
-        state, stats = trainer.step(x, y, w, state)
+        row_state, stats = trainer.step(x, y, w, row_state)
         if step == 0:
-            distributed.broadcast_from_root(trainer.state_variables())
+            state.broadcast_from_root(ranks)
     np.savez(f"{outdir}/rank{rank}.npz",
-             *[v.numpy() for v in trainer.model.all_variables + trainer.ema.shadows],
-             step=int(trainer.global_step))
+             *[v.numpy() for v in state.model.all_variables + state.ema.shadows],
+             step=int(state.step))
 
 
 if __name__ == "__main__":

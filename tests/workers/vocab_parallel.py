@@ -8,9 +8,12 @@ import sys
 
 import numpy as np
 
-from lm1b_hvd import distributed, hparams
-from lm1b_hvd.model import LSTMPLanguageModel
-from lm1b_hvd.training import Trainer
+from lm1b_hvd import hparams
+from lm1b_hvd.exchange import collectives
+from lm1b_hvd.exchange.vocab_parallel import VocabExchange
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.step import Trainer
 from tests.model_helpers import whole
 
 VOCAB = 53  # divides evenly by neither 2 nor 4 ranks, nor by num_shards
@@ -32,38 +35,39 @@ def batches(rank, steps):
     return out
 
 
-def train(hps, exchange, steps):
-    trainer = Trainer(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange))
-    state = trainer.model.zero_state(hps.batch_size)
-    for step, (x, y, w) in enumerate(batches(distributed.rank(), steps)):
-        state, _ = trainer.step(x, y, w, state)
+def train(hps, exchange, steps, ranks):
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange))
+    trainer = Trainer(state, ranks)
+    row_state = state.model.zero_state(hps.batch_size)
+    for step, (x, y, w) in enumerate(batches(ranks.rank, steps)):
+        row_state, _ = trainer.step(x, y, w, row_state)
         if step == 0:
-            distributed.broadcast_from_root(trainer.state_variables())
-    return trainer
+            state.broadcast_from_root(ranks)
+    return state
 
 
-def held(trainer):
+def held(state):
     """{name: value} of everything this rank holds: the LSTM, its slots and EMA, and the
     tables' rows with their accumulators (and averages, with average_tables)."""
-    model = trainer.model
+    model = state.model
     values = {f"lstm_{i}": v.numpy() for i, v in enumerate(model.lstm_variables)}
-    values.update({f"lstm_slot_{i}": v.numpy() for i, v in enumerate(trainer.optimizer.lstm_accumulators())})
-    values.update({f"ema_{i}": v.numpy() for i, v in enumerate(trainer.ema.shadows)})
-    for table, accumulators in zip(model.tables, trainer.table_accumulators):
+    values.update({f"lstm_slot_{i}": v.numpy() for i, v in enumerate(state.optimizer.accumulators())})
+    values.update({f"ema_{i}": v.numpy() for i, v in enumerate(state.ema.shadows)})
+    for table, accumulators in zip(model.tables, state.table_accumulators):
         for prefix, source in ((table.name, table), (f"{table.name}_slot", accumulators)):
             values[prefix] = whole(source)
         values[f"{table.name}_rows"] = np.array([table.rows.first, table.rows.stop])
-    for table, average in zip(model.tables, trainer.ema.table_shadows):
+    for table, average in zip(model.tables, state.ema.table_shadows):
         values[f"{table.name}_average"] = whole(average)
     return values
 
 
 def main(outdir, grad_combine, steps, overrides=""):
-    distributed.init()
+    ranks = collectives.init()
     hps = hparams.parse_overrides(HPS.replace(grad_combine=grad_combine), overrides)
-    replicated = held(train(hps, None, steps))
-    sharded = held(train(hps.replace(vocab_parallel=True), distributed.VocabExchange(VOCAB), steps))
-    rank = distributed.rank()
+    replicated = held(train(hps, None, steps, ranks))
+    sharded = held(train(hps.replace(vocab_parallel=True), VocabExchange(VOCAB, ranks), steps, ranks))
+    rank = ranks.rank
     np.savez(f"{outdir}/replicated{rank}.npz", **replicated)
     np.savez(f"{outdir}/sharded{rank}.npz", **sharded)
 

@@ -10,8 +10,9 @@ import time
 
 import tensorflow as tf
 
-from lm1b_hvd import console, evaluation
-from lm1b_hvd.logdir_files import PROGRESS_FILE
+from lm1b_hvd import console
+from lm1b_hvd.run import evaluation
+from lm1b_hvd.run.logdir_files import PROGRESS_FILE
 
 
 class Progress:

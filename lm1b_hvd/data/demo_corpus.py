@@ -20,8 +20,8 @@ import tempfile
 
 import numpy as np
 
-from lm1b_hvd import data
-from lm1b_hvd.vocab import SENTENCE_MARK, UNKNOWN, Vocabulary
+from lm1b_hvd.data import dataset
+from lm1b_hvd.data.vocab import SENTENCE_MARK, UNKNOWN, Vocabulary
 
 FORMAT_VERSION = 1
 ORACLE_FILE = "oracle.json"
@@ -148,8 +148,8 @@ def write_corpus(outdir, spec=LanguageSpec(), train_sentences=200_000, heldout_s
     rng = np.random.default_rng(spec.seed + 1)
     train = language.sample(train_sentences, rng)
     heldout = language.sample(heldout_sentences, rng)
-    train_dir = os.path.join(outdir, os.path.dirname(data.TRAIN_PATTERN))
-    heldout_dir = os.path.join(outdir, os.path.dirname(data.HELDOUT_PATTERN))
+    train_dir = os.path.join(outdir, os.path.dirname(dataset.TRAIN_PATTERN))
+    heldout_dir = os.path.join(outdir, os.path.dirname(dataset.HELDOUT_PATTERN))
     os.makedirs(train_dir)
     os.makedirs(heldout_dir)
     for shard, chunk in enumerate(np.array_split(np.arange(len(train)), train_files), start=1):
@@ -161,7 +161,7 @@ def write_corpus(outdir, spec=LanguageSpec(), train_sentences=200_000, heldout_s
     order = np.argsort(-counts, kind="stable")
     words = [SENTENCE_MARK, UNKNOWN] + [language.words[i].encode() for i in order]
     Vocabulary(words, [len(train), 0] + [int(counts[i]) for i in order]).write(
-        os.path.join(outdir, data.VOCAB_FILE))
+        os.path.join(outdir, dataset.VOCAB_FILE))
 
     perplexity, predictions = oracle_perplexity(language, heldout)
     info = {

@@ -23,7 +23,7 @@ import socket
 import struct
 
 from lm1b_hvd import console
-from lm1b_hvd.logdir_files import LOCK_FILE
+from lm1b_hvd.run.logdir_files import LOCK_FILE
 
 
 class LogdirInUse(console.UserError):

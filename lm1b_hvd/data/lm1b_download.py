@@ -11,8 +11,9 @@ import os
 import tarfile
 import urllib.request
 
-from lm1b_hvd import console, data
-from lm1b_hvd.vocab import SENTENCE_MARK, UNKNOWN, Vocabulary
+from lm1b_hvd import console
+from lm1b_hvd.data import dataset
+from lm1b_hvd.data.vocab import SENTENCE_MARK, UNKNOWN, Vocabulary
 
 DEFAULT_URL = ("http://www.statmt.org/lm-benchmark/"
                "1-billion-word-language-modeling-benchmark-r13output.tar.gz")
@@ -77,7 +78,7 @@ def build_vocabulary(datadir, min_count=3):
     """Counts the training shards of `datadir` into a Vocabulary."""
     counts = collections.Counter()
     sentences = 0
-    paths = data.find_files(datadir, "train")
+    paths = dataset.find_files(datadir, "train")
     meter = console.Meter("vocabulary count", sum(os.path.getsize(p) for p in paths), "MB", scale=1e6)
     counted = 0
     for path in paths:
@@ -106,8 +107,8 @@ def fetch_lm1b(outdir, url=DEFAULT_URL, expected_sha256=None, min_count=3, keep_
     datadir = os.path.join(outdir, ARCHIVE_ROOT)
     if not os.path.isdir(datadir):
         raise DownloadError(f"{archive_path}: no {ARCHIVE_ROOT}/ directory inside")
-    data.find_files(datadir, "heldout")
-    build_vocabulary(datadir, min_count).write(os.path.join(datadir, data.VOCAB_FILE))
+    dataset.find_files(datadir, "heldout")
+    build_vocabulary(datadir, min_count).write(os.path.join(datadir, dataset.VOCAB_FILE))
     if not keep_archive:
         os.remove(archive_path)
     return datadir

@@ -1,4 +1,4 @@
-"""The LSTMP language model of the lm1b baseline and its two losses.
+"""The LSTMP language model of the lm1b baseline: its variables, its forward pass, its two losses.
 
 Embedding and softmax matrices are lists of `num_shards` equal row blocks
 (the last padded), which TensorFlow's embedding lookup and sampled softmax
@@ -12,7 +12,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import compute_plan, ops, tables
+from lm1b_hvd.model import candidates, compute_plan, ops, regularisation, tables
 
 
 def _uniform(shape, fan_in, seed):
@@ -28,69 +28,6 @@ def _uniform(shape, fan_in, seed):
     return values
 
 
-# Sub-seeds of a step's seed: the sampled candidates, then keep_prob's dropout sites (1 + site);
-# embedding dropout and each layer's DropConnect far enough past them for any number of layers.
-CANDIDATES_STREAM = 0
-WORD_DROPOUT_STREAM = 100_000
-RECURRENT_DROPOUT_STREAM = 200_000
-
-
-def sub_seed(seed, stream):
-    """An independent stateless seed for one use (`stream`) of a step's `seed` [2]."""
-    return tf.random.experimental.stateless_fold_in(seed, stream)
-
-
-def log_uniform_probability(ids, range_max):
-    """P(id) under the log-uniform (Zipfian) proposal over ids [0, range_max)."""
-    ids = tf.cast(ids, tf.float64)
-    return (tf.math.log(ids + 2.0) - tf.math.log(ids + 1.0)) / math.log(range_max + 1.0)
-
-
-def unique_log_uniform_candidates(seed, num_sampled, range_max):
-    """What tf.random.log_uniform_candidate_sampler(unique=True) draws, from a stateless `seed`:
-    log-uniform ids in draw order, duplicates dropped, until `num_sampled` distinct ones; the
-    expected count of an id is 1 - (1 - p)^tries over the tries it took, as TF counts it.
-
-    Stateless so that a step's candidates depend only on (seed, rank, step): a resumed run
-    draws what the uninterrupted one drew. Returns (candidates, expected_count function)."""
-    chunk = max(2 * num_sampled, 1024)
-    log_range = math.log(range_max + 1.0)
-
-    def draw(round_):
-        uniform = tf.random.stateless_uniform([chunk], sub_seed(seed, round_), dtype=tf.float64)
-        ids = tf.cast(tf.floor(tf.exp(uniform * log_range)), tf.int64) - 1
-        return tf.clip_by_value(ids, 0, range_max - 1)
-
-    def too_few(ids, _round):
-        return tf.size(tf.unique(ids).y) < num_sampled
-
-    def draw_more(ids, round_):
-        return tf.concat([ids, draw(round_)], 0), round_ + 1
-
-    ids, _ = tf.while_loop(too_few, draw_more, [draw(0), tf.constant(1)],
-                           shape_invariants=[tf.TensorShape([None]), tf.TensorShape([])])
-    unique, positions = tf.unique(ids)
-    first_draw = tf.math.unsorted_segment_min(tf.range(tf.shape(positions)[0]), positions, tf.shape(unique)[0])
-    tries = tf.cast(first_draw[num_sampled - 1] + 1, tf.float64)
-
-    def expected_count(targets):
-        p = log_uniform_probability(targets, range_max)
-        return tf.cast(-tf.math.expm1(tries * tf.math.log1p(-p)), tf.float32)
-
-    return tf.ensure_shape(unique[:num_sampled], [num_sampled]), expected_count
-
-
-def accidental_hits(true_ids, candidates):
-    """Per token, the column of the candidate that is its own target word, or -1: at most one
-    per token, since the candidates are unique. One number per token, so the shape stays the
-    same from step to step (XLA compiles a step's backward again for every new shape). Found by
-    binary search in the sorted candidates, not by comparing all tokens x candidates."""
-    order = tf.argsort(candidates)
-    sorted_candidates = tf.gather(candidates, order)
-    at = tf.minimum(tf.searchsorted(sorted_candidates, true_ids), tf.size(candidates, tf.int32) - 1)
-    return tf.where(tf.equal(tf.gather(sorted_candidates, at), true_ids), tf.gather(order, at), -1)
-
-
 class SoftmaxRows(typing.NamedTuple):
     """Rows of the sharded softmax that one batch's sampled softmax uses."""
     hit_columns: tf.Tensor  # [tokens] int32: the candidate that is the token's target word, or -1
@@ -98,57 +35,6 @@ class SoftmaxRows(typing.NamedTuple):
     true_b: tf.Tensor  # [tokens], minus log expected count
     candidate_w: tf.Tensor  # [num_sampled, projected_size]
     candidate_b: tf.Tensor  # [num_sampled], minus log expected count
-
-
-def gate_multiply_adds(hps, inputs):
-    """Multiply-adds of one layer's gates per word: (inputs + projected) x 4 state for the
-    original; through the inner size R for F-LSTM ((inputs + projected) x R + R x 4 state); 1/G
-    of the original's for G-LSTM. Also the gate matrices' parameter count."""
-    rows = inputs + hps.projected_size
-    if hps.lstm_factor:
-        return rows * hps.lstm_factor + hps.lstm_factor * 4 * hps.state_size
-    return rows * 4 * hps.state_size // hps.lstm_groups
-
-
-class ParameterCount(typing.NamedTuple):
-    """The model's parameters by part, counted from the shapes (no padding rows)."""
-    lstm: int
-    embedding: int
-    softmax: int  # its weights (none of its own when tied) and biases
-
-    @property
-    def total(self):
-        return self.lstm + self.embedding + self.softmax
-
-
-def parameter_count(hps, vocab_size):
-    lstm = 0
-    for layer in range(hps.num_layers):
-        inputs = hps.emb_size if layer == 0 else hps.projected_size
-        lstm += gate_multiply_adds(hps, inputs) + 4 * hps.state_size + hps.state_size * hps.projected_size
-    softmax = vocab_size * (1 if hps.tie_embeddings else 1 + hps.projected_size)
-    return ParameterCount(lstm, vocab_size * hps.emb_size, softmax)
-
-
-def table_bytes_per_row(hps):
-    """Bytes a rank holds per vocabulary row it holds: the tables' fp32 values and their Adagrad
-    accumulators (whatever the precision, the tables stay fp32)."""
-    widths = hps.emb_size + (0 if hps.tie_embeddings else hps.projected_size) + 1
-    return 2 * 4 * widths
-
-
-def training_flops_per_word(hps, vocab_size):
-    """Model FLOPs of one trained word, counted from the shapes: per LSTMP layer the gates
-    (gate_multiply_adds) and the projection (state x projected), then the softmax (sampled
-    candidates plus the true word, or the whole vocabulary); x2 for multiply-adds, x3 for the
-    backward's two matmuls per forward one."""
-    multiply_adds = 0
-    for layer in range(hps.num_layers):
-        inputs = hps.emb_size if layer == 0 else hps.projected_size
-        multiply_adds += gate_multiply_adds(hps, inputs) + hps.state_size * hps.projected_size
-    sampled = 0 < hps.num_sampled < vocab_size
-    multiply_adds += (hps.num_sampled + 1 if sampled else vocab_size) * hps.projected_size
-    return 2 * 3 * multiply_adds
 
 
 class VocabularyTables:
@@ -192,7 +78,7 @@ class LSTMPLanguageModel(tf.Module):
         self.hps = hps
         self.vocab_size = vocab_size
         self.plan = plan or compute_plan.choose(hps)
-        # vocab_parallel: a distributed.VocabExchange; the tables hold this rank's rows only.
+        # vocab_parallel: an exchange.vocab_parallel.VocabExchange; the tables hold this rank's rows only.
         self.exchange = vocab_exchange
         self.rows_per_shard = -(-vocab_size // hps.num_shards)
         # Tests may fix the sampled candidates; by default a stateless log-uniform sampler draws them.
@@ -311,41 +197,10 @@ class LSTMPLanguageModel(tf.Module):
         return [ops.LSTMState(tf.zeros([batch_size, hps.state_size]), tf.zeros([batch_size, hps.projected_size]))
                 for _ in range(hps.num_layers)]
 
-    def state_to_array(self, state):
-        """The per-row state as one array [layers, batch, state_size + projected_size]."""
-        return np.stack([np.concatenate([c.numpy(), h.numpy()], axis=1) for c, h in state])
-
-    def state_from_array(self, array):
-        size = self.hps.state_size
-        return [ops.LSTMState(tf.constant(layer[:, :size]), tf.constant(layer[:, size:]))
-                for layer in np.asarray(array, np.float32)]
-
-    def _dropout(self, chunks, training, seed, site):
-        """Dropout at `site` (0: the embeddings, k + 1: layer k's outputs) of values given in time
-        chunks, its mask drawn from the step's stateless `seed` for all of them at once: the same
-        mask, and the same result, as dropout of the values whole. With variational_dropout one
-        mask per row [batch, width], which every step of the window shares (Gal and Ghahramani)."""
-        if not training or self.hps.keep_prob >= 1.0:
-            return chunks
-        steps = 1 if self.hps.variational_dropout else sum(chunk.shape[0] for chunk in chunks)
-        shape = tf.concat([[steps], tf.shape(chunks[0])[1:]], axis=0)
-        masks = tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.hps.keep_prob,
-                                                     seed=sub_seed(seed, CANDIDATES_STREAM + 1 + site))
-        if self.hps.variational_dropout:
-            return [chunk * masks for chunk in chunks]
-        return [chunk * mask for chunk, mask in zip(chunks, tf.split(masks, [c.shape[0] for c in chunks]))]
-
-    def word_keep_scale(self, seed):
-        """Embedding dropout's factor of each word of the vocabulary this step [vocab_size]:
-        0 for a dropped word, 1 / emb_keep_prob for a kept one, so every occurrence of a dropped
-        word in the batch loses its whole embedding (Merity et al.'s embedding dropout)."""
-        return tf.nn.experimental.stateless_dropout(tf.ones([self.vocab_size]), rate=1.0 - self.hps.emb_keep_prob,
-                                                    seed=sub_seed(seed, WORD_DROPOUT_STREAM))
-
     def embed(self, x, traffic=None, seed=None):
         """The input embeddings of `x` [batch, steps], time-major: [steps, batch, emb_size].
         Vocabulary-parallel, each word's row comes from its owner (what moves is counted into
-        `traffic`, a distributed.Traffic, when given). Given a training step's `seed`, with
+        `traffic`, an exchange.gradients.Traffic, when given). Given a training step's `seed`, with
         embedding dropout (emb_keep_prob < 1)."""
         ids = tf.transpose(x)
         if not self.exchange:
@@ -356,34 +211,25 @@ class LSTMPLanguageModel(tf.Module):
             embedded = tf.reshape(tf.gather(rows, positions), tf.concat([tf.shape(ids), [self.hps.emb_size]], axis=0))
             embedded = tf.ensure_shape(embedded, ids.shape.concatenate([self.hps.emb_size]))
         if seed is not None and self.hps.emb_keep_prob < 1.0:
-            embedded *= tf.gather(self.word_keep_scale(seed), ids)[..., None]
+            embedded *= tf.gather(regularisation.word_keep_scale(self.hps, self.vocab_size, seed), ids)[..., None]
         return embedded
-
-    def training_layer_weights(self, layer, seed):
-        """The layer's weights for a training step: with DropConnect (recurrent_keep_prob < 1)
-        the recurrent rows of its gate matrix masked, one mask for the step's whole window, kept
-        weights scaled by 1 / recurrent_keep_prob (Merity et al.'s weight drop). The mask is applied
-        outside the layer, whose hand-written backward then gives the masked matrix's gradient."""
-        weights = self.layer_weights(layer)
-        if self.hps.recurrent_keep_prob >= 1.0:
-            return weights
-        inputs = self.hps.emb_size if layer == 0 else self.hps.projected_size
-        given, recurrent = ops.split_gate_rows(weights.weight, inputs)
-        recurrent = tf.nn.experimental.stateless_dropout(recurrent, rate=1.0 - self.hps.recurrent_keep_prob,
-                                                         seed=sub_seed(seed, RECURRENT_DROPOUT_STREAM + layer))
-        return weights._replace(weight=tf.concat([given, recurrent], axis=ops.gate_rows_axis(weights.weight)))
 
     def run_layers(self, embedded, state, training, seed=None):
         """The LSTM over time-major embeddings [steps, batch, emb_size]: its outputs, time-major,
         in the plan's time chunks (each chunk is there once its steps are, for the sampled
         softmax to start on it beside the next chunk's steps), and the state after the last
         step. Training with dropout needs the step's `seed`."""
-        chunks = self._dropout(ops.time_chunks(embedded, self.plan.time_chunks), training, seed, 0)
+        hps = self.hps
+        chunks = ops.time_chunks(embedded, self.plan.time_chunks)
+        chunks = regularisation.dropout(chunks, hps, seed, 0) if training else chunks
         new_state = []
         for layer, layer_state in enumerate(state):
-            weights = self.training_layer_weights(layer, seed) if training else self.layer_weights(layer)
+            weights = self.layer_weights(layer)
+            if training:
+                weights = regularisation.drop_connect(weights, hps, layer, seed)
             chunks, layer_state = ops.lstmp_layer(chunks, layer_state, weights, **self.plan.layer_options())
-            chunks = self._dropout(chunks, training, seed, layer + 1)
+            if training:
+                chunks = regularisation.dropout(chunks, hps, seed, layer + 1)
             new_state.append(layer_state)
         return chunks, new_state
 
@@ -434,15 +280,6 @@ class LSTMPLanguageModel(tf.Module):
     def uses_sampled_softmax(self):
         return 0 < self.hps.num_sampled < self.vocab_size
 
-    def sample_candidates(self, labels, seed):
-        """(candidates [num_sampled], expected count of each label, of each candidate): unique
-        log-uniform draws (ids sorted by frequency make this the right proposal)."""
-        if self.candidate_sampler:
-            return self.candidate_sampler(labels)
-        candidates, expected_count = unique_log_uniform_candidates(
-            sub_seed(seed, CANDIDATES_STREAM), self.hps.num_sampled, self.vocab_size)
-        return candidates, expected_count(labels), expected_count(candidates)
-
     def softmax_rows(self, y, seed=None, traffic=None):
         """The sampled softmax's gathered rows for targets `y` [batch, steps], time-major as the
         LSTM's outputs: what the loss needs from the sharded matrices, gathered outside any
@@ -450,22 +287,23 @@ class LSTMPLanguageModel(tf.Module):
         Biases carry the log-expected-count correction. Vocabulary-parallel, the rows of the
         targets and candidates, each once, come from their owners in one exchange."""
         labels = tf.reshape(tf.cast(tf.transpose(y), tf.int64), [-1, 1])
-        candidates, true_expected, candidate_expected = (
-            tf.stop_gradient(v) for v in self.sample_candidates(labels, seed))
-        candidates = tf.cast(candidates, tf.int64)
+        sampler = self.candidate_sampler or (lambda labels: candidates.draw(labels, seed, self.hps.num_sampled,
+                                                                            self.vocab_size))
+        drawn, true_expected, candidate_expected = (tf.stop_gradient(v) for v in sampler(labels))
+        drawn = tf.cast(drawn, tf.int64)
         true_ids = tf.reshape(labels, [-1])
         if self.exchange:
-            unique, positions = tf.unique(tf.concat([true_ids, candidates], axis=0))
+            unique, positions = tf.unique(tf.concat([true_ids, drawn], axis=0))
             rows = self.exchange.fetch([self.softmax_w[0], self.softmax_b], unique, traffic)
             true_rows, candidate_rows = tf.split(tf.gather(rows, positions), [tf.size(true_ids), -1])
             true_w, true_b = true_rows[:, :-1], true_rows[:, -1]
             candidate_w, candidate_b = candidate_rows[:, :-1], candidate_rows[:, -1]
         else:
             true_w, true_b = tf.nn.embedding_lookup(self.softmax_w, true_ids), tf.gather(self.softmax_b, true_ids)
-            candidate_w = tf.nn.embedding_lookup(self.softmax_w, candidates)
-            candidate_b = tf.gather(self.softmax_b, candidates)
+            candidate_w = tf.nn.embedding_lookup(self.softmax_w, drawn)
+            candidate_b = tf.gather(self.softmax_b, drawn)
         return SoftmaxRows(
-            hit_columns=accidental_hits(true_ids, candidates),
+            hit_columns=candidates.accidental_hits(true_ids, drawn),
             true_w=true_w, true_b=true_b - tf.math.log(tf.reshape(true_expected, [-1])),
             candidate_w=candidate_w, candidate_b=candidate_b - tf.math.log(candidate_expected))
 

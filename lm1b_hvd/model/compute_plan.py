@@ -14,7 +14,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from lm1b_hvd import console, cpu_kernels, devices, ops
+from lm1b_hvd import console, devices
+from lm1b_hvd.model import cpu_kernels, ops
 
 KERNELS = ("auto", "cpu", "portable")
 # The LSTM layer runs its window as this many time chunks, so that one chunk's big matmuls run
@@ -32,7 +33,7 @@ class DeviceTraits:
     """What the choice depends on besides the hparams."""
     gpu: bool  # TensorFlow trains on a GPU here
     onednn_avx512: bool  # oneDNN's fp32 matmuls run AVX-512 kernels (not capped below)
-    cpu_kernels_built: bool  # setup.py built lm1b_hvd._kernels
+    cpu_kernels_built: bool  # setup.py built lm1b_hvd.model._kernels
 
     @classmethod
     def detect(cls):

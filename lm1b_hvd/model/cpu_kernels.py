@@ -1,7 +1,7 @@
 """The CPU's faster variants of three pieces of ops.py, chosen by compute_plan.py for `kernels=cpu`:
 
 - FusedCell: a step's gate arithmetic, forward and backward, each one kernel of
-  lm1b_hvd/kernels/lstmp_cell.cc instead of ~25 TensorFlow ops (on a small model the ops'
+  lm1b_hvd/model/kernels/lstmp_cell.cc instead of ~25 TensorFlow ops (on a small model the ops'
   scheduling costs more than their arithmetic);
 - fused_candidate_softmax: the sampled softmax's bias add, softmax and log-sum-exp as one
   pass over the logits (kernels/candidate_softmax.cc) where the composed ops make three, each
@@ -19,20 +19,21 @@ import importlib.util
 
 import tensorflow as tf
 
-from lm1b_hvd import console, ops
+from lm1b_hvd import console
+from lm1b_hvd.model import ops
 
 REBUILD = "reinstall the package with `pip install --no-build-isolation .` (bash install.sh does)"
 
 
 def built():
-    """Whether setup.py built the op library lm1b_hvd._kernels into this installation."""
-    return importlib.util.find_spec("lm1b_hvd._kernels") is not None
+    """Whether setup.py built the op library lm1b_hvd.model._kernels into this installation."""
+    return importlib.util.find_spec("lm1b_hvd.model._kernels") is not None
 
 
 @functools.lru_cache(maxsize=None)
 def load():
-    """The op library that setup.py builds from lm1b_hvd/kernels/*.cc."""
-    spec = importlib.util.find_spec("lm1b_hvd._kernels")
+    """The op library that setup.py builds from lm1b_hvd/model/kernels/*.cc."""
+    spec = importlib.util.find_spec("lm1b_hvd.model._kernels")
     if spec is None:
         raise console.UserError(f"lm1b_hvd's CPU kernels are not built: {REBUILD}, "
                                 "or train with --hpconfig kernels=portable")

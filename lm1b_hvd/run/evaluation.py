@@ -8,19 +8,24 @@ import itertools
 import math
 
 import numpy as np
-
 import tensorflow as tf
 
-from lm1b_hvd import checkpoints, console, data, distributed, training
+from lm1b_hvd import console
+from lm1b_hvd.data.dataset import DataError, pack_batches
+from lm1b_hvd.exchange.ranks import ONE_PROCESS
+from lm1b_hvd.model.averaging import evaluation_weights
+from lm1b_hvd.run.checkpoints import first_line
 
 
 class Evaluator:
     """Full-softmax loss sums of a model, with the EMA weights (`ema`) when the run averages
-    them (training.evaluation_weights); `ema=None` evaluates the weights the model holds."""
+    them (model.averaging.evaluation_weights); `ema=None` evaluates the weights the model holds.
+    `ranks`: the processes whose shares of a split add up (each evaluates its own)."""
 
-    def __init__(self, model, ema, report=None):
+    def __init__(self, model, ema, ranks=ONE_PROCESS, report=None):
         self.model = model
         self.ema = ema
+        self.ranks = ranks
         self.report = report  # where progress lines of a long evaluation go (None: nowhere)
         self.step = tf.function(self._step)
 
@@ -41,13 +46,13 @@ class Evaluator:
         meter = console.Meter("evaluation (full softmax)", total, "words", report=self.report or (lambda _: None))
         state = self.model.zero_state(hps.batch_size)
         loss_sum, words = 0.0, 0.0
-        averaged = training.evaluation_weights(self.ema, hps) if self.ema else contextlib.nullcontext()
-        batches = data.pack_batches(sentences, hps.batch_size, hps.num_steps)
+        averaged = evaluation_weights(self.ema, hps) if self.ema else contextlib.nullcontext()
+        batches = pack_batches(sentences, hps.batch_size, hps.num_steps)
         if max_batches:
             batches = itertools.islice(batches, max_batches)
         if self.model.vocab_parallel:  # every batch's softmax is every rank's: ranks keep in step
             blank = np.zeros([hps.batch_size, hps.num_steps], np.int32)
-            batches = distributed.in_lockstep(batches, (blank, blank, blank.astype(np.float32)))
+            batches = self.ranks.in_lockstep(batches, (blank, blank, blank.astype(np.float32)))
         with averaged:
             for x, y, w in batches:
                 state, batch_loss, batch_words = self.step(x, y, w, state)
@@ -56,13 +61,13 @@ class Evaluator:
                 meter.update(words)
         return loss_sum, words
 
-    def perplexity_over_ranks(self, dataset, max_batches=0):
+    def perplexity_over_ranks(self, split, max_batches=0):
         """(perplexity, words) of every rank's share of a split, sums reduced over ranks first.
         A rank whose share holds no sentence adds zeros; no word at all is an error."""
-        sums = self.sums(dataset.sentences_once(allow_empty=True), max_batches)
-        loss_sum, words = distributed.sum_over_ranks(tf.constant(sums, tf.float64)).numpy()
+        sums = self.sums(split.sentences_once(allow_empty=True), max_batches)
+        loss_sum, words = self.ranks.sum(tf.constant(sums, tf.float64)).numpy()
         if words <= 0:
-            raise data.DataError(f"no sentences in {dataset.source}, on any rank")
+            raise DataError(f"no sentences in {split.source}, on any rank")
         return perplexity(loss_sum, words), int(words)
 
 
@@ -73,7 +78,7 @@ def summary_writer(path):
         return tf.summary.create_file_writer(path)
     except tf.errors.OpError as err:
         raise console.UserError(f"{path}: cannot create the TensorBoard event file "
-                                f"({checkpoints.first_line(err)})") from None
+                                f"({first_line(err)})") from None
 
 
 def write_summaries(writer, step, value):
