@@ -35,8 +35,8 @@ class Piece(typing.NamedTuple):
 
     kind: "object", a trackable saved in the object checkpoint under `key` (its `variables` are
     those rank 0 broadcasts and an elastic commit keeps); "table", a tables.VocabTable saved as
-    the logical matrix `key`; "transient", variables a step writes that no checkpoint keeps
-    (`why` says why). `shared`: every rank holds the same values (broadcast from rank 0);
+    the logical matrix `key`; "inside optimizer", variables that Keras saves and restores with the
+    optimizer's object. `shared`: every rank holds the same values (broadcast from rank 0);
     `if_missing`: what a restore does when the checkpoint lacks the piece (None: the restore fails)."""
     key: str
     kind: str
@@ -44,7 +44,6 @@ class Piece(typing.NamedTuple):
     variables: list
     shared: bool = True
     if_missing: typing.Callable = None
-    why: str = ""
 
 
 class RankPosition(typing.NamedTuple):
@@ -130,21 +129,18 @@ class TrainingState:
         hps = model.hps
         self.model = model
         self.ema = averaging.model_average(model)
-        self.table_accumulators, self.optimizer, self.loss_scaler, self.lr_schedule, self.position = [], None, None, None, None
+        self.table_accumulators, self.optimizer, self.lr_schedule, self.position = [], None, None, None
+        self.loss_scaler, self._loss_scale_variables = None, []
         if for_training:
             # Adagrad's accumulators of the vocabulary tables, from 1.0 as the original's.
             self.table_accumulators = [tables.like(table, f"{table.name}_accumulator", 1.0) for table in model.tables]
             self.optimizer = FusedAdagrad(hps.learning_rate, zip(model.tables, self.table_accumulators))
             self.optimizer.build(model.lstm_variables)
-            # fp16 needs dynamic loss scaling. Keras starts at 2^15, where this model's first
-            # steps overflow and are skipped.
-            self.loss_scaler = (tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
-                                if hps.precision == "fp16" else None)
             self.lr_schedule = PlateauDecay(self.optimizer, hps.lr_decay, hps.lr_patience)
             self.position = RunPosition()
         self.pieces = self._pieces()
-        self._objects = tf.train.Checkpoint(**{piece.key: piece.value for piece in self.pieces
-                                               if piece.kind == "object"})
+        # The count of saves tf.train.CheckpointManager keeps (this state numbers them by step).
+        self.save_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="save_counter")
 
     def _pieces(self):
         """The list: the one place where a piece of state is added."""
@@ -174,10 +170,25 @@ class TrainingState:
             # Every rank's own: gathered to rank 0 when it saves (record_every_rank), never broadcast.
             # Missing (a checkpoint written without a run): the data order restarts.
             Piece("run_position", "object", self.position, [], shared=False, if_missing=self.position.clear),
-            *([Piece("loss_scale", "transient", self.loss_scaler, list(self.loss_scaler.variables), shared=False,
-                     why="fp16's dynamic loss scale re-adapts within a few steps of a restart")]
-              if self.loss_scaler else []),
+            # fp16's dynamic loss scale: Keras saves it with the optimizer, and restores it when it
+            # is made (prepare_loss_scaling), after any restore; a checkpoint written without fp16 lacks
+            # it and resumes under fp16 from the initial scale. Equal on every rank by construction.
+            *([Piece("optimizer/loss_scale", "inside optimizer", None, self._loss_scale_variables, shared=False)]
+              if self.model.hps.precision == "fp16" else []),
         ]
+
+    def prepare_loss_scaling(self):
+        """With precision=fp16, wraps the optimizer in Keras's dynamic loss scaling once (Keras
+        starts at 2^15, where this model's first steps overflow and are skipped: 2^10 here); the
+        trainer calls it before its first trace, so after any restore: a scale the checkpoint
+        holds is restored when Keras attaches it to the optimizer, and a checkpoint without one
+        restores at all (its objects must all match). `loss_scaler` is the wrapper, or None."""
+        if self.loss_scaler is None and self.optimizer is not None and self.model.hps.precision == "fp16":
+            before = {variable.ref() for variable in _variables_of(self.optimizer)}
+            self.loss_scaler = tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
+            # Keras attaches the scale to the optimizer: what the optimizer holds now and did not before.
+            self._loss_scale_variables.extend(variable for variable in _variables_of(self.optimizer)
+                                              if variable.ref() not in before)
 
     @property
     def step(self):
@@ -185,14 +196,13 @@ class TrainingState:
         return self.optimizer.iterations
 
     def variables(self):
-        """Every variable of every piece, transient ones included."""
+        """Every variable of every piece."""
         return [variable for piece in self.pieces for variable in piece.variables]
 
     def shared_variables(self):
         """What every rank holds alike: broadcast from rank 0 after the first step, kept by an
         elastic commit. Not the LSTM row states, nor, vocabulary-parallel, the tables."""
-        return [variable for piece in self.pieces if piece.shared and piece.kind != "transient"
-                for variable in piece.variables]
+        return [variable for piece in self.pieces if piece.shared for variable in piece.variables]
 
     def broadcast_from_root(self, ranks):
         ranks.broadcast_from_root(self.shared_variables())
@@ -202,8 +212,7 @@ class TrainingState:
         lines = []
         for piece in self.pieces:
             size = sum(int(np.prod(variable.shape)) for variable in piece.variables)
-            where = ("not saved: " + piece.why if piece.kind == "transient" else
-                     "every rank alike" if piece.shared else "each rank its own")
+            where = "every rank alike" if piece.shared else "each rank its own"
             lines.append(f"{piece.key}: {piece.kind}, {len(piece.variables)} variable(s), {size:,} values, {where}")
         return lines
 
@@ -224,16 +233,15 @@ class TrainingState:
         writes the tables itself; N: each of N vocabulary-parallel ranks wrote its own part
         (write_tables_part) before, and they are merged here."""
         parts = file_prefix + PARTS_SUFFIX
-        objects_part = self._objects.write(os.path.join(parts, "objects"))
+        # A checkpoint object made for this write: one made before would miss what Keras attached
+        # to the optimizer since (the loss scale, at the first step).
+        objects = tf.train.Checkpoint(**{piece.key: piece.value for piece in self.pieces if piece.kind == "object"})
+        objects_part = objects.write(os.path.join(parts, "objects"))
         if table_parts == 1:
             self.write_tables_part(file_prefix)
         table_files = [os.path.join(parts, f"tables-{part}") for part in range(table_parts)]
         tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=[objects_part, *table_files], destination_prefix=file_prefix)
         return file_prefix
-
-    @property
-    def save_counter(self):
-        return self._objects.save_counter
 
     def restore(self, path):
         """Restores every piece from the checkpoint `path`, each table reading the rows it holds;
@@ -289,6 +297,11 @@ class TrainingState:
             return fresh, saved.unusable
         return RunPoint(fresh.step, StreamPosition.from_dict(saved.stream),
                         row_state_from_array(saved.row_state, hps.state_size)), ""
+
+
+def _variables_of(trackable):
+    """Every variable `trackable` holds, and the trackables it holds hold."""
+    return [node for node in tf.train.TrackableView(trackable).descendants() if isinstance(node, tf.Variable)]
 
 
 def _missing(piece):

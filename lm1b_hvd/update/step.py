@@ -111,6 +111,7 @@ class Trainer:
         matching a tf.function does on every call, a noticeable part of a small model's step."""
         key = tuple((tuple(t.shape), t.dtype) for t in tf.nest.flatten(args))
         if key not in self._traced_steps:
+            self.state.prepare_loss_scaling()  # not inside the trace: Keras must track what it makes
             self._traced_steps[key] = self._compiled_step.get_concrete_function(*args)
         return self._traced_steps[key]
 
