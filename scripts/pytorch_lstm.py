@@ -12,9 +12,9 @@ candidates are drawn before each step's clock starts (the bench's step includes 
 
 It needs only PyTorch and numpy, in any environment (not this package's):
   python -m venv /tmp/torch && /tmp/torch/bin/pip install torch numpy
-  /tmp/torch/bin/python benchmarks/pytorch_lstm.py                     # LSTM-2048-512, vocabulary 793,470
-  /tmp/torch/bin/python benchmarks/pytorch_lstm.py --preset demo --steps 300
-  /tmp/torch/bin/python benchmarks/pytorch_lstm.py --device cuda --precision bf16 --batch_size 512
+  /tmp/torch/bin/python scripts/pytorch_lstm.py                     # LSTM-2048-512, vocabulary 793,470
+  /tmp/torch/bin/python scripts/pytorch_lstm.py --preset demo --steps 300
+  /tmp/torch/bin/python scripts/pytorch_lstm.py --device cuda --precision bf16 --batch_size 512
 """
 import argparse
 import math

@@ -73,7 +73,9 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={r}/munge/munge.socket
+# cred_expire: also how long Slurm holds a requeued job back (120 s by default, two minutes of
+# each requeue test spent waiting).
+AuthInfo=socket={r}/munge/munge.socket,cred_expire=30
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
