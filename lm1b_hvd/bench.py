@@ -181,13 +181,25 @@ def bench(args):
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
-    report_figures(blocks, hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange, say=say,
-                   reduced_vocab=0 < args.vocab < LM1B_VOCAB)
+    setting = Setting(hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange,
+                      reduced_vocab=0 < args.vocab < LM1B_VOCAB)
+    report_figures(blocks, setting, say)
 
 
-def report_figures(blocks, hps, vocab_size, ranks, exchange, say, reduced_vocab=False):
+class Setting(typing.NamedTuple):
+    """What was benched: the hparams, the vocabulary, the ranks, whether gradients were exchanged,
+    and whether the vocabulary is smaller than lm1b's (then the figures are projected to it)."""
+    hps: object
+    vocab_size: int
+    ranks: object
+    exchange: bool
+    reduced_vocab: bool = False
+
+
+def report_figures(blocks, setting, say):
     """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls
     it); with `reduced_vocab`, the parameters and peak memory at the real vocabulary too."""
+    hps, vocab_size, ranks, exchange, reduced_vocab = setting
     size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]

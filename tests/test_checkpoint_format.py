@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from lm1b_hvd import hparams
 from lm1b_hvd.model import tables
-from lm1b_hvd.model.language_model import LSTMPLanguageModel, VocabularyTables
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.model.tables import VocabularyTables
 from lm1b_hvd.run import state as run_state
 from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.step import Trainer

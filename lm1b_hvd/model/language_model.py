@@ -37,28 +37,6 @@ class SoftmaxRows(typing.NamedTuple):
     candidate_b: tf.Tensor  # [num_sampled], minus log expected count
 
 
-class VocabularyTables:
-    """The model's tables of the vocabulary (tables.VocabTable): the embedding, the softmax's
-    weights and its biases; with tied embeddings the softmax's weights are the embedding, and
-    there are two tables, which is what a checkpoint of a tied model holds."""
-    NAMES = ("embedding", "softmax_w", "softmax_b")
-
-    def __init__(self, embedding, softmax_w, softmax_b):
-        self.embedding, self.softmax_w, self.softmax_b = embedding, softmax_w, softmax_b
-
-    @property
-    def tied(self):
-        return self.softmax_w is self.embedding
-
-    def named(self):
-        """(name, table) of each distinct table."""
-        return [(name, table) for name, table in zip(self.NAMES, (self.embedding, self.softmax_w, self.softmax_b))
-                if not (name == "softmax_w" and self.tied)]
-
-    def __iter__(self):
-        return iter([table for _, table in self.named()])
-
-
 def batch_major(output_chunks):
     """The LSTM's time-major output chunks as one [batch, steps, projected_size] tensor."""
     return tf.transpose(tf.concat(output_chunks, axis=0), [1, 0, 2])
@@ -102,7 +80,7 @@ class LSTMPLanguageModel(tf.Module):
         # hold them as logical matrices (tables.py), not as this model's block variables.
         bias_rows = self.exchange.rows if self.exchange else tables.Rows(0, vocab_size)
         embedding = self._initial_table("emb", hps.emb_size, hps.emb_size, embedding_seeds)
-        self.tables = VocabularyTables(
+        self.tables = tables.VocabularyTables(
             embedding=embedding,
             softmax_w=(embedding if hps.tie_embeddings else
                        self._initial_table("softmax_w", hps.projected_size, hps.projected_size, softmax_seeds)),

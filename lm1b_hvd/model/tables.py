@@ -98,6 +98,28 @@ class VocabTable:
                 variable.assign(value)
 
 
+class VocabularyTables:
+    """The model's tables of the vocabulary (tables.VocabTable): the embedding, the softmax's
+    weights and its biases; with tied embeddings the softmax's weights are the embedding, and
+    there are two tables, which is what a checkpoint of a tied model holds."""
+    NAMES = ("embedding", "softmax_w", "softmax_b")
+
+    def __init__(self, embedding, softmax_w, softmax_b):
+        self.embedding, self.softmax_w, self.softmax_b = embedding, softmax_w, softmax_b
+
+    @property
+    def tied(self):
+        return self.softmax_w is self.embedding
+
+    def named(self):
+        """(name, table) of each distinct table."""
+        return [(name, table) for name, table in zip(self.NAMES, (self.embedding, self.softmax_w, self.softmax_b))
+                if not (name == "softmax_w" and self.tied)]
+
+    def __iter__(self):
+        return iter([table for _, table in self.named()])
+
+
 def replicated_blocks(vocab_size, num_shards):
     """The original's layout: `num_shards` blocks of equal rows, the last padded past the
     vocabulary, as TensorFlow's "div" partition of an embedding lookup expects."""

@@ -224,8 +224,7 @@ def train_steps(r, config, point, commit=None):
         # report
         progress.add(stats)
         if summary_every.due(point.step):
-            r.summaries.training(point.step, stats, progress.words_per_sec(), r.model, r.ranks.size,
-                                 r.state.lr_schedule.learning_rate)
+            r.summaries.training(point.step, stats, progress.words_per_sec(), r.state, r.ranks.size)
         if log_every.due(point.step):
             r.report_progress(progress, point.step)
 

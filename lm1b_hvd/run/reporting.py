@@ -90,9 +90,12 @@ class Summaries:
             return tf.summary.create_noop_writer()
         return evaluation.summary_writer(os.path.join(self.logdir, name))
 
-    def training(self, step, stats, words_per_sec, model, ranks, learning_rate):
+    def training(self, step, stats, words_per_sec, state, ranks):
+        """The training scalars of `step`: its StepStats (summed over `ranks` ranks), and the
+        weights' norm and learning rate of the run.state.TrainingState."""
         if not self.writer:
             return  # the weight norm is a pass over every weight: only the writing rank pays for it
+        model = state.model
         weight_norm = float(tf.linalg.global_norm(model.all_variables))
         loss, lstm_norm = stats.loss_sum / stats.words, stats.lstm_norm / ranks
         with self._train.as_default(step=step):
@@ -102,7 +105,7 @@ class Summaries:
             tf.summary.scalar("lstm_grad_norm", lstm_norm)
             tf.summary.scalar("clip_scale", min(1.0, model.hps.max_grad_norm / max(lstm_norm, 1e-12)))
             tf.summary.scalar("weight_norm", weight_norm)
-            tf.summary.scalar("learning_rate", learning_rate)
+            tf.summary.scalar("learning_rate", state.lr_schedule.learning_rate)
 
     def evaluation(self, step, perplexity):
         evaluation.write_summaries(self._eval, step, perplexity)
