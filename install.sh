@@ -7,6 +7,8 @@
 #   bash install.sh                    everything, CPU-only TensorFlow
 #   bash install.sh --gpu              TensorFlow's CUDA build and Horovod with NCCL (builds without a GPU)
 #   bash install.sh --stack-only       the stack without this package (the container's cached layer)
+#   bash install.sh --system-only      Debian's packages, the environment and the stack's packages that do
+#                                      not depend on TensorFlow (the layer the container images share)
 #   bash install.sh --with-test-tools  also what the tests drive for real: Slurm, munge, podman,
 #                                      iproute2 and sshd (scripts/local_cluster.sh)
 #
@@ -20,11 +22,13 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 LOG=${INSTALL_LOG:-$PWD/install.log}
 stack_only=0
+system_only=0
 test_tools=0
 gpu=0
 for arg in "$@"; do
   case "$arg" in
     --stack-only) stack_only=1 ;;
+    --system-only) system_only=1 ;;
     --with-test-tools) test_tools=1 ;;
     --gpu) gpu=1 ;;
     *) echo "install.sh: unknown option '$arg'" >&2; exit 2 ;;
@@ -96,6 +100,17 @@ fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 pin() { grep -E "^$1([=<>!~ ]|$)" requirements.txt; }
 
+# The pins that do not depend on which TensorFlow (mpi4py compiles against Open MPI here), and the
+# build tools: apart, so that the CPU and GPU images share them as one layer. TensorBoard comes with
+# TensorFlow, whose release pins it.
+begin "the stack's packages that do not depend on TensorFlow"
+quiet $PIP install $(grep -vE '^(#|horovod|tensorflow|tensorboard|$)' requirements.txt | tr '\n' ' ') pytest wheel setuptools
+done_stage "$(grep -vE '^(#|horovod|tensorflow|tensorboard|$)' requirements.txt | tr '\n' ' ')"
+if [ "$system_only" -eq 1 ]; then
+  echo "install.sh: done in $((SECONDS - started)) s (--system-only)"
+  exit 0
+fi
+
 # One TensorFlow per environment: the CPU wheel by default, the CUDA build (and its CUDA 12, cuDNN
 # and NCCL wheels) with --gpu. Switching removes the other one and the Horovod built against it.
 tf_version=$(pin tensorflow-cpu); tf_version=${tf_version#tensorflow-cpu==}
@@ -108,8 +123,7 @@ if "$VENV/bin/python" -m pip show "$tf_other" >/dev/null 2>&1; then
   replaced=", replacing $tf_other and the Horovod built against it"
 fi
 # Everything but Horovod first: Horovod's build needs TensorFlow importable.
-quiet $PIP install "$tf_wanted" $(grep -vE '^(#|horovod|tensorflow|$)' requirements.txt | tr '\n' ' ') \
-  pytest wheel setuptools
+quiet $PIP install "$tf_wanted" $(grep -vE '^(#|horovod|tensorflow|$)' requirements.txt | tr '\n' ' ')
 done_stage "$tf_wanted$replaced"
 
 horovod_pin=$(pin horovod)

@@ -172,9 +172,11 @@ STOPPED_LINE = (r"error: rank {survivor}: no training step completed for 1[5-9] 
                 r"for a rank that stopped answering, unless this rank's own work hangs\); limit 15 s "
                 r"\(--step_timeout\); exiting with status 75 so that the job ends and resumes from its last checkpoint")
 # Gloo gives up on a silent peer after HOROVOD_GLOO_TIMEOUT_SECONDS (30 s), before a longer --step_timeout.
+# Which of its pending operations Gloo names (a send or a receive) depends on where the peer stopped.
 GLOO_TIMEOUT_LINE = (r"error: rank {survivor}: a Horovod collective failed after step \d+ \(Horovod[A-Za-z]+: (Timed "
-                     r"out waiting 30000ms for recv operation to complete|Horovod has been shut down)\): another rank ended or stopped answering; exiting with status 75 so that the job ends "
-                     r"and resumes from its last checkpoint")
+                     r"out waiting 30000ms for (recv|send) operation to complete|Horovod has been shut down)\): another "
+                     r"rank ended or stopped answering; exiting with status 75 so that the job ends and resumes from its "
+                     r"last checkpoint")
 
 
 @pytest.mark.parametrize("stopped_rank,timeout,expected", [(1, 15, STOPPED_LINE), (0, 15, STOPPED_LINE),
@@ -266,7 +268,9 @@ def test_kill_or_ctrl_c_of_horovodrun_stops_every_rank_at_one_step_with_a_checkp
         out, _ = job.communicate(timeout=30)
     finally:
         kill_tree(job.pid)
-    stopped = re.search(r"stopped at step (\d+) \((SIGTERM|SIGINT|the end of the shell running mpirun \(pid \d+\))\); "
+    # Ctrl-C reaches every rank: rank 0 may count another rank's vote before its own signal.
+    stopped = re.search(r"stopped at step (\d+) \((SIGTERM|SIGINT|the end of the shell running mpirun \(pid \d+\)|"
+                        r"stop request on another rank)\); "
                         rf"checkpoint saved in {logdir}", out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
