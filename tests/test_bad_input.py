@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import run, write_tiny_demo_corpus
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
 VOCAB = "1b_word_vocab.txt"
 

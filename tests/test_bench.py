@@ -97,6 +97,7 @@ def traffic(stdout):
 DENSE_MB = ((32 + 32) * 4 * 64 + 4 * 64 + 64 * 32) * 4 / 1e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exchange", [True, False])
 def test_two_ranks_report_the_exchange_and_every_rank_memory(exchange):
     result = horovodrun(["-m", "lm1b_hvd.bench", *TINY, *([] if exchange else ["--no_exchange"])])
@@ -121,6 +122,7 @@ def test_two_ranks_report_the_exchange_and_every_rank_memory(exchange):
 GROUPED_DENSE_MB = ((32 + 32) * 4 * 64 // 2 + 4 * 64 + 64 * 32) * 4 / 1e6
 
 
+@pytest.mark.slow
 def test_g_lstm_allreduces_its_smaller_gradients_and_memory_is_projected_to_lm1b():
     result = horovodrun(["-m", "lm1b_hvd.bench", *TINY[:3], TINY[3] + ",lstm_groups=2", *TINY[4:]])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -134,6 +136,7 @@ def test_g_lstm_allreduces_its_smaller_gradients_and_memory_is_projected_to_lm1b
     assert projected == pytest.approx(peak + 792_970 * table_bytes_per_row(hps) / 2 ** 30, abs=0.011)
 
 
+@pytest.mark.slow
 def test_the_tapes_exchange_is_counted_as_the_original_update_s():
     """grad_combine=tape moves the same tensors through Horovod's own tape."""
     tape = horovodrun(["-m", "lm1b_hvd.bench", *TINY[:3], TINY[3] + ",grad_combine=tape", *TINY[4:]])

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 BASE_IMAGE = "localhost/lm1b-bookworm-base:latest"
 IMAGE = "localhost/lm1b_hvd:cpu-test"
 GPU_PIP_IMAGE = "localhost/lm1b_hvd:gpu-pip-test"

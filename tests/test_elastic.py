@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
 from tests.test_multiprocess import HOROVODRUN
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 TINY = "batch_size=8,num_steps=5,emb_size=16,state_size=32,projected_size=16,num_sampled=16"
 
 

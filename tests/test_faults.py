@@ -16,6 +16,8 @@ import tensorflow as tf
 from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
 from tests.test_resume import kill_tree
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 # Big enough that a save takes a while (~4 MB a checkpoint), small enough to train fast.
 SHAPE = "batch_size=4,num_steps=5,emb_size=64,state_size=256,projected_size=64,num_sampled=16"
 

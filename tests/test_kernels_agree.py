@@ -10,6 +10,8 @@ import tensorflow as tf
 from lm1b_hvd.model import cpu_kernels
 from tests.conftest import run
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 STEPS = 300
 needs_the_cpu_kernels = pytest.mark.skipif(
     not cpu_kernels.built() or bool(tf.config.list_physical_devices("GPU")),

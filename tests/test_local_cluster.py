@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
 from tests.test_resume import TINY
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 SCRIPT = REPO_ROOT / "scripts" / "local_cluster.sh"
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 

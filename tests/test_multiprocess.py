@@ -108,6 +108,7 @@ def scalars(event_dir):
     return out
 
 
+@pytest.mark.slow
 def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
     common = ["-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir), *TINY_RUN]
@@ -159,6 +160,7 @@ def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     assert summaries["eval/log_perplexity"][10] == pytest.approx(np.log(one_process), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_shape_is_refused_and_keeps_checkpoints(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
     base = [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir)]
@@ -183,6 +185,7 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
+@pytest.mark.slow
 def test_default_preset_the_original_lstm_2048_512_trains_and_evaluates(tmp_path, tiny_corpus):
     result = run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus),
                   "--logdir", str(tmp_path / "log"), "--hpconfig", "batch_size=8",
@@ -193,6 +196,7 @@ def test_default_preset_the_original_lstm_2048_512_trains_and_evaluates(tmp_path
     assert re.search(r"step 2 \| heldout perplexity [\d.]+ over \d+ words", result.stdout)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
     result = run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir),
@@ -217,6 +221,7 @@ def corpus_with_heldout(tiny_corpus, destination, heldout_text):
     return destination
 
 
+@pytest.mark.slow
 def test_a_rank_without_heldout_lines_adds_nothing_and_no_heldout_at_all_is_an_error(tmp_path, tiny_corpus):
     words = [line.split()[0] for line in (tiny_corpus / "1b_word_vocab.txt").read_text().splitlines()]
     sentence = " ".join(w for w in words if not w.startswith("<"))[:5 * 8]

@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import run
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 STEPS = 300
 
 

@@ -16,6 +16,8 @@ import tensorflow as tf
 from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
 from tests.test_multiprocess import HOROVODRUN
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 # Dropout on; ~60 steps make an epoch of a rank's share, so 2K crosses an epoch boundary.
 TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16,keep_prob=0.8"
 K = 40

@@ -15,6 +15,8 @@ import tensorflow as tf
 from tests import slurm_cluster
 from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
 JOB_ENV = {"LM1B_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2",
            "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}

@@ -19,6 +19,8 @@ from tests.test_bad_input import snapshot
 from tests.test_multiprocess import HOROVODRUN
 from tests.test_resume import kill_tree
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 SHAPE = "batch_size=4,num_steps=5,emb_size=64,state_size=256,projected_size=64,num_sampled=16"
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
            "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}

@@ -20,6 +20,8 @@ from lm1b_hvd.inference import TrainedModel
 from tests.conftest import run
 from tests.model_helpers import whole
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 MODEL = "batch_size=32,num_steps=10,emb_size=32,state_size=64,projected_size=32,num_sampled=16"
 HELDOUT = "heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050"
 

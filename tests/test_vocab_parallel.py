@@ -14,6 +14,8 @@ from tests.conftest import run, write_tiny_demo_corpus
 from tests.test_multiprocess import horovodrun
 from tests.workers import vocab_parallel as worker
 
+pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
+
 STEPS = 30
 
 
