@@ -73,9 +73,9 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# cred_expire: also how long Slurm holds a requeued job back (120 s by default, two minutes of
-# each requeue test spent waiting).
-AuthInfo=socket={r}/munge/munge.socket,cred_expire=30
+# cred_expire: a step's credential lifetime, and how long Slurm holds a requeued job back (120 s
+# by default: two minutes of each requeue test spent waiting).
+AuthInfo=socket={r}/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
@@ -90,6 +90,8 @@ GresTypes=gpu
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
+# The main scheduling pass every 2 s (default 60): a requeued job starts when its hold ends.
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none

@@ -47,13 +47,13 @@ def saved_variables(logdir, step):
             if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
-def assert_same_variables(expected, got):
+def assert_same_variables(expected, got, atol=1e-6):
     assert sorted(expected) == sorted(got)
     for name, value in expected.items():
         if isinstance(value, bytes):
             assert value == got[name], name
         else:
-            np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(got[name], value, rtol=0, atol=atol, err_msg=name)
 
 
 def kill_tree(pid):
@@ -132,13 +132,5 @@ def test_a_checkpoint_written_by_an_earlier_main_resumes_to_its_unbroken_run(tmp
     shutil.copytree(FROM_MAIN / "log", logdir)
     out = train(FROM_MAIN / "corpus", logdir, 6)
     assert f"resumed from {logdir}/ckpt-3 at step 3 (epoch 0, the same data position and LSTM rows)" in out
-    reader = tf.train.load_checkpoint(str(FROM_MAIN / "unbroken" / "ckpt-6"))
-    unbroken = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-                if "save_counter" not in name and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-    resumed = saved_variables(logdir, 6)
-    assert sorted(unbroken) == sorted(resumed)
-    for name, value in unbroken.items():
-        if isinstance(value, bytes):
-            assert value == resumed[name], name
-        else:
-            np.testing.assert_allclose(resumed[name], value, rtol=0, atol=1e-5, err_msg=name)
+    # Another machine may run other kernels of oneDNN than the one that wrote it: 1e-5, not 1e-6.
+    assert_same_variables(saved_variables(FROM_MAIN / "unbroken", 6), saved_variables(logdir, 6), atol=1e-5)
