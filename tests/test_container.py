@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -69,10 +70,14 @@ def ensure_base_image(workdir):
     tar.wait()
 
 
-def build(context, dockerfile="docker/Dockerfile.cpu", tag=IMAGE, build_args=()):
+def build_command(context, dockerfile="docker/Dockerfile.cpu", tag=IMAGE, build_args=()):
     flags = [item for arg in (f"BASE_IMAGE={BASE_IMAGE}", *build_args) for item in ("--build-arg", arg)]
-    return podman("build", "--runtime", "runc", "--network", "host", *capped_ulimits(), *flags, "-f", dockerfile,
-                  "-t", tag, str(context), timeout=1800)
+    return ["podman", "build", "--runtime", "runc", "--network", "host", *capped_ulimits(), *flags, "-f", dockerfile,
+            "-t", tag, str(context)]
+
+
+def build(context, dockerfile="docker/Dockerfile.cpu", tag=IMAGE, build_args=()):
+    return podman(*build_command(context, dockerfile, tag, build_args)[1:], timeout=1800)
 
 
 def copy_tracked_files(destination):
@@ -84,7 +89,17 @@ def copy_tracked_files(destination):
             shutil.copy2(REPO_ROOT / name, destination / name)
 
 
-def built_context(tmp_path_factory, dockerfile, tag, build_args=()):
+# The GPU image's build starts once the CPU image's first dependency layer, which both share, is
+# committed; from there the two build side by side (one downloads while the other compiles).
+SHARED_LAYER_DONE = "RUN bash install.sh --stack-only"
+BUILD_SECONDS = 1800
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """{"context": the build context, "cpu": the CPU image's build log, "gpu": the GPU image's}.
+    Horovod's CUDA kernels for one compute capability in the GPU image: the build and what the
+    test checks are the same for five, at a fraction of the compile time."""
     problem = podman_problem()
     if problem:
         if os.environ.get("LM1B_REQUIRE_PODMAN") == "1":
@@ -95,24 +110,36 @@ def built_context(tmp_path_factory, dockerfile, tag, build_args=()):
     ensure_base_image(workdir)
     context = workdir / "context"
     copy_tracked_files(context)
-    log = build(context, dockerfile, tag, build_args).stdout
-    return context, log
+    logs = {name: workdir / f"{name}-build.log" for name in ("cpu", "gpu")}
+    commands = {"cpu": build_command(context),
+                "gpu": build_command(context, "docker/Dockerfile.gpu-pip", GPU_PIP_IMAGE,
+                                     build_args=["HOROVOD_BUILD_CUDA_CC_LIST=80"])}
+    running = {}
+    deadline = time.monotonic() + BUILD_SECONDS
+    try:
+        running["cpu"] = subprocess.Popen(commands["cpu"], stdout=open(logs["cpu"], "w"), stderr=subprocess.STDOUT)
+        while SHARED_LAYER_DONE not in logs["cpu"].read_text() and running["cpu"].poll() is None:
+            assert time.monotonic() < deadline, "the CPU image's first layer took too long"
+            time.sleep(1)
+        running["gpu"] = subprocess.Popen(commands["gpu"], stdout=open(logs["gpu"], "w"), stderr=subprocess.STDOUT)
+        for name, process in running.items():
+            process.wait(timeout=max(1, deadline - time.monotonic()))
+            assert process.returncode == 0, f"{name} image build failed:\n{logs[name].read_text()[-4000:]}"
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+    return {"context": context, **{name: path.read_text() for name, path in logs.items()}}
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    context, _ = built_context(tmp_path_factory, "docker/Dockerfile.cpu", IMAGE)
-    return context
+def image(builds):
+    return builds["context"]
 
 
 @pytest.fixture(scope="module")
-def gpu_pip_image(tmp_path_factory, image):
-    """Built after the CPU image, whose first dependency layer it shares. Horovod's CUDA kernels for
-    one compute capability: the build and what the test checks are the same for five, at a
-    fraction of the compile time."""
-    _, log = built_context(tmp_path_factory, "docker/Dockerfile.gpu-pip", GPU_PIP_IMAGE,
-                           build_args=["HOROVOD_BUILD_CUDA_CC_LIST=80"])
-    return log
+def gpu_pip_image(builds):
+    return builds["gpu"]
 
 
 def run_in_image(*command, image=IMAGE, env=(), check=True):
