@@ -2,6 +2,7 @@
 import os
 import pathlib
 import subprocess
+import tempfile
 
 import pytest
 
@@ -54,3 +55,13 @@ def lm1b_sample():
 def _quiet_tensorflow(monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_collection_finish(session):
+    """The image tests last, their builds started now in the background (tests/test_container.py)."""
+    images = [item for item in session.items if item.nodeid.startswith("tests/test_container.py")]
+    if not images or session.config.option.collectonly:
+        return
+    session.items[:] = [item for item in session.items if item not in images] + images
+    from tests import test_container
+    test_container.start_builds_in_background(pathlib.Path(tempfile.mkdtemp(prefix="lm1b-images-")))

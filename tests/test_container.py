@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 
@@ -92,21 +93,14 @@ def copy_tracked_files(destination):
 # The GPU image's build starts once the CPU image's first dependency layer, which both share, is
 # committed; from there the two build side by side (one downloads while the other compiles).
 SHARED_LAYER_DONE = "RUN bash install.sh --stack-only"
-BUILD_SECONDS = 1800
+BUILD_SECONDS = 2400
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """{"context": the build context, "cpu": the CPU image's build log, "gpu": the GPU image's}.
-    Horovod's CUDA kernels for one compute capability in the GPU image: the build and what the
-    test checks are the same for five, at a fraction of the compile time."""
-    problem = podman_problem()
-    if problem:
-        if os.environ.get("LM1B_REQUIRE_PODMAN") == "1":
-            pytest.fail(problem)
-        print(f"SKIPPED container tests: {problem}")
-        pytest.skip(problem)
-    workdir = tmp_path_factory.mktemp("podman")
+def build_images(workdir):
+    """Builds both images from a copy of the tracked files: {"context": the build context, "cpu":
+    the CPU image's build log, "gpu": the GPU image's}. Horovod's CUDA kernels for one compute
+    capability in the GPU image: the build and what the test checks are the same for five, at a
+    fraction of the compile time."""
     ensure_base_image(workdir)
     context = workdir / "context"
     copy_tracked_files(context)
@@ -130,6 +124,49 @@ def builds(tmp_path_factory):
             if process.poll() is None:
                 process.kill()
     return {"context": context, **{name: path.read_text() for name, path in logs.items()}}
+
+
+class BackgroundBuild:
+    """The image builds run in a thread while the rest of the suite runs (tests/conftest.py starts
+    it when this module's tests are selected, and runs them last): they are mostly downloads and
+    compiles, and much of the other tests' time is waiting for a timeout or a scheduler."""
+    started = None
+
+    def __init__(self, workdir):
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(workdir,), daemon=True)
+        self.thread.start()
+
+    def _run(self, workdir):
+        try:
+            self.result = build_images(workdir)
+        except BaseException as error:  # handed to the test that waits for the images
+            self.error = error
+
+    def wait(self):
+        self.thread.join(BUILD_SECONDS)
+        if self.error:
+            raise self.error
+        assert self.result, "the image builds did not finish"
+        return self.result
+
+
+def start_builds_in_background(workdir):
+    if podman_problem() is None and BackgroundBuild.started is None:
+        BackgroundBuild.started = BackgroundBuild(workdir)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    problem = podman_problem()
+    if problem:
+        if os.environ.get("LM1B_REQUIRE_PODMAN") == "1":
+            pytest.fail(problem)
+        print(f"SKIPPED container tests: {problem}")
+        pytest.skip(problem)
+    if BackgroundBuild.started:
+        return BackgroundBuild.started.wait()
+    return build_images(tmp_path_factory.mktemp("podman"))
 
 
 @pytest.fixture(scope="module")
