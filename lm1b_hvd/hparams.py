@@ -47,6 +47,12 @@ class HParams:
     sparse_as_dense: bool = False  # allreduce embedding/softmax gradients as dense matrices
     vocab_parallel: bool = False  # each rank holds 1/N of the vocabulary's rows; alltoall fetches what a step needs
     fp16_allreduce: bool = False  # send the dense LSTM gradients as fp16 (hvd.Compression.fp16)
+    # Across nodes (update.outer): synchronous inside a node, every outer_every steps an outer
+    # step between the nodes on the average of what they changed (DiLoCo's outer Nesterov
+    # momentum; outer_lr=1 with outer_momentum=0 is plain averaging). 0: every step synchronous.
+    outer_every: int = 0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -157,6 +163,11 @@ def validate(hps):
     for key in ("keep_prob", "emb_keep_prob", "recurrent_keep_prob", "lr_decay"):
         if not 0.0 < getattr(hps, key) <= 1.0:
             raise HParamsError(f"hparam '{key}' must be in (0, 1], got {getattr(hps, key)}")
+    if hps.outer_every < 0:
+        raise HParamsError(f"hparam 'outer_every' must be >= 0 (0: synchronous across nodes), got {hps.outer_every}")
+    if hps.outer_lr <= 0 or not 0.0 <= hps.outer_momentum < 1.0:
+        raise HParamsError(f"hparams 'outer_lr' must be > 0 and 'outer_momentum' in [0, 1), got {hps.outer_lr} "
+                           f"and {hps.outer_momentum}")
     if hps.lr_patience < 1:
         raise HParamsError(f"hparam 'lr_patience' must be >= 1, got {hps.lr_patience}")
     _validate_lstm(hps)

@@ -10,6 +10,7 @@ Examples:
   horovodrun -np 8 python -m lm1b_hvd.train --datadir /data/lm1b --logdir runs/lstm-2048-512 --eval_every 5000
   horovodrun -np 2 python -m lm1b_hvd.train --datadir my_corpus --preset corpus --max_time 900 --eval_every 500
   python -m lm1b_hvd.train --preset demo --hpconfig kernels=portable,keep_prob=0.9 --max_steps 300
+  horovodrun -np 16 -H node1:8,node2:8 python -m lm1b_hvd.train --datadir /data/lm1b --hpconfig outer_every=64
 """
 import argparse
 import dataclasses
@@ -58,6 +59,9 @@ class TrainConfig:
     allow_cpu: bool = option(False, "train on the CPU even if the job was given GPUs that TensorFlow cannot see")
     elastic: bool = option(False, "Horovod elastic mode: go on when ranks are lost or added "
                                   "(horovodrun --min-np/--max-np, Gloo)")
+    ranks_per_node: int = option(0, "two-level runs (hparam outer_every): ranks 0..K-1, K..2K-1, ... form the "
+                                    "nodes, e.g. simulated nodes on one host; 0: the hosts Horovod placed the ranks on",
+                                 minimum=0)
     commit_steps: int = option(100, "elastic: steps between commits of the state to host memory "
                                     "(what a lost rank costs the others)", minimum=1)
     step_timeout: float = option(0.0, "seconds without a completed step after which every live rank exits "

@@ -103,6 +103,13 @@ CASES = {
         lambda c, t: dict(hpconfig=TINY + ",vocab_parallel=true", extra=["--elastic"]),
         r"error: --elastic cannot be used with vocab_parallel=true: an elastic reset would have to re-shard the "
         r"vocabulary's rows over the new ranks, which this trainer does not do; drop one of the two"),
+    "outer_every with --elastic": (
+        lambda c, t: dict(hpconfig=TINY + ",outer_every=4", extra=["--elastic"]),
+        r"error: --elastic cannot be used with outer_every=4: an elastic reset would have to re-form the nodes and "
+        r"their outer state, which this trainer does not do; drop one of the two"),
+    "ranks_per_node that does not divide the ranks": (
+        lambda c, t: dict(hpconfig=TINY + ",outer_every=4", extra=["--ranks_per_node", "2"]),
+        r"error: outer_every=4: --ranks_per_node 2 does not divide the 1 ranks"),
     "vocab_parallel with sparse_as_dense": (
         lambda c, t: dict(hpconfig=TINY + ",vocab_parallel=true,sparse_as_dense=true"),
         r"error: hparam 'vocab_parallel' cannot be combined with sparse_as_dense=true: .+"),

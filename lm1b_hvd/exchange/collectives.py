@@ -8,6 +8,7 @@ communicated.
 import contextlib
 import os
 import re
+import socket
 
 import horovod
 import horovod.tensorflow as hvd
@@ -16,16 +17,17 @@ from horovod.common import elastic as horovod_elastic
 from horovod.common.exceptions import HorovodInternalError
 
 from lm1b_hvd import pinned_stack
-from lm1b_hvd.exchange.ranks import Ranks
+from lm1b_hvd.exchange.ranks import ONE_PROCESS, NodeGroups, Ranks
 
 
-def init(stall_warning_seconds=60.0):
+def init(stall_warning_seconds=60.0, process_sets=False):
     """Starts Horovod and returns its ranks; gives each process its own GPU (if any) by local
     rank, and sizes TensorFlow's thread pools to the cores this rank owns (before TensorFlow makes
     them). Horovod's stall check warns after `stall_warning_seconds` (naming the ranks missing
-    from a collective) unless HOROVOD_STALL_CHECK_TIME_SECONDS says otherwise."""
+    from a collective) unless HOROVOD_STALL_CHECK_TIME_SECONDS says otherwise. `process_sets`:
+    Horovod may be asked for process sets later (node_groups)."""
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, int(stall_warning_seconds))))
-    hvd.init()
+    hvd.init(process_sets="dynamic" if process_sets else None)
     _set_threads_per_rank()
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
@@ -58,16 +60,25 @@ def _set_threads_per_rank():
 
 
 class HorovodRanks(Ranks):
-    """Horovod's ranks (after init()); `rank` and `size` are read when asked, since an elastic
-    reset changes them."""
+    """Horovod's ranks (after init()), or those of one of its process sets; `rank` and `size`
+    are read when asked, since an elastic reset changes them. Collectives of the project's own
+    decisions (any, root_decides, the gathers) are taken over every rank."""
+
+    def __init__(self, process_set=None):
+        self.process_set = process_set or hvd.global_process_set
 
     @property
     def rank(self):
-        return hvd.rank()
+        return self.process_set.rank()
 
     @property
     def size(self):
-        return hvd.size()
+        return self.process_set.size()
+
+    @property
+    def global_ranks(self):
+        """The global ranks of this set, in its rank order."""
+        return list(self.process_set.ranks) if self.process_set.ranks else list(range(hvd.size()))
 
     def any(self, flag):
         if hvd.size() == 1:
@@ -91,9 +102,9 @@ class HorovodRanks(Ranks):
         return [float(v) for v in tf.reshape(values, [-1]).numpy()]
 
     def sum(self, tensor):
-        if hvd.size() == 1:
+        if self.size == 1:
             return tensor
-        return hvd.allreduce(tensor, op=hvd.Sum)
+        return hvd.allreduce(tensor, op=hvd.Sum, process_set=self.process_set)
 
     def broadcast_from_root(self, variables):
         """Horovod's in-place broadcast, one variable at a time, so no copy of a weight is made.
@@ -107,30 +118,78 @@ class HorovodRanks(Ranks):
             hvd.broadcast_([variable], root_rank=0)
 
 
-# The gradient exchange's collectives (exchange.gradients decides which goes where).
+# Nodes: the two levels of a two-level run (update.outer).
 
-def average_dense(tensors, fp16=False):
+def node_groups(ranks_per_node=0):
+    """The NodeGroups of this run: the ranks of each host form a node (Horovod's hosts, as
+    `horovodrun -H` or Slurm placed them), or, with `ranks_per_node` K, ranks 0..K-1, K..2K-1,
+    ... do (simulated nodes on one host). Every node must hold as many ranks. With more than one
+    node, Horovod makes a process set of each node and one of each position within a node across
+    the nodes, in the same order on every rank (a collective: every rank calls it; needs
+    init(process_sets=True))."""
+    size, rank = hvd.size(), hvd.rank()
+    if ranks_per_node:
+        if size % ranks_per_node:
+            raise ValueError(f"--ranks_per_node {ranks_per_node} does not divide the {size} ranks")
+        node_of = [r // ranks_per_node for r in range(size)]
+    else:
+        hosts = hvd.allgather_object(socket.gethostname(), name="node_hosts") if size > 1 else [socket.gethostname()]
+        first_seen = list(dict.fromkeys(hosts))
+        node_of = [first_seen.index(host) for host in hosts]
+    members = [[r for r in range(size) if node_of[r] == node] for node in range(max(node_of) + 1)]
+    if len({len(ranks) for ranks in members}) > 1:
+        raise ValueError("the nodes hold unequal numbers of ranks ("
+                         + ", ".join(str(len(ranks)) for ranks in members) + ")")
+    if len(members) == 1:
+        return NodeGroups(node=HorovodRanks(), across=ONE_PROCESS, count=1, index=0)
+    node_sets = [_process_set(ranks) for ranks in members]
+    across_sets = [_process_set([ranks[position] for ranks in members]) for position in range(len(members[0]))]
+    mine = node_of[rank]
+    return NodeGroups(node=HorovodRanks(node_sets[mine]), across=HorovodRanks(across_sets[members[mine].index(rank)]),
+                      count=len(members), index=mine)
+
+
+def _process_set(ranks):
+    """Horovod's process set of these global ranks (all of them: its global set, which it will
+    not make twice)."""
+    return hvd.global_process_set if len(ranks) == hvd.size() else hvd.add_process_set(ranks)
+
+
+def _set(ranks):
+    """The Horovod process set of `ranks` (a HorovodRanks), all ranks for anything else."""
+    return getattr(ranks, "process_set", None) or hvd.global_process_set
+
+
+# The gradient exchange's collectives (exchange.gradients decides which goes where). `ranks`:
+# the ranks taking part (a HorovodRanks of a process set), every rank by default.
+
+def average_dense(tensors, fp16=False, ranks=None):
     """The average over ranks of each dense tensor, in one grouped allreduce (sent as fp16 when asked)."""
-    return hvd.grouped_allreduce(tensors, op=hvd.Average,
+    return hvd.grouped_allreduce(tensors, op=hvd.Average, process_set=_set(ranks),
                                  compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none)
 
 
-def sum_dense(tensors):
+def sum_dense(tensors, ranks=None):
     """The sum over ranks of each dense tensor, in one grouped allreduce."""
-    return hvd.grouped_allreduce(tensors, op=hvd.Sum)
+    return hvd.grouped_allreduce(tensors, op=hvd.Sum, process_set=_set(ranks))
 
 
-def sum_slices(slices):
+def sum_slices(slices, ranks=None):
     """The sum over ranks of an IndexedSlices: every rank's rows, gathered (duplicates kept)."""
-    return hvd.allreduce(slices, op=hvd.Sum)
+    return hvd.allreduce(slices, op=hvd.Sum, process_set=_set(ranks))
 
 
-def distributed_tape(tape, fp16=False, sparse_as_dense=False, local_sources=(), observe=None):
+def broadcast_tensors(tensors, root, ranks):
+    """Each tensor as the global rank `root` of `ranks` holds it (Horovod names roots by global rank)."""
+    return [hvd.broadcast(tensor, root_rank=root, process_set=_set(ranks)) for tensor in tensors]
+
+
+def distributed_tape(tape, fp16=False, sparse_as_dense=False, local_sources=(), observe=None, ranks=None):
     """Horovod's DistributedGradientTape around `tape`: everything averaged, as Horovod users
     expect, but for `local_sources`, whose gradients Horovod leaves on the rank and divides by
     the rank count. `observe(local, reduced)` sees every gradient it reduces."""
     reducing = hvd.DistributedGradientTape(tape, compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
-                                           sparse_as_dense=sparse_as_dense)
+                                           sparse_as_dense=sparse_as_dense, process_set=_set(ranks))
     for source in local_sources:
         reducing.register_local_source(source)
     return pinned_stack.observe_tape_reduction(reducing, observe) if observe else reducing
@@ -138,14 +197,14 @@ def distributed_tape(tape, fp16=False, sparse_as_dense=False, local_sources=(), 
 
 # The vocabulary's exchange (exchange.vocab_parallel says what moves).
 
-def alltoall(tensor, splits):
+def alltoall(tensor, splits, ranks=None):
     """Rows `splits[r]` of `tensor` to rank r, in rank order: (what came back, its splits)."""
-    return hvd.alltoall(tensor, splits=splits)
+    return hvd.alltoall(tensor, splits=splits, process_set=_set(ranks))
 
 
-def allgather(tensor):
+def allgather(tensor, ranks=None):
     """Every rank's `tensor`, concatenated in rank order along the first axis."""
-    return hvd.allgather(tensor)
+    return hvd.allgather(tensor, process_set=_set(ranks))
 
 
 # What the run tells about the exchange.

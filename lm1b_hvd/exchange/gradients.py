@@ -48,7 +48,8 @@ def tensor_bytes(tensor, itemsize=None):
 
 
 class GradientExchange:
-    """How the gradients of a step travel between `ranks` (hparams fp16_allreduce: the dense
+    """How the gradients of a step travel between `ranks` (every rank, or a node's in a
+    two-level run; hparams fp16_allreduce: the dense
     ones as fp16; sparse_as_dense: the sparse ones allreduced as dense matrices, what Horovod's
     own option does, instead of gathered rows)."""
 
@@ -68,15 +69,16 @@ class GradientExchange:
         if not exchange_sparse:
             sparse_at = []
         if dense_at:
-            for i, value in zip(dense_at, collectives.average_dense([gradients[i] for i in dense_at], self.fp16)):
+            averaged = collectives.average_dense([gradients[i] for i in dense_at], self.fp16, self.ranks)
+            for i, value in zip(dense_at, averaged):
                 combined[i] = value
         if self.sparse_as_dense and sparse_at:
-            summed = collectives.sum_dense([tf.convert_to_tensor(gradients[i]) for i in sparse_at])
+            summed = collectives.sum_dense([tf.convert_to_tensor(gradients[i]) for i in sparse_at], self.ranks)
             for i, value in zip(sparse_at, summed):
                 combined[i] = value
         else:
             for i in sparse_at:
-                combined[i] = collectives.sum_slices(gradients[i])
+                combined[i] = collectives.sum_slices(gradients[i], self.ranks)
         for index in dense_at + sparse_at:
             traffic.count(gradients[index], combined[index], self.fp16)
         return combined
@@ -88,4 +90,5 @@ class GradientExchange:
         if self.ranks.size == 1:
             return tape
         return collectives.distributed_tape(tape, self.fp16, self.sparse_as_dense, local_sources,
-                                            observe=lambda local, reduced: traffic.count(local, reduced, self.fp16))
+                                            observe=lambda local, reduced: traffic.count(local, reduced, self.fp16),
+                                            ranks=self.ranks)

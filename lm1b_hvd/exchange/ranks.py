@@ -6,6 +6,7 @@ instead of calling Horovod: one process here, with no Horovod import, so that `s
 and `export` load a model without the distributed stack; exchange.collectives.HorovodRanks is
 the same interface over Horovod's ranks.
 """
+import typing
 
 
 class Ranks:
@@ -53,3 +54,21 @@ class Ranks:
 
 
 ONE_PROCESS = Ranks()
+
+
+class NodeGroups(typing.NamedTuple):
+    """The two levels of a run across nodes (update.outer): `node`, the ranks of this rank's node,
+    which exchange every step; `across`, the ranks at this rank's position in every node, which
+    hold the same parameters and meet at outer steps; `count` nodes, of which this is number
+    `index`. One node: `node` is every rank and nothing is across."""
+    node: Ranks
+    across: Ranks
+    count: int
+    index: int
+
+    @property
+    def two_level(self):
+        return self.count > 1
+
+
+ONE_NODE = NodeGroups(node=ONE_PROCESS, across=ONE_PROCESS, count=1, index=0)

@@ -42,11 +42,11 @@ class VocabExchange:
         owner = tables.owners(ids, self.vocab_size, self.size)
         order = tf.argsort(owner, stable=True)  # alltoall sends rank by rank
         splits = tf.math.bincount(owner, minlength=self.size, maxlength=self.size, dtype=tf.int32)
-        requested, requested_splits = collectives.alltoall(tf.gather(ids, order), splits)
+        requested, requested_splits = collectives.alltoall(tf.gather(ids, order), splits, self.ranks)
         local = requested - self.rows.first
         gathered = [tf.gather(matrix, local) for matrix in matrices]
         sent = tf.concat([rows if rows.shape.rank == 2 else rows[:, None] for rows in gathered], axis=1)
-        rows, _ = collectives.alltoall(sent, requested_splits)
+        rows, _ = collectives.alltoall(sent, requested_splits, self.ranks)
         if traffic is not None:
             self._count(traffic, splits, requested_splits, sent)
         return tf.gather(rows, tf.math.invert_permutation(order))
@@ -64,10 +64,10 @@ class VocabExchange:
         """Cross-entropy [batch] of this rank's outputs [batch, dim] and targets over the whole
         vocabulary, from the shares `weights` [rows held, dim] and `biases` of every rank. Every
         rank calls it with the same batch size."""
-        every_output = collectives.allgather(outputs)
-        every_target = tf.cast(collectives.allgather(targets), tf.int64)
+        every_output = collectives.allgather(outputs, self.ranks)
+        every_target = tf.cast(collectives.allgather(targets, self.ranks), tf.int64)
         logits = tf.matmul(every_output, weights, transpose_b=True) + biases
-        shares = tf.reshape(collectives.allgather(tf.reduce_logsumexp(logits, axis=1)), [self.size, -1])
+        shares = tf.reshape(collectives.allgather(tf.reduce_logsumexp(logits, axis=1), self.ranks), [self.size, -1])
         log_sum_exp = tf.reduce_logsumexp(shares, axis=0)
         local = every_target - self.rows.first
         held = (local >= 0) & (local < self.rows.count)

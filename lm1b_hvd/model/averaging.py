@@ -23,9 +23,12 @@ class ExponentialMovingAverage:
         self._pairs = list(zip(self.shadows, variables)) + list(zip(
             tables.variables_of(self.table_shadows), tables.variables_of(vocab_tables)))
 
-    def update(self):
+    def update(self, steps=1):
+        """One step's move towards the targets; `steps` steps' at once (decay ** steps) where
+        the targets stood still for them (update.outer: the weights between outer steps)."""
+        rate = 1.0 - self.decay ** steps
         for shadow, target in self._pairs:
-            shadow.assign_sub((1.0 - self.decay) * (shadow - target))
+            shadow.assign_sub(rate * (shadow - target))
 
     def copy_averages_to_targets(self):
         """The targets take the averages' values: for good, where nothing trains afterwards

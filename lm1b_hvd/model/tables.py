@@ -47,8 +47,9 @@ def owners(ids, vocab_size, ranks):
 
 
 class VocabTable:
-    """One matrix of the vocabulary (`width` columns, or a vector when width is None): the
-    rows this process holds, as block variables, and their slices of the logical matrix.
+    """One matrix of the vocabulary (`width` columns, or a vector when width is None, or a
+    tuple of trailing dimensions: update.outer keeps any weight's rows this way): the rows this
+    process holds, as block variables, and their slices of the logical matrix.
 
     `blocks` is a list of (Rows, variable): each variable holds its rows, possibly followed by
     padding rows past the vocabulary (the replicated layout's last block), which no checkpoint
@@ -68,12 +69,13 @@ class VocabTable:
         return Rows(self.blocks[0][0].first, self.blocks[-1][0].stop)
 
     def logical_shape(self):
-        return [self.vocab_size] + ([self.width] if self.width else [])
+        trailing = () if self.width is None else (self.width,) if isinstance(self.width, int) else self.width
+        return [self.vocab_size, *trailing]
 
     def slice_spec(self, rows):
         """TensorFlow's "shape first,count:..." spec of `rows` of the logical matrix."""
-        rest = ":-" if self.width else ""
-        return " ".join(str(d) for d in self.logical_shape()) + f" {rows.first},{rows.count}{rest}"
+        shape = self.logical_shape()
+        return " ".join(str(d) for d in shape) + f" {rows.first},{rows.count}" + ":-" * (len(shape) - 1)
 
     def _held_blocks(self):
         """The blocks that hold rows of the vocabulary (with few words and many blocks, the
@@ -88,6 +90,8 @@ class VocabTable:
     def restore(self, prefix, key):
         """Reads this table's rows of the logical matrix `key` in checkpoint `prefix`."""
         blocks = self._held_blocks()
+        if not blocks:
+            return
         restored = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[key] * len(blocks),
                                         shape_and_slices=[self.slice_spec(rows) for rows, _ in blocks],
                                         dtypes=[variable.dtype for _, variable in blocks])

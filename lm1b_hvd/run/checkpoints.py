@@ -20,7 +20,7 @@ import re
 import tensorflow as tf
 
 from lm1b_hvd import console, hparams as hparams_lib, pinned_stack
-from lm1b_hvd.exchange.ranks import ONE_PROCESS
+from lm1b_hvd.exchange.ranks import ONE_NODE, ONE_PROCESS
 from lm1b_hvd.run.logdir_files import BEST_DIR, BEST_FILE, HPARAMS_FILE
 from lm1b_hvd.run.state import PARTS_SUFFIX, RunPoint
 
@@ -35,12 +35,18 @@ class RunCheckpoints:
     """A training run's checkpoints of its run.state.TrainingState, which rank 0 writes; every
     rank's RunPoint rides in them. Vocabulary-parallel, every rank writes its rows of the tables
     into a checkpoint first (the log directory must be on a filesystem every node sees, as a
-    cluster's is)."""
+    cluster's is). In a two-level run (`nodes`) every node holds the same state at the outer
+    steps where checkpoints are taken: the ranks of the first node write the parts."""
 
-    def __init__(self, logdir, state, keep, ranks):
+    def __init__(self, logdir, state, keep, ranks, nodes=ONE_NODE):
         self.state, self.ranks = state, ranks
-        self.keeper = CheckpointKeeper(logdir, state, keep, ranks,
-                                       table_parts=ranks.size if state.model.vocab_parallel else 1)
+        if state.outer_momentum:  # each rank of a node holds the momentum of its own rows
+            parts, part = nodes.node.size, nodes.node.rank if nodes.index == 0 else None
+        elif state.model.vocab_parallel:
+            parts, part = ranks.size, ranks.rank
+        else:
+            parts, part = 1, None
+        self.keeper = CheckpointKeeper(logdir, state, keep, ranks, table_parts=parts, table_part=part)
 
     def restore(self, log):
         """The RunPoint to start from: the latest checkpoint's, exactly, when it was written by as
@@ -142,10 +148,12 @@ def load_run_hparams(logdir):
 
 class CheckpointKeeper:
     """Latest-N checkpoints of `state` plus the best-by-heldout one; only rank 0 saves, after
-    every rank wrote its part of the tables when there are `table_parts` (vocabulary-parallel)."""
+    the ranks wrote their parts of the tables when there are `table_parts` (vocabulary-parallel,
+    two-level): this rank part number `table_part`, or none."""
 
-    def __init__(self, logdir, state, max_to_keep, ranks=ONE_PROCESS, table_parts=1):
+    def __init__(self, logdir, state, max_to_keep, ranks=ONE_PROCESS, table_parts=1, table_part=None):
         self.logdir, self.state, self.ranks, self.table_parts = logdir, state, ranks, table_parts
+        self.table_part = table_part
         target = pinned_stack.ManagedWrite(lambda prefix: state.write(prefix, table_parts), state.save_counter)
         self.latest = tf.train.CheckpointManager(target, logdir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(target, os.path.join(logdir, BEST_DIR), max_to_keep=1)
@@ -217,12 +225,13 @@ class CheckpointKeeper:
                                   f"({first_line(err)}); {kept}") from None
 
     def _write_table_parts(self, manager, step):
-        """Every rank's rows of the tables, written beside the checkpoint the writer will merge;
+        """The ranks' parts of the tables, written beside the checkpoint the writer will merge;
         when one rank's write fails, every rank stops."""
         failure = None
         try:
-            self.state.write_tables_part(os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{step}"),
-                                         self.ranks.rank)
+            if self.table_part is not None:
+                self.state.write_tables_part(os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{step}"),
+                                             self.table_part)
         except (tf.errors.OpError, OSError) as err:
             failure = err
         if self.ranks.any(failure is not None):

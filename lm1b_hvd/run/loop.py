@@ -14,11 +14,13 @@ import time
 from lm1b_hvd import console, devices, hparams
 from lm1b_hvd.data import dataset, demo_corpus, vocab
 from lm1b_hvd.exchange import collectives
+from lm1b_hvd.exchange.ranks import ONE_NODE
 from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.run import checkpoints, evaluation, reporting, stop_requests, watchdog
 from lm1b_hvd.run.lock import RunLock
 from lm1b_hvd.run.state import RunPoint, TrainingState
+from lm1b_hvd.update.outer import OuterStep
 from lm1b_hvd.update.step import Trainer, Votes
 
 
@@ -76,27 +78,31 @@ class Run:
     checkpoints and the reports. The loop (train_steps) calls it."""
 
     def __init__(self, config):
-        self.ranks = collectives.init(stall_warning_seconds=watchdog.stall_warning_seconds(config.step_timeout))
+        self.hps = hparams.build(config.preset, config.hpconfig)
+        self.ranks = collectives.init(stall_warning_seconds=watchdog.stall_warning_seconds(config.step_timeout),
+                                      process_sets=bool(self.hps.outer_every))
         devices.check_gpus_used(config.allow_cpu)
         self.config = config
         self.lock = RunLock(config.logdir)
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         dataset.check_datadir(self.datadir)
-        self.hps = hparams.build(config.preset, config.hpconfig)
         self.vocab = vocab.load(os.path.join(self.datadir, dataset.VOCAB_FILE))
         if self.hps.vocab_parallel and config.elastic:
             raise console.UserError("--elastic cannot be used with vocab_parallel=true: an elastic reset would have "
                                     "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
                                     "do; drop one of the two")
-        exchange = vocab_exchange(self.hps, len(self.vocab), self.ranks)
+        self.nodes = self._nodes()
+        exchange = vocab_exchange(self.hps, len(self.vocab), self.nodes.node if self.nodes.two_level else self.ranks)
         self._take_logdir()  # after the checks that only read, before the first write
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.ranks.is_root)
         self.train_data, self.heldout = self._data_shares()
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab), vocab_exchange=exchange)
-        self.state = TrainingState(self.model)
-        self.trainer = Trainer(self.state, self.ranks)
+        self.state = TrainingState(self.model, nodes=self.nodes)
+        self.trainer = Trainer(self.state, self.ranks, nodes=self.nodes)
+        self.outer = OuterStep(self.state, self.nodes, self.hps) if self.state.outer_momentum else None
         self.evaluator = evaluation.Evaluator(self.model, self.state.ema, self.ranks, report=self.log)
-        self.checkpoints = checkpoints.RunCheckpoints(config.logdir, self.state, config.keep_checkpoints, self.ranks)
+        self.checkpoints = checkpoints.RunCheckpoints(config.logdir, self.state, config.keep_checkpoints, self.ranks,
+                                                      self.nodes)
         self.summaries = reporting.Summaries(config.logdir, self.ranks.is_root)
         self.profile = reporting.ProfileWindow(config.logdir, config.profile_steps, self.ranks.is_root)
         self.stop_requests = stop_requests.StopRequests()
@@ -105,6 +111,41 @@ class Run:
     def log(self, message):
         if self.ranks.is_root:
             console.say(message)
+
+    def _nodes(self):
+        """The NodeGroups of a run with outer steps (hparam outer_every), else one node: every
+        rank synchronous. Refuses what a two-level run cannot do, before anything is written."""
+        outer_every, config = self.hps.outer_every, self.config
+        if not outer_every:
+            return ONE_NODE
+        if config.elastic:
+            raise console.UserError(f"--elastic cannot be used with outer_every={outer_every}: an elastic reset would "
+                                    "have to re-form the nodes and their outer state, which this trainer does not do; "
+                                    "drop one of the two")
+        try:
+            nodes = collectives.node_groups(config.ranks_per_node)
+        except ValueError as err:
+            raise console.UserError(f"outer_every={outer_every}: {err}") from None
+        if nodes.two_level and self.hps.precision == "fp16":
+            raise console.UserError(f"outer_every={outer_every} cannot be used with precision=fp16: each node's "
+                                    "loss scale would drift from the others'; use precision=bf16 or fp32")
+        return nodes
+
+    def describe_levels(self):
+        """What the outer_every hparam does in this run, in one line (or None: synchronous)."""
+        hps, nodes = self.hps, self.nodes
+        if not hps.outer_every:
+            return None
+        if not nodes.two_level:
+            return (f"outer_every={hps.outer_every}: all {self.ranks.size} rank(s) are on one node, nothing to "
+                    "average between nodes: every step is synchronous")
+        line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
+                f"step between nodes every {hps.outer_every} steps (outer_lr {hps.outer_lr}, Nesterov "
+                f"outer_momentum {hps.outer_momentum}); evaluations and checkpoints at outer steps")
+        if self.config.max_steps % hps.outer_every:
+            last = self.config.max_steps - self.config.max_steps % hps.outer_every
+            line += f"; --max_steps {self.config.max_steps} ends with step {last}'s outer step"
+        return line
 
     def report_progress(self, progress, step):
         """The progress line of `step`, and its figures in L/progress.json for lm1b_hvd.status."""
@@ -134,6 +175,9 @@ class Run:
             self.log(line)
         self.log(f"hparams: {self.hps.to_string()}")
         self.log(self.model.plan.describe())
+        levels = self.describe_levels()
+        if levels:
+            self.log(levels)
 
     def _data_shares(self):
         return tuple(dataset.ShardedDataset.for_rank(self.datadir, split, self.vocab, self.ranks.rank, self.ranks.size)
@@ -149,6 +193,20 @@ class Run:
         self.train_data, self.heldout = self._data_shares()
         self.trainer.retrace()
         self.summaries.set_writer(self.ranks.is_root)
+
+    def start_outer_steps(self):
+        """Two-level: every node starts from rank 0's state (before the first step, since the
+        nodes differ after it), and that is the first anchor of the outer steps."""
+        self.state.broadcast_from_root(self.ranks)
+        self.outer.start()
+
+    def roll_back(self, point, settled):
+        """Two-level, stopped between outer steps at `point`: back to `settled`, the last outer
+        step, which is what the checkpoint holds; a resume repeats the steps after it exactly."""
+        self.outer.roll_back()
+        self.log(f"stopped at step {point.step}, between outer steps: the checkpoint is the last outer step's, "
+                 f"step {settled.step} (a resume repeats steps {settled.step + 1}-{point.step})")
+        return settled
 
     def training_batches(self, position):
         return dataset.prefetch(self.train_data.iterate_forever(
@@ -201,6 +259,9 @@ def train_steps(r, config, point, commit=None):
     checkpoint_every, checkpoint_clock = Every(steps=config.checkpoint_steps), Every(seconds=config.checkpoint_secs)
     commit_every = Every(steps=config.commit_steps if commit else 0)
     reason = StopReason.MAX_STEPS if config.max_steps and point.step >= config.max_steps else None
+    # Two-level: evaluations and checkpoints wait for an outer step, where every node holds the
+    # same state; `settled` is the last such point.
+    settled, evaluation_due, checkpoint_due = point, False, False
     r.watchdog.start(point.step)
 
     while reason is None:
@@ -214,9 +275,15 @@ def train_steps(r, config, point, commit=None):
         point = RunPoint(point.step + 1, next_position, row_state)
         r.profile.after_step(point.step)
         check_finite(stats, point.step)
-        if point.step == start_step + 1:
+        if point.step == start_step + 1 and not r.outer:
             r.state.broadcast_from_root(r.ranks)
         r.watchdog.beat(point.step)
+
+        # outer step (two-level): the nodes meet every outer_every steps
+        if r.outer and point.step % r.hps.outer_every == 0:
+            r.outer.step()
+        if r.outer is None or r.outer.last_step == point.step:
+            settled = point
 
         # stop?
         reason = stop_reason(stats, point.step, config.max_steps, signal_here=stop_here)
@@ -229,15 +296,21 @@ def train_steps(r, config, point, commit=None):
             r.report_progress(progress, point.step)
 
         # evaluate
-        if reason is None and eval_every.due(point.step):
+        evaluation_due = eval_every.due(point.step) or evaluation_due
+        if reason is None and evaluation_due and settled is point:
             r.evaluate(point)
+            evaluation_due = False
 
         # checkpoint, and the elastic commit
-        if reason is None and (checkpoint_every.due(point.step) or stats.checkpoint > 0):
+        checkpoint_due = checkpoint_every.due(point.step) or stats.checkpoint > 0 or checkpoint_due
+        if reason is None and checkpoint_due and settled is point:
             r.save_checkpoint(point)
+            checkpoint_due = False
         if reason is None and commit_every.due(point.step):
             commit()
 
+    if settled is not point:
+        point = r.roll_back(point, settled)
     r.save_checkpoint(point)
     return point, reason
 
@@ -281,6 +354,8 @@ def train(config):
             with r.watchdog.activity("start", "the start of the run (the device report, the restore)"):
                 r.log_start()
                 point = r.checkpoints.restore(r.log)
+                if r.outer:
+                    r.start_outer_steps()
             if config.elastic:
                 point, reason = train_elastic(r, config, point)
             else:

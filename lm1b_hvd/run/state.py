@@ -23,7 +23,9 @@ import tensorflow as tf
 from lm1b_hvd.data.dataset import StreamPosition
 from lm1b_hvd.model import averaging, ops, tables
 from lm1b_hvd.run import earlier_format
+from lm1b_hvd.exchange.ranks import ONE_NODE
 from lm1b_hvd.update.optimizer import FusedAdagrad, PlateauDecay
+from lm1b_hvd.update.outer_parts import OuterMomentum
 
 PARTS_SUFFIX = "_parts"  # the folder a checkpoint's parts are written to before they are merged
 ACCUMULATOR_SUFFIX = "/adagrad_accumulator"  # tables/NAME + this: Adagrad's accumulator of a table
@@ -123,13 +125,16 @@ class TrainingState:
     """A model's training state: the model's LSTM and tables, Adagrad's accumulators and step,
     the learning rate and its schedule, the EMA, every rank's run position; or, with
     `for_training=False`, what reading a trained model needs (the model and its averages: no
-    optimizer, whose slots would be a second model-sized allocation nothing reads)."""
+    optimizer, whose slots would be a second model-sized allocation nothing reads). A run over
+    more than one node of `nodes` (exchange.ranks.NodeGroups) with outer steps (hparam
+    outer_every) holds their momentum too (update.outer)."""
 
-    def __init__(self, model, for_training=True):
+    def __init__(self, model, for_training=True, nodes=ONE_NODE):
         hps = model.hps
         self.model = model
         self.ema = averaging.model_average(model)
         self.table_accumulators, self.optimizer, self.lr_schedule, self.position = [], None, None, None
+        self.outer_momentum = None
         self.loss_scaler, self._loss_scale_variables = None, []
         if for_training:
             # Adagrad's accumulators of the vocabulary tables, from 1.0 as the original's.
@@ -138,6 +143,8 @@ class TrainingState:
             self.optimizer.build(model.lstm_variables)
             self.lr_schedule = PlateauDecay(self.optimizer, hps.lr_decay, hps.lr_patience)
             self.position = RunPosition()
+            if hps.outer_every and nodes.two_level:
+                self.outer_momentum = OuterMomentum(model, nodes.node)
         self.pieces = self._pieces()
         # The count of saves tf.train.CheckpointManager keeps (this state numbers them by step).
         self.save_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="save_counter")
@@ -175,6 +182,10 @@ class TrainingState:
             # it and resumes under fp16 from the initial scale. Equal on every rank by construction.
             *([Piece("optimizer/loss_scale", "inside optimizer", None, self._loss_scale_variables, shared=False)]
               if self.model.hps.precision == "fp16" else []),
+            # The outer steps' momentum (two-level runs), of the rows each rank owns at outer steps.
+            # Missing (a synchronous run's checkpoint): none yet.
+            *(Piece(key, "table", table, table.variables, shared=False, if_missing=self.outer_momentum.zero)
+              for key, table in (self.outer_momentum.named() if self.outer_momentum else ())),
         ]
 
     def prepare_loss_scaling(self):
@@ -222,11 +233,13 @@ class TrainingState:
         return [piece for piece in self.pieces if piece.kind == "table"]
 
     def write_tables_part(self, file_prefix, part=0):
-        """This process's rows of every table, as part `part` of the checkpoint `file_prefix`."""
+        """This process's rows of every table, as part `part` of the checkpoint `file_prefix`
+        (the tables every rank holds alike: part 0 alone)."""
         parts = file_prefix + PARTS_SUFFIX
         tf.io.gfile.makedirs(parts)  # SaveV2 makes no folders; each rank may be the first here
         tables.save_slices(os.path.join(parts, f"tables-{part}"), [(piece.value, piece.key)
-                                                                   for piece in self.table_pieces()])
+                                                                   for piece in self.table_pieces()
+                                                                   if part == 0 or not piece.shared])
 
     def write(self, file_prefix, table_parts=1):
         """Writes the checkpoint `file_prefix`. `table_parts` 1: this process holds every row and

@@ -27,10 +27,13 @@ class FusedAdagrad(pinned_stack.KerasAdagrad):
         self._tables = _TableSlots({variable.ref(): accumulator for table, accumulators in table_accumulators
                                     for variable, accumulator in zip(table.variables, accumulators.variables)})
 
-    def update_variable(self, gradient, variable):
+    def slot_of(self, variable):
+        """The accumulator of any variable it updates: a table's block or an LSTM variable."""
         accumulator = self._tables.accumulator_of(variable)
-        if accumulator is None:
-            accumulator = self.accumulator_of(variable)
+        return self.accumulator_of(variable) if accumulator is None else accumulator
+
+    def update_variable(self, gradient, variable):
+        accumulator = self.slot_of(variable)
         lr = tf.cast(self.learning_rate, variable.dtype)
         epsilon = tf.cast(self.epsilon, variable.dtype)
         if isinstance(gradient, tf.IndexedSlices):

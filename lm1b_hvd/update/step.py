@@ -12,7 +12,7 @@ import dataclasses
 import tensorflow as tf
 
 from lm1b_hvd.exchange.gradients import GradientExchange, Traffic, tensor_bytes
-from lm1b_hvd.exchange.ranks import ONE_PROCESS
+from lm1b_hvd.exchange.ranks import ONE_NODE, ONE_PROCESS
 from lm1b_hvd.model import tables
 from lm1b_hvd.model.language_model import batch_major
 from lm1b_hvd.model.step_seeds import step_seed
@@ -79,15 +79,21 @@ def _names(record):
 
 class Trainer:
     """The compiled training step of a run.state.TrainingState (its model, optimizer, EMA),
-    whose gradients travel between `ranks`.
+    whose gradients travel between `ranks`; in a two-level run (`nodes`, an
+    exchange.ranks.NodeGroups of more than one node, with outer steps) between the ranks of
+    this rank's node, and the EMA moves at outer steps only (update.outer). The step's
+    statistics and votes are summed over every rank either way.
 
     `exchange=False` skips the gradient exchange (each rank applies its own gradients): the
     bench's baseline for what the exchange costs, never a way to train."""
 
-    def __init__(self, state, ranks=ONE_PROCESS, exchange=True):
+    def __init__(self, state, ranks=ONE_PROCESS, exchange=True, nodes=ONE_NODE):
         hps = state.model.hps
         self.state, self.model, self.ranks = state, state.model, ranks
-        self.exchange = GradientExchange(ranks, hps) if exchange else None
+        two_level = bool(hps.outer_every) and nodes.two_level
+        self.exchange_ranks = nodes.node if two_level else ranks
+        self.average_each_step = not two_level
+        self.exchange = GradientExchange(self.exchange_ranks, hps) if exchange else None
         # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
         # backward. Gathers from the shards, candidate sampling and the exchange stay outside.
         self._token_losses_fn = (tf.function(self._token_losses, jit_compile=True) if hps.xla
@@ -153,7 +159,7 @@ class Trainer:
         token_losses, new_state, raw = self.gradients(x, y, w, row_state, traffic)
         gradients = [sum_duplicates(g) for g in raw]
         n_emb, n_lstm = len(model.embedding), len(model.lstm_variables)
-        exchange = self.exchange and self.ranks.size > 1
+        exchange = self.exchange and self.exchange_ranks.size > 1
         # rank_clip (the original): LSTM gradients clipped per rank, then exchanged; duplicate
         # rows are summed before sending (Horovod gathers what it is given) and again after
         # (ranks share rows). tape: Horovod already averaged everything; clip after.
@@ -168,7 +174,8 @@ class Trainer:
         # Tied, the table's whole gradient (its rows as inputs and as the softmax's) takes the x batch_size.
         embedding = [scale(g, float(hps.batch_size)) for g in gradients[:n_emb]]
         (state.loss_scaler or state.optimizer).apply_gradients(zip(embedding + gradients[n_emb:], model.all_variables))
-        state.ema.update()
+        if self.average_each_step:
+            state.ema.update()
         stats = dict(loss_sum=tf.reduce_sum(token_losses), words=tf.reduce_sum(w), lstm_norm=lstm_norm,
                      duplicate_bytes=duplicates, **traffic.bytes, **dict(zip(_names(Votes), tf.unstack(votes))))
         return new_state, self.ranks.sum(stack_stats(stats))

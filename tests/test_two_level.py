@@ -1,0 +1,150 @@
+"""Two levels across nodes (hparam outer_every, update.outer), with real `horovodrun` ranks
+grouped into simulated nodes (--ranks_per_node): on one node it is the synchronous run; at 2
+nodes x 2 ranks each outer step is docs/design.md's formula, in both modes; a run stopped
+between outer steps resumes exactly; two-level and synchronous runs resume each other."""
+import shutil
+
+import numpy as np
+import pytest
+
+from tests import test_resume
+from tests.conftest import run, write_tiny_demo_corpus
+from tests.test_multiprocess import horovodrun
+from tests.workers import outer_step as worker
+
+pytestmark = pytest.mark.slow  # trains for minutes: not in `pytest -m "not slow"`
+
+H = 3
+OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9
+WEIGHTS = ("lstm_{}", "emb", "softmax_w", "softmax_b")
+TABLES = ("emb", "softmax_w", "softmax_b")
+
+
+def node_matrix(ranks, when, name, vocab_parallel):
+    """The logical matrix `name` of one node at `when`, from its ranks' saved values: the rows
+    each rank holds side by side, vocabulary-parallel; else any rank's (they hold it alike)."""
+    base = name.split("_slot")[0].split("_average")[0]
+    if vocab_parallel and base in TABLES:
+        return np.concatenate([rank[f"{when}/{name}"] for rank in ranks]).astype(np.float64)
+    for rank in ranks[1:]:  # the node's ranks hold the same values
+        np.testing.assert_allclose(rank[f"{when}/{name}"], ranks[0][f"{when}/{name}"], rtol=0, atol=1e-6, err_msg=name)
+    return ranks[0][f"{when}/{name}"].astype(np.float64)
+
+
+def names(saved, pattern_names):
+    lstm = sorted({key.split("/")[1] for key in saved if key.startswith("start/lstm_") and "slot" not in key})
+    return [name for name in lstm] + [name for name in pattern_names if name in TABLES]
+
+
+@pytest.mark.parametrize("vocab_parallel", [False, True], ids=["replicated", "vocab_parallel"])
+def test_each_outer_step_is_the_average_of_the_nodes_deltas_with_nesterov_momentum(tmp_path, vocab_parallel):
+    result = horovodrun(["-m", "tests.workers.outer_step", str(tmp_path), str(H), str(OUTER_LR), str(OUTER_MOMENTUM),
+                         str(vocab_parallel).lower()], np_=4, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [dict(np.load(tmp_path / f"rank{rank}.npz")) for rank in range(4)]
+    nodes = [ranks[:worker.RANKS_PER_NODE], ranks[worker.RANKS_PER_NODE:]]
+    weights = names(ranks[0], WEIGHTS)
+    assert len(weights) >= 6
+    averages = {name: f"ema_{name.split('_')[1]}" if name.startswith("lstm_") else f"{name}_average"
+                for name in weights}
+    slots = {name: f"lstm_slot_{name.split('_')[1]}" if name.startswith("lstm_") else f"{name}_slot"
+             for name in weights}
+
+    anchors = {name: node_matrix(nodes[0], "start", name, vocab_parallel) for name in weights}
+    for name in weights:  # every node starts from the same weights
+        np.testing.assert_array_equal(node_matrix(nodes[1], "start", name, vocab_parallel), anchors[name])
+    momentum = {name: np.zeros_like(value) for name, value in anchors.items()}
+    ema_rate = 1.0 - worker.HPS.ema_decay ** H
+    for outer in range(1, worker.OUTER_STEPS + 1):
+        before, after = f"before{outer}", f"after{outer}"
+        for name in weights:
+            thetas = [node_matrix(node, before, name, vocab_parallel) for node in nodes]
+            assert not np.allclose(thetas[0], thetas[1]), f"the nodes trained alike before outer step {outer}: {name}"
+            delta = np.mean([anchors[name] - theta for theta in thetas], axis=0)
+            momentum[name] = OUTER_MOMENTUM * momentum[name] + delta
+            anchors[name] = anchors[name] - OUTER_LR * (delta + OUTER_MOMENTUM * momentum[name])
+            accumulator = np.mean([node_matrix(node, before, slots[name], vocab_parallel) for node in nodes], axis=0)
+            average_before = node_matrix(nodes[0], before, averages[name], vocab_parallel)
+            for node in nodes:
+                np.testing.assert_allclose(node_matrix(node, after, name, vocab_parallel), anchors[name],
+                                           rtol=0, atol=1e-5, err_msg=f"{name} after outer step {outer}")
+                np.testing.assert_allclose(node_matrix(node, after, slots[name], vocab_parallel), accumulator,
+                                           rtol=0, atol=1e-5, err_msg=f"{slots[name]} after outer step {outer}")
+                np.testing.assert_allclose(node_matrix(node, after, averages[name], vocab_parallel),
+                                           average_before + ema_rate * (anchors[name] - average_before),
+                                           rtol=0, atol=1e-5, err_msg=f"{averages[name]} after outer step {outer}")
+            if outer > 1:  # the average stands still between outer steps
+                np.testing.assert_array_equal(average_before,
+                                              node_matrix(nodes[0], f"after{outer - 1}", averages[name], vocab_parallel))
+
+
+# From the command line, as a user runs it.
+REPLICATED = test_resume.TINY
+VOCAB_PARALLEL = test_resume.TINY + ",vocab_parallel=true"
+EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_demo_corpus(tmp_path_factory.mktemp("two-level-corpus") / "demo")
+
+
+def train(corpus, logdir, max_steps, hpconfig, ranks=4, ranks_per_node=2):
+    return test_resume.train(corpus, logdir, max_steps, "--hpconfig", hpconfig, "--ranks_per_node",
+                             str(ranks_per_node), ranks=ranks)
+
+
+def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(corpus, tmp_path):
+    steps = 30
+    synchronous, one_node = tmp_path / "synchronous", tmp_path / "one-node"
+    train(corpus, synchronous, steps, REPLICATED, ranks=2, ranks_per_node=0)
+    out = train(corpus, one_node, steps, REPLICATED + ",outer_every=8,outer_lr=0.5,outer_momentum=0.5", ranks=2,
+                ranks_per_node=0)
+    assert ("outer_every=8: all 2 rank(s) are on one node, nothing to average between nodes: every step is "
+            "synchronous") in out
+    test_resume.assert_same_variables(test_resume.saved_variables(synchronous, steps),
+                                      test_resume.saved_variables(one_node, steps), atol=1e-5)
+
+
+@pytest.mark.parametrize("hpconfig", [REPLICATED, VOCAB_PARALLEL], ids=["replicated", "vocab_parallel"])
+def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchronous(corpus, tmp_path, hpconfig):
+    """2 nodes x 2 ranks, an outer step every 4 steps: a run stopped at step 10 keeps step 8's
+    checkpoint and, resumed to 12, equals the unbroken run; that checkpoint resumes synchronous,
+    and a synchronous checkpoint resumes two-level, with the same weights."""
+    two_level = hpconfig + f",outer_every={EVERY}"
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    out = train(corpus, unbroken, 3 * EVERY, two_level)
+    assert (f"two-level: 2 nodes x 2 rank(s); every step inside a node, an outer step between nodes every {EVERY} "
+            "steps") in out
+    out = train(corpus, resumed, 2 * EVERY + 2, two_level)
+    assert (f"stopped at step {2 * EVERY + 2}, between outer steps: the checkpoint is the last outer step's, step "
+            f"{2 * EVERY} (a resume repeats steps {2 * EVERY + 1}-{2 * EVERY + 2})") in out
+    at_outer_step = test_resume.saved_variables(resumed, 2 * EVERY)
+    assert any(name.startswith("outer_momentum/") for name in at_outer_step)
+    synchronous = shutil.copytree(resumed, tmp_path / "synchronous", ignore=shutil.ignore_patterns("eval", "train"))
+    out = train(corpus, resumed, 3 * EVERY, two_level)
+    assert (f"resumed from {resumed}/ckpt-{2 * EVERY} at step {2 * EVERY} (epoch 0, the same data position and "
+            "LSTM rows)") in out
+    test_resume.assert_same_variables(test_resume.saved_variables(unbroken, 3 * EVERY),
+                                      test_resume.saved_variables(resumed, 3 * EVERY))
+
+    # Synchronous from the two-level checkpoint (saved again at its step: the same weights, no
+    # momentum), and two-level from that synchronous one (the momentum starts at zero).
+    train(corpus, synchronous, 2 * EVERY, hpconfig)
+    again = test_resume.saved_variables(synchronous, 2 * EVERY)
+    test_resume.assert_same_variables({name: value for name, value in at_outer_step.items()
+                                       if not name.startswith("outer_momentum/")}, again)
+    train(corpus, synchronous, 2 * EVERY, two_level)
+    test_resume.assert_same_variables({name: np.zeros_like(value) if name.startswith("outer_momentum/") else value
+                                       for name, value in at_outer_step.items()},
+                                      test_resume.saved_variables(synchronous, 2 * EVERY))
+
+
+def test_fp16_two_level_is_one_line_and_writes_nothing(corpus, tmp_path):
+    logdir = tmp_path / "log"
+    result = run(test_resume.train_command(corpus, logdir, 4, "--hpconfig", REPLICATED + ",outer_every=4,precision=fp16",
+                                           "--ranks_per_node", "1"))
+    assert result.returncode != 0
+    assert ("error: outer_every=4 cannot be used with precision=fp16: each node's loss scale would drift from the "
+            "others'; use precision=bf16 or fp32") in result.stderr
+    assert not logdir.exists()

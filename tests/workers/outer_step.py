@@ -1,0 +1,48 @@
+"""Run under `horovodrun -np 4`: two simulated nodes of two ranks train with an outer step every
+H steps (update.outer); each rank saves what it holds at the start and just before and just
+after each of the first three outer steps.
+
+Shared with tests/test_two_level.py, which checks each outer step against its formula.
+Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM VOCAB_PARALLEL
+"""
+import sys
+
+import numpy as np
+
+from lm1b_hvd.exchange import collectives
+from lm1b_hvd.exchange.vocab_parallel import VocabExchange
+from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.outer import OuterStep
+from lm1b_hvd.update.step import Trainer
+from tests.workers.vocab_parallel import HPS, VOCAB, batches, held
+
+RANKS_PER_NODE = 2
+OUTER_STEPS = 3
+
+
+def main(outdir, every, outer_lr, outer_momentum, vocab_parallel):
+    hps = HPS.replace(outer_every=every, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                      vocab_parallel=vocab_parallel, average_tables=True)
+    ranks = collectives.init(process_sets=True)
+    nodes = collectives.node_groups(RANKS_PER_NODE)
+    exchange = VocabExchange(VOCAB, nodes.node) if vocab_parallel else None
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange), nodes=nodes)
+    trainer = Trainer(state, ranks, nodes=nodes)
+    outer = OuterStep(state, nodes, hps)
+    state.broadcast_from_root(ranks)
+    outer.start()
+    saved = {"start": held(state)}
+    row_state = state.model.zero_state(hps.batch_size)
+    for step, (x, y, w) in enumerate(batches(ranks.rank, OUTER_STEPS * every), start=1):
+        row_state, _ = trainer.step(x, y, w, row_state)
+        if step % every == 0:
+            saved[f"before{step // every}"] = held(state)
+            outer.step()
+            saved[f"after{step // every}"] = held(state)
+    np.savez(f"{outdir}/rank{ranks.rank}.npz",
+             **{f"{when}/{name}": value for when, values in saved.items() for name, value in values.items()})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "true")
