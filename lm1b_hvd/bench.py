@@ -6,7 +6,10 @@ the figure, and prints after warm-up: the median step time, words/s over all
 ranks, model FLOPs per word counted from the shapes, achieved GFLOP/s, the
 peak of a large matmul measured in this same run, their ratio (MFU), the
 bytes each kind of Horovod op (allreduce, allgather, alltoall) moved per rank
-per step, counted from the tensors, and peak memory per rank.
+per step, counted from the tensors, and peak memory per rank. Two-level
+(--hpconfig outer_every=H, nodes from the hosts or --ranks_per_node), the timed
+steps include the outer steps, and the bytes are split into what stays inside a
+node and what crosses between nodes, averaged over an outer period.
 
 The compute a shared machine gives a process can change from one second to
 the next, so the steps are timed in blocks of about half a second with the
@@ -20,6 +23,7 @@ Examples:
   horovodrun -np 4 python -m lm1b_hvd.bench --preset small --vocab 200000 --hpconfig vocab_parallel=true
   python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
   horovodrun -np 2 python -m lm1b_hvd.bench --preset big_g4 --vocab 20000 --hpconfig batch_size=8 --steps 2
+  horovodrun -np 4 python -m lm1b_hvd.bench --preset demo --steps 64 --ranks_per_node 2 --hpconfig outer_every=16
 """
 import math
 import resource
@@ -34,10 +38,12 @@ import tensorflow as tf
 from lm1b_hvd import console, devices, hparams
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.exchange.gradients import TRAFFIC_KINDS
+from lm1b_hvd.exchange.ranks import ONE_NODE
 from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
 from lm1b_hvd.model.cost import parameter_count, table_bytes_per_row, training_flops_per_word
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.outer import OuterStep
 from lm1b_hvd.update.step import Trainer
 
 # The real lm1b vocabulary (words seen at least 3 times), every preset's default but the demo's.
@@ -95,9 +101,10 @@ class Block(typing.NamedTuple):
         return sum(stats.words for stats in self.step_stats)
 
 
-def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak):
+def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak, after_step=lambda: None):
     """Runs `steps` timed steps in blocks of `steps_per_block`, sampling the peak before and
-    after each block (the better of the two is the block's peak)."""
+    after each block (the better of the two is the block's peak); `after_step` (an outer step
+    when one is due) is timed with its step."""
     blocks, done = [], 0
     while done < steps:
         before = peak.sample()
@@ -105,6 +112,7 @@ def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak):
         for _ in range(min(steps_per_block, steps - done)):
             start = time.perf_counter()
             row_state, stats = trainer.step(*batches[done % len(batches)], row_state)
+            after_step()
             times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
             step_stats.append(stats)
             done += 1
@@ -130,6 +138,8 @@ def parse_args(argv):
     parser.add_argument("--profile_dir", default="", help="write a TF profiler trace of the timed steps here "
                         "(between blocks it also shows the peak's matmuls, as _peak_matmul)")
     parser.add_argument("--allow_cpu", action="store_true", help="run on the CPU even if the job was given GPUs")
+    parser.add_argument("--ranks_per_node", type=int, default=0,
+                        help="two-level (outer_every): ranks 0..K-1, K..2K-1, ... form the nodes; 0: the hosts")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
@@ -142,9 +152,9 @@ def main(argv=None):
 
 
 def bench(args):
-    ranks = collectives.init()
-    devices.check_gpus_used(args.allow_cpu)
     hps = hparams.build(args.preset, args.hpconfig)
+    ranks = collectives.init(process_sets=bool(hps.outer_every))
+    devices.check_gpus_used(args.allow_cpu)
     if hps.vocab_parallel and args.no_exchange:
         raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
                                 "the ranks that own them")
@@ -157,10 +167,17 @@ def bench(args):
     for line in collectives.device_report(ranks, devices.describe(collectives.cores_per_rank()), devices.on_gpu()):
         say(line)
 
-    model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=vocab_exchange(hps, vocab_size, ranks))
-    state = TrainingState(model)
-    trainer = Trainer(state, ranks, exchange=not args.no_exchange)
+    nodes = collectives.node_groups(args.ranks_per_node) if hps.outer_every else ONE_NODE
+    model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=vocab_exchange(
+        hps, vocab_size, nodes.node if nodes.two_level else ranks))
+    state = TrainingState(model, nodes=nodes)
+    trainer = Trainer(state, ranks, exchange=not args.no_exchange, nodes=nodes)
+    outer = OuterStep(state, nodes, hps) if state.outer_momentum else None
     say(model.plan.describe())
+    if outer:
+        say(f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s), an outer step every {hps.outer_every} steps")
+        state.broadcast_from_root(ranks)
+        outer.start()
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
     row_state = model.zero_state(hps.batch_size)
 
@@ -168,7 +185,7 @@ def bench(args):
     for index in range(args.warmup):
         began = time.perf_counter()
         row_state, stats = trainer.step(*batches[index % len(batches)], row_state)
-        if index == 0:
+        if index == 0 and not outer:
             state.broadcast_from_root(ranks)
     warm_step = max(ranks.gather_numbers([time.perf_counter() - began]))
     steps_per_block = max(1, math.floor(BLOCK_SECONDS / warm_step))  # the same on every rank
@@ -177,29 +194,47 @@ def bench(args):
     ranks.sum(tf.zeros([1])).numpy()  # every rank starts timing at once
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.start(args.profile_dir)
-    blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak)
+    outer_steps = []
+
+    def outer_step_when_due():
+        if outer and int(state.step) % hps.outer_every == 0:
+            outer.step()
+            outer_steps.append(int(state.step))
+
+    blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak, outer_step_when_due)
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
     setting = Setting(hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange,
-                      reduced_vocab=0 < args.vocab < LM1B_VOCAB)
+                      reduced_vocab=0 < args.vocab < LM1B_VOCAB,
+                      outer=OuterTraffic(*outer.bytes_per_outer_step(), len(outer_steps)) if outer else None)
     report_figures(blocks, setting, say)
+
+
+class OuterTraffic(typing.NamedTuple):
+    """What this rank's outer steps move (update.outer.OuterStep.bytes_per_outer_step), and how
+    many the timed steps held."""
+    across: float  # bytes sent (and as many received) over the nodes' link per outer step
+    inside: float  # bytes received from the node's ranks after it
+    timed: int
 
 
 class Setting(typing.NamedTuple):
     """What was benched: the hparams, the vocabulary, the ranks, whether gradients were exchanged,
-    and whether the vocabulary is smaller than lm1b's (then the figures are projected to it)."""
+    whether the vocabulary is smaller than lm1b's (then the figures are projected to it), and a
+    two-level run's outer traffic."""
     hps: object
     vocab_size: int
     ranks: object
     exchange: bool
     reduced_vocab: bool = False
+    outer: OuterTraffic = None
 
 
 def report_figures(blocks, setting, say):
     """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls
     it); with `reduced_vocab`, the parameters and peak memory at the real vocabulary too."""
-    hps, vocab_size, ranks, exchange, reduced_vocab = setting
+    hps, vocab_size, ranks, exchange, reduced_vocab, outer = setting
     size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
@@ -229,12 +264,23 @@ def report_figures(blocks, setting, say):
     say(f"MFU: {statistics.median(block_mfu):.1f}% (median over {len(blocks)} block(s) of "
         f"{len(blocks[0].step_times)} step(s), each against the peak measured around it: "
         + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
+    if outer:
+        say(f"outer steps: {outer.timed} in the {len(times)} timed steps (one every {hps.outer_every})")
     if exchange:
+        where = "inside a node, " if outer else ""
         for kind in TRAFFIC_KINDS:
             sent, received = (statistics.median(getattr(stats, f"{kind}_{way}") / size for stats in step_stats)
                               for way in ("sent", "received"))
             if sent or received:
-                say(f"{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB per rank per step")
+                say(f"{where}{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB per rank per step")
+    if outer:
+        across = ranks.gather_numbers([outer.across / hps.outer_every])
+        inside = ranks.gather_numbers([outer.inside / hps.outer_every])
+        say(f"between nodes, outer allreduce: sent {statistics.mean(across) / 1e6:,.3f} MB, received "
+            f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {hps.outer_every})")
+        say(f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "
+            f"rank per step (each outer step's / {hps.outer_every})")
+    if exchange:
         saved = statistics.median(stats.duplicate_bytes / size for stats in step_stats)
         if saved:
             say(f"summing duplicate rows before the exchange saved {saved / 1e6:,.2f} MB per rank per step")

@@ -151,3 +151,24 @@ def test_bad_hparam_is_a_one_line_error():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: hparam 'precision' expects one of fp32, bf16, fp16, got 'fp64'")
+
+
+@pytest.mark.slow
+def test_two_level_splits_the_bytes_between_inside_a_node_and_across_nodes():
+    """2 nodes x 2 ranks, an outer step every 2 steps: inside a node the step's exchange as ever;
+    between nodes each rank's half of every parameter's delta and accumulator, once per outer
+    step; and after it, the other half from the node's other rank."""
+    args = [*TINY[:3], TINY[3] + ",outer_every=2", "--vocab", "500", "--steps", "4", "--warmup", "1"]
+    result = horovodrun(["-m", "lm1b_hvd.bench", *args, "--ranks_per_node", "2"], np_=4)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "two-level: 2 nodes x 2 rank(s), an outer step every 2 steps" in result.stdout
+    assert "outer steps: 2 in the 4 timed steps (one every 2)" in result.stdout
+    inside = dict(re.findall(r"inside a node, (allreduce|allgather): sent ([\d.]+) MB", result.stdout))
+    assert float(inside["allreduce"]) == pytest.approx(DENSE_MB, abs=0.006), "the node's ranks allreduce the LSTM"
+    parameters = parameter_count(hparams.build("demo", TINY[3]), 500).total
+    per_step = 2 * 4 * parameters / 2 / 2 / 1e6  # deltas and accumulators, fp32, half a node's, every 2nd step
+    across = re.search(r"between nodes, outer allreduce: sent ([\d.]+) MB, received ([\d.]+) MB per rank per step",
+                       result.stdout).groups()
+    assert [float(value) for value in across] == pytest.approx([per_step, per_step], abs=0.0006)
+    gathered = re.search(r"inside a node after an outer step, allgather: received ([\d.]+) MB", result.stdout).group(1)
+    assert float(gathered) == pytest.approx(per_step, abs=0.0006)

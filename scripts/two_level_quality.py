@@ -1,0 +1,108 @@
+"""Two levels against synchronous at equal steps: heldout perplexity against training words.
+
+Trains one run per outer period H (0: synchronous) on the same ranks grouped into simulated
+nodes, each for the same steps with a heldout evaluation every --eval_every steps, then writes
+the curves (JSON), a markdown table (best and final heldout perplexity, and the best against
+the synchronous run's) and a picture: what docs/performance.md shows under "Across nodes".
+
+  .venv/bin/pip install matplotlib
+  .venv/bin/python scripts/two_level_quality.py --preset demo --steps 4096 --eval_every 256 \\
+      --periods 0,16,64,256 --out runs/two-level-demo
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from lm1b_hvd import hparams
+
+
+def heldout_curve(logdir):
+    """{step: heldout perplexity} from a run's TensorBoard events."""
+    values, folder = {}, os.path.join(logdir, "eval")
+    for name in sorted(os.listdir(folder)):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+            for value in event.summary.value:
+                if value.tag == "eval/perplexity":
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def train(args, period, logdir):
+    hpconfig = ",".join(part for part in (args.hpconfig, f"outer_every={period}" if period else "") if part)
+    command = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(args.ranks), "--gloo",
+               sys.executable, "-m", "lm1b_hvd.train", "--logdir", logdir, "--preset", args.preset,
+               "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--log_every", "1000",
+               "--ranks_per_node", str(args.ranks_per_node), "--checkpoint_secs", "0"]
+    command += ["--datadir", args.datadir] if args.datadir else []
+    command += ["--hpconfig", hpconfig] if hpconfig else []
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def table(curves, words_per_step):
+    synchronous = min(curves["0"].values())
+    lines = ["| outer period H | best heldout perplexity (step) | final | best against synchronous |",
+             "| --- | --- | --- | --- |"]
+    for period, curve in curves.items():
+        best_step = min(curve, key=curve.get)
+        name = "synchronous" if period == "0" else f"H = {period}"
+        lines.append(f"| {name} | {curve[best_step]:.2f} ({best_step:,}; {best_step * words_per_step / 1e6:.1f}M "
+                     f"words) | {curve[max(curve)]:.2f} | {100 * (curve[best_step] / synchronous - 1):+.2f}% |")
+    return "\n".join(lines)
+
+
+def plot(curves, words_per_step, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    for period, curve in curves.items():
+        steps = sorted(curve)
+        axes.plot([step * words_per_step / 1e6 for step in steps], [curve[step] for step in steps], "o-",
+                  markersize=3, label="synchronous" if period == "0" else f"two-level, H = {period}")
+    axes.set_yscale("log")
+    axes.set_xlabel("training words (millions)")
+    axes.set_ylabel("heldout perplexity (log scale)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for the runs, curves.json, table.md and curves.png")
+    parser.add_argument("--datadir", default="", help="the corpus; empty: the demo corpus")
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--hpconfig", default="", help="overrides for every run")
+    parser.add_argument("--steps", type=int, default=4096)
+    parser.add_argument("--eval_every", type=int, default=256)
+    parser.add_argument("--periods", default="0,16,64,256", help="outer periods H; 0: synchronous")
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--ranks_per_node", type=int, default=2)
+    args = parser.parse_args()
+    hps = hparams.build(args.preset, args.hpconfig)
+    words_per_step = args.ranks * hps.batch_size * hps.num_steps
+    curves = {}
+    for period in args.periods.split(","):
+        logdir = os.path.join(args.out, f"H{period}")
+        if not os.path.isdir(os.path.join(logdir, "eval")):
+            train(args, int(period), logdir)
+        curves[period] = heldout_curve(logdir)
+    with open(os.path.join(args.out, "curves.json"), "w") as handle:
+        json.dump(curves, handle, indent=1)
+    text = table(curves, words_per_step)
+    with open(os.path.join(args.out, "table.md"), "w") as handle:
+        handle.write(text + "\n")
+    print(text)
+    plot(curves, words_per_step, f"{args.preset} preset, {args.ranks // args.ranks_per_node} nodes x "
+         f"{args.ranks_per_node} ranks", os.path.join(args.out, "curves.png"))
+
+
+if __name__ == "__main__":
+    main()
