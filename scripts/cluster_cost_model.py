@@ -19,7 +19,10 @@ InfiniBand (--budget, see docs/performance.md), and prints measured against pred
 at the links' nominal rate and at the part of it (--efficiency) that Gloo's collectives reach.
 
 `project` reads two bench outputs of `default` (replicated and vocab_parallel=true, each at
--np 2) and projects words/s and memory per GPU on 1 to 16 nodes of 8 GPUs.
+-np 2) and projects words/s and memory per GPU on 1 to 64 nodes of 8 GPUs, synchronous and
+two-level (hparam outer_every: synchronous inside a node, an outer step between nodes every H
+steps, update.outer), at each node link rate asked for, with the scaling efficiency against
+one node's synchronous vocabulary-parallel words/s.
 """
 import argparse
 import dataclasses
@@ -27,6 +30,10 @@ import os
 import re
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lm1b_hvd import hparams  # noqa: E402 (the repository on the path first)
+from lm1b_hvd.model.cost import parameter_count  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_MBIT = 20000  # a link rate at which this machine's veth pairs, not tc, set the pace
@@ -129,9 +136,12 @@ def measure(args):
 
 def project(args):
     """Nodes of --gpus GPUs: every byte a GPU receives crosses its NVLink port; what comes from
-    other nodes crosses the node's one InfiniBand link first. The allreduce is hierarchical
+    other nodes crosses the node's one link first. The allreduce is hierarchical
     (HOROVOD_HIERARCHICAL_ALLREDUCE=1: a ring inside the node, then one between the nodes).
-    Per GPU the compute is --gpu_words words/s."""
+    Per GPU the compute is --gpu_words words/s. Two-level, a step's exchange stays inside the
+    node, and every H steps each GPU's set across the nodes ring-allreduces its 1/g of the
+    parameters' deltas and Adagrad accumulators (fp32), then the node gathers them over NVLink:
+    per step, that outer step's bytes / H."""
     figures = {mode: BenchFigures.parse(open(path).read())
                for mode, path in (("replicated", args.replicated), ("vocab_parallel", args.vocab_parallel))}
     for mode, fig in figures.items():
@@ -144,27 +154,50 @@ def project(args):
     # At 2 ranks half of a step's unique rows are the other rank's: all of them cost twice that.
     all_rows = 2 * max(figures["vocab_parallel"].traffic["alltoall"])
     tables = 2 * (figures["replicated"].peak_gib - figures["vocab_parallel"].peak_gib)  # the half VP does not hold
-    g, ib, nvlink = args.gpus, args.ib_gbit * 1e9 / 8, args.nvlink_gbyte * 1e9
+    outer_state = 2 * 4 * parameter_count(hparams.build("default"), args.vocab).total  # deltas and accumulators
+    g, nvlink = args.gpus, args.nvlink_gbyte * 1e9
     print(f"compute {compute * 1e3:.2f} ms per step ({words_per_gpu:,.0f} words per GPU at {args.gpu_words:,.0f} "
-          f"words/s); {args.ib_gbit:g} Gb/s per node, NVLink {args.nvlink_gbyte:g} GB/s per GPU")
-    print(f"{'nodes':>5} {'GPUs':>5} {'mode':>15} {'NVLink MB':>9} {'node link MB':>12} {'step ms':>8} "
-          f"{'words/s':>12} {'GiB per GPU':>11}")
-    for nodes in args.nodes:
+          f"words/s); NVLink {args.nvlink_gbyte:g} GB/s per GPU; an outer step moves {outer_state / 1e9:.2f} GB "
+          "of deltas and accumulators")
+
+    def synchronous(nodes, mode, link):
         n = nodes * g
-        for mode in MODES:
-            allreduce_inside = 2 * (g - 1) / g * dense
-            allreduce_between = 2 * (nodes - 1) / nodes * dense
-            if mode == "replicated":
-                inside = allreduce_inside + (n - 1) * own_rows
-                between = allreduce_between + (nodes - 1) * g * own_rows
-                memory = figures["replicated"].peak_gib
-            else:
-                inside = allreduce_inside + all_rows * (n - 1) / n
-                between = allreduce_between + g * all_rows * (n - g) / n
-                memory = figures["replicated"].peak_gib - tables + tables / n
-            step = compute + inside / nvlink + between / ib
-            print(f"{nodes:>5} {n:>5} {mode:>15} {inside / 1e6:>9,.0f} {between / 1e6:>12,.0f} {step * 1e3:>8.1f} "
-                  f"{n * words_per_gpu / step:>12,.0f} {memory:>11.2f}")
+        allreduce_inside, allreduce_between = 2 * (g - 1) / g * dense, 2 * (nodes - 1) / nodes * dense
+        if mode == "replicated":
+            inside = allreduce_inside + (n - 1) * own_rows
+            between = allreduce_between + (nodes - 1) * g * own_rows
+            memory = figures["replicated"].peak_gib
+        else:
+            inside = allreduce_inside + all_rows * (n - 1) / n
+            between = allreduce_between + g * all_rows * (n - g) / n
+            memory = figures["replicated"].peak_gib - tables + tables / n
+        return inside, between, compute + inside / nvlink + between / link, memory
+
+    def two_level(nodes, every, link):
+        """Vocabulary-parallel inside each node (the better mode there)."""
+        inside, _, step, memory = synchronous(1, "vocab_parallel", link)
+        if nodes == 1:
+            return inside, 0.0, step, memory
+        between = 2 * (nodes - 1) / nodes * outer_state / every
+        inside += (g - 1) / g * outer_state / g / every  # the node gathers the rows its GPUs own
+        # Each GPU keeps the outer state of its 1/g: anchors, accumulators at them, momentum.
+        memory += 3 * 4 * parameter_count(hparams.build("default"), args.vocab).total / g / 2 ** 30
+        return inside, between, step + (g - 1) / g * outer_state / g / every / nvlink + between / link, memory
+
+    for gbit in args.link_gbit:
+        link = gbit * 1e9 / 8
+        one_node = synchronous(1, "vocab_parallel", link)[2]
+        print(f"\n{gbit:g} Gb/s per node")
+        print(f"{'nodes':>5} {'GPUs':>5} {'mode':>24} {'NVLink MB':>9} {'node link MB':>12} {'step ms':>8} "
+              f"{'words/s':>12} {'efficiency':>10} {'GiB per GPU':>11}")
+        for nodes in args.nodes:
+            rows = [(mode, synchronous(nodes, mode, link)) for mode in MODES]
+            rows += [(f"two-level H={every}", two_level(nodes, every, link)) for every in args.outer_every]
+            for mode, (inside, between, step, memory) in rows:
+                words = nodes * g * words_per_gpu / step
+                efficiency = words / (nodes * g * words_per_gpu / one_node)
+                print(f"{nodes:>5} {nodes * g:>5} {mode:>24} {inside / 1e6:>9,.0f} {between / 1e6:>12,.1f} "
+                      f"{step * 1e3:>8.1f} {words:>12,.0f} {100 * efficiency:>9.0f}% {memory:>11.2f}")
 
 
 def main(argv=None):
@@ -188,10 +221,14 @@ def main(argv=None):
     proj = commands.add_parser("project", help="default's words/s and memory on nodes of GPUs")
     proj.add_argument("--replicated", required=True, help="bench output of default at -np 2")
     proj.add_argument("--vocab_parallel", required=True, help="bench output of default, vocab_parallel=true, -np 2")
-    proj.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 16])
+    proj.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 16, 64])
     proj.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
     proj.add_argument("--gpu_words", type=float, default=1e6, help="words/s one GPU computes (default: 1M)")
-    proj.add_argument("--ib_gbit", type=float, default=100.0, help="each node's link, Gb/s (default: 100)")
+    proj.add_argument("--link_gbit", type=float, nargs="+", default=[25.0, 100.0, 400.0],
+                      help="each node's link, Gb/s (default: 25 100 400)")
+    proj.add_argument("--outer_every", type=int, nargs="*", default=[64, 256, 1024],
+                      help="two-level outer periods H to project (default: 64 256 1024)")
+    proj.add_argument("--vocab", type=int, default=793_470, help="the vocabulary (default: lm1b's 793,470)")
     proj.add_argument("--nvlink_gbyte", type=float, default=150.0,
                       help="what a GPU's exchange reaches over NVLink, GB/s (default: 150)")
     args = parser.parse_args(argv)

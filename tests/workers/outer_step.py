@@ -1,9 +1,9 @@
 """Run under `horovodrun -np 4`: two simulated nodes of two ranks train with an outer step every
-H steps (update.outer); each rank saves what it holds at the start and just before and just
-after each of the first three outer steps.
+H steps (update.outer), replicated and then vocabulary-parallel; each rank saves what it holds
+at the start and just before and just after each of the first three outer steps.
 
 Shared with tests/test_two_level.py, which checks each outer step against its formula.
-Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM VOCAB_PARALLEL
+Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM
 """
 import sys
 
@@ -21,11 +21,23 @@ RANKS_PER_NODE = 2
 OUTER_STEPS = 3
 
 
-def main(outdir, every, outer_lr, outer_momentum, vocab_parallel):
-    hps = HPS.replace(outer_every=every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                      vocab_parallel=vocab_parallel, average_tables=True)
+MODES = ("replicated", "vocab_parallel")
+
+
+def main(outdir, every, outer_lr, outer_momentum):
     ranks = collectives.init(process_sets=True)
     nodes = collectives.node_groups(RANKS_PER_NODE)
+    for mode in MODES:
+        hps = HPS.replace(outer_every=every, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                          vocab_parallel=mode == "vocab_parallel", average_tables=True)
+        saved = train(hps, ranks, nodes)
+        np.savez(f"{outdir}/{mode}{ranks.rank}.npz",
+                 **{f"{when}/{name}": value for when, values in saved.items() for name, value in values.items()})
+
+
+def train(hps, ranks, nodes):
+    """{when: what this rank holds then}: at the start, and before and after each outer step."""
+    vocab_parallel, every = hps.vocab_parallel, hps.outer_every
     exchange = VocabExchange(VOCAB, nodes.node) if vocab_parallel else None
     state = TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange), nodes=nodes)
     trainer = Trainer(state, ranks, nodes=nodes)
@@ -40,9 +52,8 @@ def main(outdir, every, outer_lr, outer_momentum, vocab_parallel):
             saved[f"before{step // every}"] = held(state)
             outer.step()
             saved[f"after{step // every}"] = held(state)
-    np.savez(f"{outdir}/rank{ranks.rank}.npz",
-             **{f"{when}/{name}": value for when, values in saved.items() for name, value in values.items()})
+    return saved
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == "true")
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
