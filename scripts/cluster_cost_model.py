@@ -1,6 +1,7 @@
 """The exchange's cost model, checked on local clusters and projected to GPU nodes.
 
     python scripts/cluster_cost_model.py measure --hosts 2 4 --preset small --vocab 200000
+    python scripts/cluster_cost_model.py measure --hosts 2 --ranks_per_host 2 --outer_every 16 --vocab 20000
     python scripts/cluster_cost_model.py project --replicated rep.log --vocab_parallel vp.log
 
 The model: a step takes its compute time plus the bytes that cross a host's link over the
@@ -12,8 +13,9 @@ with the bytes per rank per step that the bench counts from the tensors, turned 
 crosses a link: a ring allreduce sends and receives 2 (N-1)/N times its tensor; an allgather
 (a ring too) carries the other ranks' rows both ways; an alltoall carries what it counts.
 
-`measure` runs the bench (replicated and vocab-parallel) on scripts/local_cluster.sh with one
-rank per host, first on links too fast to matter (the compute time, and the bytes), then at
+`measure` runs the bench (replicated and vocab-parallel; with --outer_every H also
+vocab-parallel two-level, a host being a node) on scripts/local_cluster.sh with one rank per
+host or --ranks_per_host, first on links too fast to matter (the compute time, and the bytes), then at
 link rates that give the bytes-per-computed-word budget of 8 x H100 nodes on 100 Gb/s
 InfiniBand (--budget, see docs/performance.md), and prints measured against predicted words/s,
 at the links' nominal rate and at the part of it (--efficiency) that Gloo's collectives reach.
@@ -38,6 +40,7 @@ from lm1b_hvd.model.cost import parameter_count  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_MBIT = 20000  # a link rate at which this machine's veth pairs, not tc, set the pace
 MODES = {"replicated": "", "vocab_parallel": "vocab_parallel=true"}
+TWO_LEVEL = "two-level"  # vocab_parallel inside each host, outer steps between hosts
 
 
 @dataclasses.dataclass
@@ -46,8 +49,9 @@ class BenchFigures:
     ranks: int
     step_seconds: float
     words_per_step: float  # all ranks together
-    traffic: dict  # kind -> (sent, received) bytes per rank per step
+    traffic: dict  # kind -> (sent, received) bytes per rank per step (all ranks', or inside a node two-level)
     peak_gib: float  # the largest rank's
+    outer: float = 0.0  # two-level: bytes each rank's outer allreduce sends (and receives) per step
 
     @classmethod
     def parse(cls, text):
@@ -61,18 +65,30 @@ class BenchFigures:
                    for kind, sent, received in re.findall(
                        r"^(allreduce|allgather|alltoall): sent ([\d,.]+) MB, received ([\d,.]+) MB per rank per step",
                        text, re.M)}
-        if not traffic:
+        outer = re.search(r"^between nodes, outer allreduce: sent ([\d,.]+) MB", text, re.M)
+        if not (traffic or outer):
             raise ValueError("not a bench output of several ranks (no allreduce, allgather or alltoall line)")
         ranks = int(words.group(2))
         return cls(ranks, float(step.group(1).replace(",", "")) / 1e3,
                    ranks * float(words.group(3).replace(",", "")), traffic,
-                   max(float(v) for v in re.findall(r"([\d.]+) GiB", peak.group(1))))
+                   max(float(v) for v in re.findall(r"([\d.]+) GiB", peak.group(1))),
+                   float(outer.group(1).replace(",", "")) * 1e6 if outer else 0.0)
 
 
-def link_bytes(traffic, ranks):
-    """(out, in) bytes over one rank's link per step, one rank per host."""
+def link_bytes(figures, per_host=1):
+    """(out, in) bytes over one host's link per step, `per_host` ranks on each host (rank
+    order fills a host before the next). A ring allreduce or allgather crosses a host's link
+    once each way (the ring's one edge out of the host and one in), whatever the ranks per
+    host; an alltoall's parts for ranks on other hosts cross it, from each rank of the host.
+    Two-level, a step's exchange stays on the host and the outer allreduce of each rank's rows
+    runs in a ring of one rank per host."""
+    ranks = figures.ranks
+    if figures.outer:
+        hosts = ranks // per_host
+        each_way = per_host * 2 * (hosts - 1) / hosts * figures.outer
+        return each_way, each_way
     out = incoming = 0.0
-    for kind, (sent, received) in traffic.items():
+    for kind, (sent, received) in figures.traffic.items():
         if kind == "allreduce":
             out += 2 * (ranks - 1) / ranks * sent
             incoming += 2 * (ranks - 1) / ranks * received
@@ -80,30 +96,36 @@ def link_bytes(traffic, ranks):
             out += received
             incoming += received
         else:
-            out += sent
-            incoming += received
+            remote = (ranks - per_host) / (ranks - 1)
+            out += per_host * remote * sent
+            incoming += per_host * remote * received
     return out, incoming
 
 
-def predicted_words_per_second(fast, mbit, efficiency=1.0):
+def predicted_words_per_second(fast, mbit, efficiency=1.0, per_host=1):
     """The model's words/s at `mbit` from the figures on a fast link: its step time is the
     compute (and whatever the fast link itself costs), plus the bytes at the slower rate, of
     which the collectives reach `efficiency`."""
-    heavier = max(link_bytes(fast.traffic, fast.ranks))
+    heavier = max(link_bytes(fast, per_host))
     seconds = fast.step_seconds + (heavier * 8 / (mbit * 1e6) - heavier * 8 / (FAST_MBIT * 1e6)) / efficiency
     return fast.words_per_step / seconds
 
 
 def run_bench(hosts, mbit, args, mode):
-    saved = os.path.join(args.save, f"{hosts}hosts-{mbit}mbit-{mode}.log") if args.save else ""
+    per_host = args.ranks_per_host
+    name = f"{hosts}hosts{f'x{per_host}' if per_host > 1 else ''}-{mbit}mbit-{mode}"
+    saved = os.path.join(args.save, f"{name}.log") if args.save else ""
     if args.reuse and os.path.exists(saved):
         return BenchFigures.parse(open(saved).read())
-    hpconfig = ",".join(part for part in (MODES[mode], args.hpconfig) if part)
+    levels = f"vocab_parallel=true,outer_every={args.outer_every}" if mode == TWO_LEVEL else MODES[mode]
+    hpconfig = ",".join(part for part in (levels, args.hpconfig) if part)
+    host_list = ",".join(f"10.251.0.{host}:{per_host}" for host in range(1, hosts + 1))  # local_cluster.sh's
     # Over a slow link the first broadcast of rank 0's weights takes minutes; Gloo gives an op 30 s.
     bench = (f"HOROVOD_GLOO_TIMEOUT_SECONDS=900 {os.path.join(os.path.dirname(sys.executable), 'horovodrun')} "
-             f"-np {hosts} -H $CLUSTER_HOSTS "
+             f"-np {hosts * per_host} -H {host_list} "
              f"--network-interface eth0 --gloo {sys.executable} -m lm1b_hvd.bench --preset {args.preset} "
-             f"--vocab {args.vocab} --steps {args.steps}" + (f" --hpconfig {hpconfig}" if hpconfig else ""))
+             f"--vocab {args.vocab} --steps {args.steps} --ranks_per_node {per_host}"
+             + (f" --hpconfig {hpconfig}" if hpconfig else ""))
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", "local_cluster.sh"), str(hosts), str(mbit), bench],
                             cwd=REPO, capture_output=True, text=True, timeout=3600)
     if result.returncode != 0:
@@ -118,18 +140,20 @@ def run_bench(hosts, mbit, args, mode):
 def measure(args):
     print(f"{'hosts':>5} {'mode':>15} {'Mbit/s':>7} {'link MB/step':>12} {'measured w/s':>12} "
           f"{'predicted w/s':>13} {'error':>6} {f'at {args.efficiency:g} x rate':>15} {'error':>6}", flush=True)
+    modes = list(MODES) + ([TWO_LEVEL] if args.outer_every else [])
+    per_host = args.ranks_per_host
     for hosts in args.hosts:
-        fast = {mode: run_bench(hosts, FAST_MBIT, args, mode) for mode in MODES}
+        fast = {mode: run_bench(hosts, FAST_MBIT, args, mode) for mode in modes}
         # The budget's rate for this cluster: its hosts' compute rate (replicated, fast links) x budget.
         host_words = fast["replicated"].words_per_step / fast["replicated"].step_seconds / hosts
         rates = args.mbit or [max(1, round(host_words * args.budget * 8 / 1e6 * factor)) for factor in (1, 4)]
         for mbit in rates:
-            for mode in MODES:
+            for mode in modes:
                 slow = run_bench(hosts, mbit, args, mode)
                 measured = slow.words_per_step / slow.step_seconds
-                nominal = predicted_words_per_second(fast[mode], mbit)
-                effective = predicted_words_per_second(fast[mode], mbit, args.efficiency)
-                print(f"{hosts:>5} {mode:>15} {mbit:>7} {max(link_bytes(slow.traffic, hosts)) / 1e6:>12.2f} "
+                nominal = predicted_words_per_second(fast[mode], mbit, per_host=per_host)
+                effective = predicted_words_per_second(fast[mode], mbit, args.efficiency, per_host)
+                print(f"{hosts:>5} {mode:>15} {mbit:>7} {max(link_bytes(slow, per_host)) / 1e6:>12.2f} "
                       f"{measured:>12,.0f} {nominal:>13,.0f} {100 * (nominal / measured - 1):>+5.0f}% "
                       f"{effective:>15,.0f} {100 * (effective / measured - 1):>+5.0f}%", flush=True)
 
@@ -205,6 +229,9 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("measure", help="bench on local clusters against the model")
     run.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="cluster sizes (default: 2 4)")
+    run.add_argument("--ranks_per_host", type=int, default=1, help="ranks on each host (default: 1)")
+    run.add_argument("--outer_every", type=int, default=0,
+                     help="also measure two-level (vocabulary-parallel inside a host) with this outer period")
     run.add_argument("--preset", default="small", help="the bench's preset (default: small)")
     run.add_argument("--vocab", type=int, default=200_000, help="the bench's vocabulary (default: 200000)")
     run.add_argument("--hpconfig", default="", help="more hparams for the bench")

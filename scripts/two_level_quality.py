@@ -1,13 +1,13 @@
 """Two levels against synchronous at equal steps: heldout perplexity against training words.
 
-Trains one run per outer period H (0: synchronous) on the same ranks grouped into simulated
-nodes, each for the same steps with a heldout evaluation every --eval_every steps, then writes
+Trains one run per outer setting (H, or H/OUTER_LR/OUTER_MOMENTUM; H 0: synchronous) on the
+same ranks grouped into simulated nodes, each for the same steps with a heldout evaluation every --eval_every steps, then writes
 the curves (JSON), a markdown table (best and final heldout perplexity, and the best against
 the synchronous run's) and a picture: what docs/performance.md shows under "Across nodes".
 
   .venv/bin/pip install matplotlib
   .venv/bin/python scripts/two_level_quality.py --preset demo --steps 4096 --eval_every 256 \\
-      --periods 0,16,64,256 --out runs/two-level-demo
+      --runs 0,16,64,256,64/1/0,1/1/0 --out runs/two-level-demo
 """
 import argparse
 import json
@@ -31,8 +31,24 @@ def heldout_curve(logdir):
     return values
 
 
-def train(args, period, logdir):
-    hpconfig = ",".join(part for part in (args.hpconfig, f"outer_every={period}" if period else "") if part)
+def outer_hpconfig(setting):
+    """The hparams of a run setting: 'H' or 'H/OUTER_LR/OUTER_MOMENTUM'; H 0 is synchronous."""
+    period, *rates = setting.split("/")
+    if period == "0":
+        return ""
+    names = ("outer_every", "outer_lr", "outer_momentum")
+    return ",".join(f"{name}={value}" for name, value in zip(names, [period, *rates]))
+
+
+def label(setting):
+    period, *rates = setting.split("/")
+    if period == "0":
+        return "synchronous"
+    return f"H = {period}" + (f", outer_lr {rates[0]}, momentum {rates[1]}" if rates else "")
+
+
+def train(args, setting, logdir):
+    hpconfig = ",".join(part for part in (args.hpconfig, outer_hpconfig(setting)) if part)
     command = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(args.ranks), "--gloo",
                sys.executable, "-m", "lm1b_hvd.train", "--logdir", logdir, "--preset", args.preset,
                "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--log_every", "1000",
@@ -45,12 +61,11 @@ def train(args, period, logdir):
 
 def table(curves, words_per_step):
     synchronous = min(curves["0"].values())
-    lines = ["| outer period H | best heldout perplexity (step) | final | best against synchronous |",
+    lines = ["| run | best heldout perplexity (step) | final | best against synchronous |",
              "| --- | --- | --- | --- |"]
-    for period, curve in curves.items():
+    for setting, curve in curves.items():
         best_step = min(curve, key=curve.get)
-        name = "synchronous" if period == "0" else f"H = {period}"
-        lines.append(f"| {name} | {curve[best_step]:.2f} ({best_step:,}; {best_step * words_per_step / 1e6:.1f}M "
+        lines.append(f"| {label(setting)} | {curve[best_step]:.2f} ({best_step:,}; {best_step * words_per_step / 1e6:.1f}M "
                      f"words) | {curve[max(curve)]:.2f} | {100 * (curve[best_step] / synchronous - 1):+.2f}% |")
     return "\n".join(lines)
 
@@ -60,10 +75,10 @@ def plot(curves, words_per_step, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
-    for period, curve in curves.items():
+    for setting, curve in curves.items():
         steps = sorted(curve)
         axes.plot([step * words_per_step / 1e6 for step in steps], [curve[step] for step in steps], "o-",
-                  markersize=3, label="synchronous" if period == "0" else f"two-level, H = {period}")
+                  markersize=3, label=label(setting))
     axes.set_yscale("log")
     axes.set_xlabel("training words (millions)")
     axes.set_ylabel("heldout perplexity (log scale)")
@@ -82,18 +97,20 @@ def main():
     parser.add_argument("--hpconfig", default="", help="overrides for every run")
     parser.add_argument("--steps", type=int, default=4096)
     parser.add_argument("--eval_every", type=int, default=256)
-    parser.add_argument("--periods", default="0,16,64,256", help="outer periods H; 0: synchronous")
+    parser.add_argument("--runs", default="0,16,64,256",
+                        help="outer settings, H or H/OUTER_LR/OUTER_MOMENTUM (default rates: the hparams'); 0: "
+                             "synchronous")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--ranks_per_node", type=int, default=2)
     args = parser.parse_args()
     hps = hparams.build(args.preset, args.hpconfig)
     words_per_step = args.ranks * hps.batch_size * hps.num_steps
     curves = {}
-    for period in args.periods.split(","):
-        logdir = os.path.join(args.out, f"H{period}")
-        if not os.path.isdir(os.path.join(logdir, "eval")):
-            train(args, int(period), logdir)
-        curves[period] = heldout_curve(logdir)
+    for setting in args.runs.split(","):
+        logdir = os.path.join(args.out, "H" + setting.replace("/", "-"))
+        if not os.path.exists(os.path.join(logdir, f"ckpt-{args.steps}.index")):  # not run to its end yet
+            train(args, setting, logdir)
+        curves[setting] = heldout_curve(logdir)
     with open(os.path.join(args.out, "curves.json"), "w") as handle:
         json.dump(curves, handle, indent=1)
     text = table(curves, words_per_step)

@@ -135,16 +135,33 @@ def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchrono
 
     if hpconfig == REPLICATED:
         return
+    # Re-grouped: 4 nodes of 1 rank read the 2 x 2 checkpoint, each rank the momentum of the rows
+    # it owns now, and save it again at its step: the same values.
+    regrouped = shutil.copytree(synchronous, tmp_path / "regrouped")
+    out = train(corpus, regrouped, 2 * EVERY, two_level, ranks_per_node=1)
+    assert ("the checkpoint's run had 2 nodes x 2 ranks, this one 4 x 1: each rank reads the outer momentum of the "
+            "rows it owns now") in out
+    test_resume.assert_same_variables(without_run_position(at_outer_step), without_run_position(
+        test_resume.saved_variables(regrouped, 2 * EVERY)))
     # Synchronous from the two-level checkpoint (saved again at its step: the same weights, no
     # momentum), and two-level from that synchronous one (the momentum starts at zero).
-    train(corpus, synchronous, 2 * EVERY, hpconfig)
+    out = train(corpus, synchronous, 2 * EVERY, hpconfig)
+    assert "the checkpoint's run was two-level (2 nodes x 2 ranks): its outer momentum is not used" in out
     again = test_resume.saved_variables(synchronous, 2 * EVERY)
-    test_resume.assert_same_variables({name: value for name, value in at_outer_step.items()
-                                       if not name.startswith("outer_momentum/")}, again)
-    train(corpus, synchronous, 2 * EVERY, two_level)
-    test_resume.assert_same_variables({name: np.zeros_like(value) if name.startswith("outer_momentum/") else value
-                                       for name, value in at_outer_step.items()},
-                                      test_resume.saved_variables(synchronous, 2 * EVERY))
+    test_resume.assert_same_variables(without_run_position({name: value for name, value in at_outer_step.items()
+                                                            if not name.startswith("outer_momentum/")}),
+                                      without_run_position(again))
+    out = train(corpus, synchronous, 2 * EVERY, two_level)
+    assert "the checkpoint's run was synchronous: the outer momentum starts at zero" in out
+    test_resume.assert_same_variables(
+        without_run_position({name: np.zeros_like(value) if name.startswith("outer_momentum/") else value
+                              for name, value in at_outer_step.items()}),
+        without_run_position(test_resume.saved_variables(synchronous, 2 * EVERY)))
+
+
+def without_run_position(variables):
+    """Saved variables but the run position, which names the nodes of the run that saved it."""
+    return {name: value for name, value in variables.items() if not name.startswith("run_position/")}
 
 
 def test_fp16_two_level_is_one_line_and_writes_nothing(corpus, tmp_path):

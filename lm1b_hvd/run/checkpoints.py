@@ -63,6 +63,9 @@ class RunCheckpoints:
         else:
             log(f"resumed from {path} at step {point.step} (epoch {point.position.epoch}, the same data position "
                 "and LSTM rows)")
+        regrouping = self.state.regrouping()
+        if regrouping:
+            log(regrouping)
         return point
 
     def save(self, point):

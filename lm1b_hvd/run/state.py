@@ -66,11 +66,12 @@ class RunPosition(tf.Module):
         self.streams = tf.Variable("", dtype=tf.string, trainable=False)  # JSON, see store()
         self.row_states = tf.Variable(tf.zeros([0]), shape=tf.TensorShape(None), trainable=False)
 
-    def store(self, seed, batch_size, positions, row_states, lr_schedule):
-        """`positions` (StreamPosition dicts) and `row_states` (arrays), rank by rank, and the
-        learning-rate schedule's state (update.optimizer.PlateauDecay.state)."""
+    def store(self, seed, batch_size, positions, row_states, lr_schedule, nodes=None):
+        """`positions` (StreamPosition dicts) and `row_states` (arrays), rank by rank, the
+        learning-rate schedule's state (update.optimizer.PlateauDecay.state), and a two-level
+        run's nodes ([nodes, ranks per node]; None: synchronous)."""
         self.streams.assign(json.dumps({"seed": seed, "batch_size": batch_size, "positions": positions,
-                                        "lr_schedule": lr_schedule}))
+                                        "lr_schedule": lr_schedule, "nodes": nodes}))
         self.row_states.assign(np.stack(row_states))
 
     def clear(self):
@@ -78,8 +79,15 @@ class RunPosition(tf.Module):
 
     def lr_schedule(self):
         """The learning-rate schedule's state, or None (no position, or saved before the schedule)."""
+        return self._saved("lr_schedule")
+
+    def nodes(self):
+        """The saving run's [nodes, ranks per node] if it was two-level, else None."""
+        return self._saved("nodes")
+
+    def _saved(self, key):
         text = self.streams.numpy().decode()
-        return json.loads(text).get("lr_schedule") if text else None
+        return json.loads(text).get(key) if text else None
 
     def for_rank(self, rank, num_ranks, seed, batch_size):
         """The RankPosition this rank saved; unusable where the saved run differs (rank count,
@@ -145,6 +153,7 @@ class TrainingState:
             self.position = RunPosition()
             if hps.outer_every and nodes.two_level:
                 self.outer_momentum = OuterMomentum(model, nodes.node)
+        self.node_layout = [nodes.count, nodes.node.size] if self.outer_momentum else None
         self.pieces = self._pieces()
         # The count of saves tf.train.CheckpointManager keeps (this state numbers them by step).
         self.save_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="save_counter")
@@ -297,7 +306,20 @@ class TrainingState:
         entries = ranks.gather_objects((point.position.to_dict(), row_state_to_array(point.row_state)))
         if ranks.is_root:
             self.position.store(hps.seed, hps.batch_size, [entry[0] for entry in entries],
-                                [entry[1] for entry in entries], self.lr_schedule.state())
+                                [entry[1] for entry in entries], self.lr_schedule.state(), self.node_layout)
+
+    def regrouping(self):
+        """After a restore: what becomes of the outer momentum when the checkpoint's run had
+        other nodes than this one ('' when the same, or neither two-level)."""
+        saved, now = self.position.nodes(), self.node_layout
+        if saved == now:
+            return ""
+        if now is None:
+            return f"the checkpoint's run was two-level ({saved[0]} nodes x {saved[1]} ranks): its outer momentum is not used"
+        if saved is None:
+            return "the checkpoint's run was synchronous: the outer momentum starts at zero"
+        return (f"the checkpoint's run had {saved[0]} nodes x {saved[1]} ranks, this one {now[0]} x {now[1]}: each rank "
+                "reads the outer momentum of the rows it owns now")
 
     def restored_point(self, ranks):
         """After a restore: (the RunPoint to continue from, and why the data order restarts, or
