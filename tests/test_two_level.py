@@ -112,22 +112,24 @@ def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(corp
 
 @pytest.mark.parametrize("hpconfig", [REPLICATED, VOCAB_PARALLEL], ids=["replicated", "vocab_parallel"])
 def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchronous(corpus, tmp_path, hpconfig):
-    """2 nodes x 2 ranks, an outer step every 4 steps: a run stopped at step 10 keeps step 8's
-    checkpoint and, resumed to 12, equals the unbroken run. Vocabulary-parallel (whose tables and
-    momentum are written in parts), that checkpoint resumes synchronous, and a synchronous
-    checkpoint resumes two-level, with the same weights."""
+    """An outer step every 4 steps: a run stopped at step 10 keeps step 8's checkpoint and,
+    resumed to 12, equals the unbroken run; replicated on 2 nodes of 1 rank (the formula's test
+    splits a node's rows between 2 ranks), vocabulary-parallel on 2 x 2. Vocabulary-parallel
+    (its tables and momentum written in parts), that checkpoint resumes re-grouped as 4 nodes of
+    1 rank and synchronous, and a synchronous checkpoint resumes two-level, with the same weights."""
     two_level = hpconfig + f",outer_every={EVERY}"
+    ranks, per_node = (2, 1) if hpconfig == REPLICATED else (4, 2)
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
-    out = train(corpus, unbroken, 3 * EVERY, two_level)
-    assert (f"two-level: 2 nodes x 2 rank(s); every step inside a node, an outer step between nodes every {EVERY} "
-            "steps") in out
-    out = train(corpus, resumed, 2 * EVERY + 2, two_level)
+    out = train(corpus, unbroken, 3 * EVERY, two_level, ranks, per_node)
+    assert (f"two-level: 2 nodes x {per_node} rank(s); every step inside a node, an outer step between nodes every "
+            f"{EVERY} steps") in out
+    out = train(corpus, resumed, 2 * EVERY + 2, two_level, ranks, per_node)
     assert (f"stopped at step {2 * EVERY + 2}, between outer steps: the checkpoint is the last outer step's, step "
             f"{2 * EVERY} (a resume repeats steps {2 * EVERY + 1}-{2 * EVERY + 2})") in out
     at_outer_step = test_resume.saved_variables(resumed, 2 * EVERY)
     assert any(name.startswith("outer_momentum/") for name in at_outer_step)
     synchronous = shutil.copytree(resumed, tmp_path / "synchronous", ignore=shutil.ignore_patterns("eval", "train"))
-    out = train(corpus, resumed, 3 * EVERY, two_level)
+    out = train(corpus, resumed, 3 * EVERY, two_level, ranks, per_node)
     assert (f"resumed from {resumed}/ckpt-{2 * EVERY} at step {2 * EVERY} (epoch 0, the same data position and "
             "LSTM rows)") in out
     test_resume.assert_same_variables(test_resume.saved_variables(unbroken, 3 * EVERY),
