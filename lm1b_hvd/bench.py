@@ -8,7 +8,7 @@ peak of a large matmul measured in this same run, their ratio (MFU), the
 bytes each kind of Horovod op (allreduce, allgather, alltoall) moved per rank
 per step, counted from the tensors, and peak memory per rank. Two-level
 (--hpconfig outer_every=H, nodes from the hosts or --ranks_per_node), the timed
-steps include the outer steps, and the bytes are split into what stays inside a
+steps (whole outer periods) include the outer steps, the step time is their mean, and the bytes are split into what stays inside a
 node and what crosses between nodes, averaged over an outer period.
 
 The compute a shared machine gives a process can change from one second to
@@ -143,6 +143,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
+
     return args
 
 
@@ -155,6 +156,9 @@ def bench(args):
     hps = hparams.build(args.preset, args.hpconfig)
     ranks = collectives.init(process_sets=bool(hps.outer_every))
     devices.check_gpus_used(args.allow_cpu)
+    if hps.outer_every and args.steps % hps.outer_every:
+        raise console.UserError(f"--steps {args.steps} is not a multiple of outer_every={hps.outer_every}: the step "
+                                "time of a two-level bench is the mean over whole outer periods")
     if hps.vocab_parallel and args.no_exchange:
         raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
                                 "the ranks that own them")
@@ -238,7 +242,8 @@ def report_figures(blocks, setting, say):
     size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
-    step_time = statistics.median(times)
+    # Two-level, the mean: an outer step lands in one step of H, which the median would leave out.
+    step_time = statistics.mean(times) if outer else statistics.median(times)
     words_per_step = sum(stats.words for stats in step_stats) / len(times)  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
@@ -247,7 +252,7 @@ def report_figures(blocks, setting, say):
     block_peaks = [sum(rank_peaks[i::len(blocks)]) for i in range(len(blocks))]
     block_mfu = [100 * block.words * flops_per_word / sum(block.step_times) / block_peak
                  for block, block_peak in zip(blocks, block_peaks)]
-    say(f"step time: median {step_time * 1e3:,.1f} ms over {len(times)} steps "
+    say(f"step time: {'mean' if outer else 'median'} {step_time * 1e3:,.1f} ms over {len(times)} steps "
         f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")

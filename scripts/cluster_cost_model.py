@@ -56,7 +56,7 @@ class BenchFigures:
     @classmethod
     def parse(cls, text):
         text = re.sub(r"^\[\d+\]<stdout>:", "", text, flags=re.M)
-        step = re.search(r"^step time: median ([\d,.]+) ms", text, re.M)
+        step = re.search(r"^step time: (?:median|mean) ([\d,.]+) ms", text, re.M)
         words = re.search(r"^words/s: ([\d,]+) over (\d+) rank\(s\) \(([\d,]+) words per rank per step\)", text, re.M)
         peak = re.search(r"^peak memory per rank: (.*)$", text, re.M)
         if not (step and words and peak):
@@ -146,7 +146,7 @@ def measure(args):
         fast = {mode: run_bench(hosts, FAST_MBIT, args, mode) for mode in modes}
         # The budget's rate for this cluster: its hosts' compute rate (replicated, fast links) x budget.
         host_words = fast["replicated"].words_per_step / fast["replicated"].step_seconds / hosts
-        rates = args.mbit or [max(1, round(host_words * args.budget * 8 / 1e6 * factor)) for factor in (1, 4)]
+        rates = args.mbit or [max(1, round(host_words * args.budget * 8 / 1e6 * factor)) for factor in args.factors]
         for mbit in rates:
             for mode in modes:
                 slow = run_bench(hosts, mbit, args, mode)
@@ -244,7 +244,9 @@ def main(argv=None):
                      help="the part of a link's rate the collectives reach, for the last columns (default: 0.75, "
                           "fitted to 2 hosts replicated at 59 Mbit/s in docs/performance.md)")
     run.add_argument("--mbit", type=int, nargs="*", default=None,
-                     help="link rates to measure (default: the budget's rate and 4x it)")
+                     help="link rates to measure (default: the budget's rate times each of --factors)")
+    run.add_argument("--factors", type=float, nargs="+", default=[1.0, 4.0],
+                     help="multiples of the budget's rate to measure at (default: 1 4)")
     proj = commands.add_parser("project", help="default's words/s and memory on nodes of GPUs")
     proj.add_argument("--replicated", required=True, help="bench output of default at -np 2")
     proj.add_argument("--vocab_parallel", required=True, help="bench output of default, vocab_parallel=true, -np 2")
