@@ -79,9 +79,10 @@ def plot(curves, words_per_step, title, path):
         steps = sorted(curve)
         axes.plot([step * words_per_step / 1e6 for step in steps], [curve[step] for step in steps], "o-",
                   markersize=3, label=label(setting))
-    axes.set_yscale("log")
+    best = min(min(curve.values()) for curve in curves.values())
+    axes.set_ylim(best * 0.99, best * 1.25)  # the end of the curves, where the runs differ
     axes.set_xlabel("training words (millions)")
-    axes.set_ylabel("heldout perplexity (log scale)")
+    axes.set_ylabel("heldout perplexity")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
