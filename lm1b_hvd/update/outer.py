@@ -32,6 +32,7 @@ import tensorflow as tf
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.update.outer_parts import owned
 
+
 class OuterStep:
     """The outer steps of a run.state.TrainingState between the nodes of `nodes`
     (exchange.ranks.NodeGroups), with hparams outer_lr and outer_momentum."""
