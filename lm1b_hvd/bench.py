@@ -7,9 +7,10 @@ ranks, model FLOPs per word counted from the shapes, achieved GFLOP/s, the
 peak of a large matmul measured in this same run, their ratio (MFU), the
 bytes each kind of Horovod op (allreduce, allgather, alltoall) moved per rank
 per step, counted from the tensors, and peak memory per rank. Two-level
-(--hpconfig outer_every=H, nodes from the hosts or --ranks_per_node), the timed
-steps (whole outer periods) include the outer steps, the step time is their mean, and the bytes are split into what stays inside a
-node and what crosses between nodes, averaged over an outer period.
+(--hpconfig outer_every=H, nodes from the hosts or --ranks_per_node): the timed
+steps are whole outer periods, outer steps included, the step time is their
+mean, and the bytes are split into what stays inside a node and what crosses
+between nodes, averaged over an outer period.
 
 The compute a shared machine gives a process can change from one second to
 the next, so the steps are timed in blocks of about half a second with the

@@ -1,9 +1,10 @@
 """Two levels against synchronous at equal steps: heldout perplexity against training words.
 
 Trains one run per outer setting (H, or H/OUTER_LR/OUTER_MOMENTUM; H 0: synchronous) on the
-same ranks grouped into simulated nodes, each for the same steps with a heldout evaluation every --eval_every steps, then writes
-the curves (JSON), a markdown table (best and final heldout perplexity, and the best against
-the synchronous run's) and a picture: what docs/performance.md shows under "Across nodes".
+same ranks grouped into simulated nodes, each for the same steps with a heldout evaluation
+every --eval_every steps, then writes the curves (JSON), a markdown table (best and final
+heldout perplexity, and the best against the synchronous run's) and a picture: what
+docs/performance.md shows under "Across nodes".
 
   .venv/bin/pip install matplotlib
   .venv/bin/python scripts/two_level_quality.py --preset demo --steps 4096 --eval_every 256 \\
@@ -65,7 +66,8 @@ def table(curves, words_per_step):
              "| --- | --- | --- | --- |"]
     for setting, curve in curves.items():
         best_step = min(curve, key=curve.get)
-        lines.append(f"| {label(setting)} | {curve[best_step]:.2f} ({best_step:,}; {best_step * words_per_step / 1e6:.1f}M "
+        words = best_step * words_per_step / 1e6
+        lines.append(f"| {label(setting)} | {curve[best_step]:.2f} ({best_step:,}; {words:.1f}M "
                      f"words) | {curve[max(curve)]:.2f} | {100 * (curve[best_step] / synchronous - 1):+.2f}% |")
     return "\n".join(lines)
 

@@ -78,8 +78,8 @@ def check_outer_steps(ranks, vocab_parallel):
                                            average_before + ema_rate * (anchors[name] - average_before),
                                            rtol=0, atol=1e-5, err_msg=f"{averages[name]} after outer step {outer}")
             if outer > 1:  # the average stands still between outer steps
-                np.testing.assert_array_equal(average_before,
-                                              node_matrix(nodes[0], f"after{outer - 1}", averages[name], vocab_parallel))
+                previous = node_matrix(nodes[0], f"after{outer - 1}", averages[name], vocab_parallel)
+                np.testing.assert_array_equal(average_before, previous)
 
 
 # From the command line, as a user runs it.
@@ -168,8 +168,8 @@ def without_run_position(variables):
 
 def test_fp16_two_level_is_one_line_and_writes_nothing(corpus, tmp_path):
     logdir = tmp_path / "log"
-    result = run(test_resume.train_command(corpus, logdir, 4, "--hpconfig", REPLICATED + ",outer_every=4,precision=fp16",
-                                           "--ranks_per_node", "1"))
+    result = run(test_resume.train_command(corpus, logdir, 4, "--hpconfig",
+                                           REPLICATED + ",outer_every=4,precision=fp16", "--ranks_per_node", "1"))
     assert result.returncode != 0
     assert ("error: outer_every=4 cannot be used with precision=fp16: each node's loss scale would drift from the "
             "others'; use precision=bf16 or fp32") in result.stderr

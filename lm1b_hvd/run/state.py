@@ -315,10 +315,12 @@ class TrainingState:
         if saved == now:
             return ""
         if now is None:
-            return f"the checkpoint's run was two-level ({saved[0]} nodes x {saved[1]} ranks): its outer momentum is not used"
+            return (f"the checkpoint's run was two-level ({saved[0]} nodes x {saved[1]} ranks): its outer momentum is "
+                    "not used")
         if saved is None:
             return "the checkpoint's run was synchronous: the outer momentum starts at zero"
-        return (f"the checkpoint's run had {saved[0]} nodes x {saved[1]} ranks, this one {now[0]} x {now[1]}: each rank "
+        return (f"the checkpoint's run had {saved[0]} nodes x {saved[1]} ranks, this one {now[0]} x {now[1]}: "
+                "each rank "
                 "reads the outer momentum of the rows it owns now")
 
     def restored_point(self, ranks):

@@ -36,7 +36,8 @@ def owned_parts(model, node):
                 rows, logical_rows = tables.Rows(0, variable.shape[0]), held
             else:
                 rows = tables.owned_rows(variable.shape[0], node.rank, node.size)
-                logical_rows = tables.Rows(min(held.first + rows.first, held.stop), min(held.first + rows.stop, held.stop))
+                logical_rows = tables.Rows(min(held.first + rows.first, held.stop),
+                                           min(held.first + rows.stop, held.stop))
             parts.append(OwnedPart(variable, rows, not model.vocab_parallel and node.size > 1,
                                    MOMENTUM_PREFIX + tables.KEY_PREFIX + name, table, logical_rows))
     return parts
