@@ -70,8 +70,8 @@ class RunPosition(tf.Module):
         """`positions` (StreamPosition dicts) and `row_states` (arrays), rank by rank, the
         learning-rate schedule's state (update.optimizer.PlateauDecay.state), and a two-level
         run's nodes ([nodes, ranks per node]; None: synchronous)."""
-        self.streams.assign(json.dumps({"seed": seed, "batch_size": batch_size, "positions": positions,
-                                        "lr_schedule": lr_schedule, "nodes": nodes}))
+        saved = {"seed": seed, "batch_size": batch_size, "positions": positions, "lr_schedule": lr_schedule}
+        self.streams.assign(json.dumps({**saved, "nodes": nodes} if nodes else saved))
         self.row_states.assign(np.stack(row_states))
 
     def clear(self):
