@@ -140,12 +140,12 @@ def run_bench(hosts, mbit, args, mode):
 def measure(args):
     print(f"{'hosts':>5} {'mode':>15} {'Mbit/s':>7} {'link MB/step':>12} {'measured w/s':>12} "
           f"{'predicted w/s':>13} {'error':>6} {f'at {args.efficiency:g} x rate':>15} {'error':>6}", flush=True)
-    modes = list(MODES) + ([TWO_LEVEL] if args.outer_every else [])
+    modes = args.modes or list(MODES) + ([TWO_LEVEL] if args.outer_every else [])
     per_host = args.ranks_per_host
     for hosts in args.hosts:
         fast = {mode: run_bench(hosts, FAST_MBIT, args, mode) for mode in modes}
-        # The budget's rate for this cluster: its hosts' compute rate (replicated, fast links) x budget.
-        host_words = fast["replicated"].words_per_step / fast["replicated"].step_seconds / hosts
+        # The budget's rate for this cluster: its hosts' compute rate (the first mode, fast links) x budget.
+        host_words = fast[modes[0]].words_per_step / fast[modes[0]].step_seconds / hosts
         rates = args.mbit or [max(1, round(host_words * args.budget * 8 / 1e6 * factor)) for factor in args.factors]
         for mbit in rates:
             for mode in modes:
@@ -230,6 +230,8 @@ def main(argv=None):
     run = commands.add_parser("measure", help="bench on local clusters against the model")
     run.add_argument("--hosts", type=int, nargs="+", default=[2, 4], help="cluster sizes (default: 2 4)")
     run.add_argument("--ranks_per_host", type=int, default=1, help="ranks on each host (default: 1)")
+    run.add_argument("--modes", nargs="+", choices=[*MODES, TWO_LEVEL],
+                     help="the modes to measure (default: both synchronous ones, and two-level with --outer_every)")
     run.add_argument("--outer_every", type=int, default=0,
                      help="also measure two-level (vocabulary-parallel inside a host) with this outer period")
     run.add_argument("--preset", default="small", help="the bench's preset (default: small)")
