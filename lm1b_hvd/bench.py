@@ -8,9 +8,9 @@ peak of a large matmul measured in this same run, their ratio (MFU), the
 bytes each kind of Horovod op (allreduce, allgather, alltoall) moved per rank
 per step, counted from the tensors, and peak memory per rank. Two-level
 (--hpconfig outer_every=H, nodes from the hosts or --ranks_per_node): the timed
-steps are whole outer periods, outer steps included, the step time is their
-mean, and the bytes are split into what stays inside a node and what crosses
-between nodes, averaged over an outer period.
+steps are whole outer periods, the outer steps are timed apart and shared out
+over the steps (words/s counts them), and the bytes are split into what stays
+inside a node and what crosses between nodes, averaged over an outer period.
 
 The compute a shared machine gives a process can change from one second to
 the next, so the steps are timed in blocks of about half a second with the
@@ -105,7 +105,7 @@ class Block(typing.NamedTuple):
 def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak, after_step=lambda: None):
     """Runs `steps` timed steps in blocks of `steps_per_block`, sampling the peak before and
     after each block (the better of the two is the block's peak); `after_step` (an outer step
-    when one is due) is timed with its step."""
+    when one is due) runs after its step, outside the step's time (it times itself)."""
     blocks, done = [], 0
     while done < steps:
         before = peak.sample()
@@ -113,8 +113,8 @@ def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak, afte
         for _ in range(min(steps_per_block, steps - done)):
             start = time.perf_counter()
             row_state, stats = trainer.step(*batches[done % len(batches)], row_state)
-            after_step()
             times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
+            after_step()
             step_stats.append(stats)
             done += 1
         blocks.append(Block(times, step_stats, max(before, peak.sample())))
@@ -158,8 +158,8 @@ def bench(args):
     ranks = collectives.init(process_sets=bool(hps.outer_every))
     devices.check_gpus_used(args.allow_cpu)
     if hps.outer_every and args.steps % hps.outer_every:
-        raise console.UserError(f"--steps {args.steps} is not a multiple of outer_every={hps.outer_every}: the step "
-                                "time of a two-level bench is the mean over whole outer periods")
+        raise console.UserError(f"--steps {args.steps} is not a multiple of outer_every={hps.outer_every}: a two-level "
+                                "bench times whole outer periods")
     if hps.vocab_parallel and args.no_exchange:
         raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
                                 "the ranks that own them")
@@ -199,12 +199,13 @@ def bench(args):
     ranks.sum(tf.zeros([1])).numpy()  # every rank starts timing at once
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.start(args.profile_dir)
-    outer_steps = []
+    outer_seconds = []
 
     def outer_step_when_due():
         if outer and int(state.step) % hps.outer_every == 0:
+            start = time.perf_counter()
             outer.step()
-            outer_steps.append(int(state.step))
+            outer_seconds.append(time.perf_counter() - start)
 
     blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak, outer_step_when_due)
     if args.profile_dir and rank == 0:
@@ -212,16 +213,16 @@ def bench(args):
 
     setting = Setting(hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange,
                       reduced_vocab=0 < args.vocab < LM1B_VOCAB,
-                      outer=OuterTraffic(*outer.bytes_per_outer_step(), len(outer_steps)) if outer else None)
+                      outer=OuterTraffic(*outer.bytes_per_outer_step(), outer_seconds) if outer else None)
     report_figures(blocks, setting, say)
 
 
 class OuterTraffic(typing.NamedTuple):
     """What this rank's outer steps move (update.outer.OuterStep.bytes_per_outer_step), and how
-    many the timed steps held."""
+    long each of those in the timed steps took."""
     across: float  # bytes sent (and as many received) over the nodes' link per outer step
     inside: float  # bytes received from the node's ranks after it
-    timed: int
+    seconds: list
 
 
 class Setting(typing.NamedTuple):
@@ -243,8 +244,9 @@ def report_figures(blocks, setting, say):
     size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
-    # Two-level, the mean: an outer step lands in one step of H, which the median would leave out.
-    step_time = statistics.mean(times) if outer else statistics.median(times)
+    step_time = statistics.median(times)
+    if outer:  # its outer steps' time shared out over the steps between them
+        step_time += sum(outer.seconds) / len(times)
     words_per_step = sum(stats.words for stats in step_stats) / len(times)  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
@@ -253,8 +255,12 @@ def report_figures(blocks, setting, say):
     block_peaks = [sum(rank_peaks[i::len(blocks)]) for i in range(len(blocks))]
     block_mfu = [100 * block.words * flops_per_word / sum(block.step_times) / block_peak
                  for block, block_peak in zip(blocks, block_peaks)]
-    say(f"step time: {'mean' if outer else 'median'} {step_time * 1e3:,.1f} ms over {len(times)} steps "
+    say(f"step time: median {statistics.median(times) * 1e3:,.1f} ms over {len(times)} steps "
         f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
+    if outer:
+        say(f"outer steps: {len(outer.seconds)} in the {len(times)} timed steps (one every {hps.outer_every}), "
+            f"median {statistics.median(outer.seconds) * 1e3:,.1f} ms each; with them, "
+            f"{step_time * 1e3:,.1f} ms a step")
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")
     say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")
@@ -270,8 +276,6 @@ def report_figures(blocks, setting, say):
     say(f"MFU: {statistics.median(block_mfu):.1f}% (median over {len(blocks)} block(s) of "
         f"{len(blocks[0].step_times)} step(s), each against the peak measured around it: "
         + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
-    if outer:
-        say(f"outer steps: {outer.timed} in the {len(times)} timed steps (one every {hps.outer_every})")
     if exchange:
         where = "inside a node, " if outer else ""
         for kind in TRAFFIC_KINDS:

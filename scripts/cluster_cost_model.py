@@ -56,7 +56,8 @@ class BenchFigures:
     @classmethod
     def parse(cls, text):
         text = re.sub(r"^\[\d+\]<stdout>:", "", text, flags=re.M)
-        step = re.search(r"^step time: (?:median|mean) ([\d,.]+) ms", text, re.M)
+        step = (re.search(r"^outer steps: .*; with them, ([\d,.]+) ms a step", text, re.M)
+                or re.search(r"^step time: median ([\d,.]+) ms", text, re.M))
         words = re.search(r"^words/s: ([\d,]+) over (\d+) rank\(s\) \(([\d,]+) words per rank per step\)", text, re.M)
         peak = re.search(r"^peak memory per rank: (.*)$", text, re.M)
         if not (step and words and peak):
