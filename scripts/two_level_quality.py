@@ -82,7 +82,8 @@ def plot(curves, words_per_step, title, path):
         axes.plot([step * words_per_step / 1e6 for step in steps], [curve[step] for step in steps], "o-",
                   markersize=3, label=label(setting))
     best = min(min(curve.values()) for curve in curves.values())
-    axes.set_ylim(best * 0.99, best * 1.25)  # the end of the curves, where the runs differ
+    last = max(curve[max(curve)] for curve in curves.values())
+    axes.set_ylim(best * 0.99, max(best * 1.25, last * 1.1))  # the curves' ends, where the runs differ
     axes.set_xlabel("training words (millions)")
     axes.set_ylabel("heldout perplexity")
     axes.set_title(title)
