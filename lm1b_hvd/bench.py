@@ -174,7 +174,7 @@ def bench(args):
 
     nodes = collectives.node_groups(args.ranks_per_node) if hps.outer_every else ONE_NODE
     model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=vocab_exchange(
-        hps, vocab_size, nodes.node if nodes.two_level else ranks))
+        hps, vocab_size, nodes.stepping(ranks)))
     state = TrainingState(model, nodes=nodes)
     trainer = Trainer(state, ranks, exchange=not args.no_exchange, nodes=nodes)
     outer = OuterStep(state, nodes, hps) if state.outer_momentum else None

@@ -70,5 +70,9 @@ class NodeGroups(typing.NamedTuple):
     def two_level(self):
         return self.count > 1
 
+    def stepping(self, ranks):
+        """The ranks a step exchanges between: the node's in a two-level run, else `ranks` (all)."""
+        return self.node if self.two_level else ranks
+
 
 ONE_NODE = NodeGroups(node=ONE_PROCESS, across=ONE_PROCESS, count=1, index=0)

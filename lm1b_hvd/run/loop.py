@@ -92,7 +92,7 @@ class Run:
                                     "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
                                     "do; drop one of the two")
         self.nodes = self._nodes()
-        exchange = vocab_exchange(self.hps, len(self.vocab), self.nodes.node if self.nodes.two_level else self.ranks)
+        exchange = vocab_exchange(self.hps, len(self.vocab), self.nodes.stepping(self.ranks))
         self._take_logdir()  # after the checks that only read, before the first write
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.ranks.is_root)
         self.train_data, self.heldout = self._data_shares()

@@ -91,7 +91,7 @@ class Trainer:
         hps = state.model.hps
         self.state, self.model, self.ranks = state, state.model, ranks
         two_level = bool(hps.outer_every) and nodes.two_level
-        self.exchange_ranks = nodes.node if two_level else ranks
+        self.exchange_ranks = nodes.stepping(ranks) if two_level else ranks
         self.average_each_step = not two_level
         self.exchange = GradientExchange(self.exchange_ranks, hps) if exchange else None
         # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
