@@ -199,12 +199,12 @@ def bench(args):
     ranks.sum(tf.zeros([1])).numpy()  # every rank starts timing at once
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.start(args.profile_dir)
-    outer_seconds = []
+    outer_seconds, outer_exchanges = [], []
 
     def outer_step_when_due():
         if outer and int(state.step) % hps.outer_every == 0:
             start = time.perf_counter()
-            outer.step()
+            outer_exchanges.append(outer.step())
             outer_seconds.append(time.perf_counter() - start)
 
     blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak, outer_step_when_due)
@@ -213,15 +213,14 @@ def bench(args):
 
     setting = Setting(hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange,
                       reduced_vocab=0 < args.vocab < LM1B_VOCAB,
-                      outer=OuterTraffic(*outer.bytes_per_outer_step(), outer_seconds) if outer else None)
+                      outer=OuterTraffic(outer_exchanges, outer.inside_bytes(), outer_seconds) if outer else None)
     report_figures(blocks, setting, say)
 
 
 class OuterTraffic(typing.NamedTuple):
-    """What this rank's outer steps move (update.outer.OuterStep.bytes_per_outer_step), and how
-    long each of those in the timed steps took."""
-    across: float  # bytes sent (and as many received) over the nodes' link per outer step
-    inside: float  # bytes received from the node's ranks after it
+    """What this rank's outer steps in the timed steps moved, and how long each took."""
+    exchanges: list  # update.outer.OuterExchange of each: what crossed between the nodes
+    inside: float  # bytes received from the node's ranks after each
     seconds: list
 
 
@@ -284,10 +283,14 @@ def report_figures(blocks, setting, say):
             if sent or received:
                 say(f"{where}{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB per rank per step")
     if outer:
-        across = ranks.gather_numbers([outer.across / hps.outer_every])
+        across = ranks.gather_numbers([statistics.mean(e.across_bytes for e in outer.exchanges) / hps.outer_every])
         inside = ranks.gather_numbers([outer.inside / hps.outer_every])
+        changed = ranks.gather_numbers([sum(e.rows_changed for e in outer.exchanges),
+                                        sum(e.rows_owned for e in outer.exchanges)])
         say(f"between nodes, outer allreduce: sent {statistics.mean(across) / 1e6:,.3f} MB, received "
-            f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {hps.outer_every})")
+            f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {hps.outer_every}; "
+            f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, "
+            f"{'fp16' if hps.outer_fp16 else 'fp32'})")
         say(f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "
             f"rank per step (each outer step's / {hps.outer_every})")
     if exchange:

@@ -53,6 +53,7 @@ class HParams:
     outer_every: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    outer_fp16: bool = True  # the outer step's deltas and accumulator increments cross between nodes as fp16
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

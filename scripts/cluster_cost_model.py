@@ -28,10 +28,13 @@ one node's synchronous vocabulary-parallel words/s.
 """
 import argparse
 import dataclasses
+import math
 import os
 import re
 import subprocess
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lm1b_hvd import hparams  # noqa: E402 (the repository on the path first)
@@ -159,14 +162,39 @@ def measure(args):
                       f"{effective:>15,.0f} {100 * (effective / measured - 1):>+5.0f}%", flush=True)
 
 
+def log_uniform(vocab):
+    """P(id) of each id under the log-uniform (Zipfian) law of the sampled softmax's proposal."""
+    ids = np.arange(vocab, dtype=np.float64)
+    return np.log1p(1.0 / (ids + 1.0)) / math.log(vocab + 1.0)
+
+
+def rows_seen(probabilities, draws):
+    """The expected number of ids drawn at least once in `draws` independent draws."""
+    return float(np.sum(-np.expm1(draws * np.log1p(-probabilities))))
+
+
+def draws_for_unique(probabilities, unique):
+    """How many draws give `unique` distinct ids on average: what the sampler takes a step."""
+    low, high = float(unique), 1e12
+    while high - low > 1.0:
+        middle = (low + high) / 2
+        low, high = (middle, high) if rows_seen(probabilities, middle) < unique else (low, middle)
+    return high
+
+
 def project(args):
     """Nodes of --gpus GPUs: every byte a GPU receives crosses its NVLink port; what comes from
     other nodes crosses the node's one link first. The allreduce is hierarchical
     (HOROVOD_HIERARCHICAL_ALLREDUCE=1: a ring inside the node, then one between the nodes).
     Per GPU the compute is --gpu_words words/s. Two-level, a step's exchange stays inside the
-    node, and every H steps each GPU's set across the nodes ring-allreduces its 1/g of the
-    parameters' deltas and Adagrad accumulators (fp32), then the node gathers them over NVLink:
-    per step, that outer step's bytes / H."""
+    node, and every H steps each GPU's set across the nodes ring-allreduces a float per row it
+    owns (which rows changed) and the changed rows of its 1/g of the parameters' deltas and
+    Adagrad accumulator increments (fp32, or fp16 with --outer_fp16), then the node gathers
+    the LSTM's over NVLink: per step, that outer step's bytes / H. Which rows changed in H
+    steps of all nodes: all the LSTM's; of the embedding, the words read; of the softmax, the
+    words read and the sampled candidates. Both are counted as log-uniform draws: the
+    candidates are, and real words are rarer in the tail (lm1b's rarest have 3 in 0.8B), so the
+    embedding's figure is an upper bound."""
     figures = {mode: BenchFigures.parse(open(path).read())
                for mode, path in (("replicated", args.replicated), ("vocab_parallel", args.vocab_parallel))}
     for mode, fig in figures.items():
@@ -179,11 +207,18 @@ def project(args):
     # At 2 ranks half of a step's unique rows are the other rank's: all of them cost twice that.
     all_rows = 2 * max(figures["vocab_parallel"].traffic["alltoall"])
     tables = 2 * (figures["replicated"].peak_gib - figures["vocab_parallel"].peak_gib)  # the half VP does not hold
-    outer_state = 2 * 4 * parameter_count(hparams.build("default"), args.vocab).total  # deltas and accumulators
+    default = hparams.build("default")
+    counts = parameter_count(default, args.vocab)
+    value_bytes = 2 if args.outer_fp16 else 4
+    zipf = log_uniform(args.vocab)
+    candidate_draws = draws_for_unique(zipf, default.num_sampled)
+    row_count = 3 * args.vocab  # the embedding's, softmax weights' and bias' rows (the LSTM's few thousand aside)
     g, nvlink = args.gpus, args.nvlink_gbyte * 1e9
     print(f"compute {compute * 1e3:.2f} ms per step ({words_per_gpu:,.0f} words per GPU at {args.gpu_words:,.0f} "
-          f"words/s); NVLink {args.nvlink_gbyte:g} GB/s per GPU; an outer step moves {outer_state / 1e9:.2f} GB "
-          "of deltas and accumulators")
+          f"words/s); NVLink {args.nvlink_gbyte:g} GB/s per GPU; an outer step moves the changed rows of "
+          f"{2 * 4 * counts.total / 1e9:.2f} GB of deltas and accumulators (fp32), in "
+          f"{'fp16' if args.outer_fp16 else 'fp32'}; the sampler draws {candidate_draws:,.0f} ids a step for "
+          f"{default.num_sampled:,} candidates")
 
     def synchronous(nodes, mode, link):
         n = nodes * g
@@ -198,17 +233,30 @@ def project(args):
             memory = figures["replicated"].peak_gib - tables + tables / n
         return inside, between, compute + inside / nvlink + between / link, memory
 
+    def changed_values(nodes, every):
+        """The values an outer step sends per node: the changed rows' (deltas, or increments)."""
+        read = nodes * g * every * words_per_gpu
+        embedding = rows_seen(zipf, read) / args.vocab
+        softmax = rows_seen(zipf, read + nodes * g * every * candidate_draws) / args.vocab
+        return counts.lstm + embedding * counts.embedding + softmax * counts.softmax, embedding, softmax
+
     def two_level(nodes, every, link):
         """Vocabulary-parallel inside each node (the better mode there)."""
         inside, _, step, memory = synchronous(1, "vocab_parallel", link)
         if nodes == 1:
             return inside, 0.0, step, memory
-        between = 2 * (nodes - 1) / nodes * outer_state / every
-        inside += (g - 1) / g * outer_state / g / every  # the node gathers the rows its GPUs own
+        values = changed_values(nodes, every)[0]
+        outer = 2 * value_bytes * values + 4 * row_count  # the rows' values, and a float per row
+        between = 2 * (nodes - 1) / nodes * outer / every
+        gathered = (g - 1) / g * 2 * 4 * counts.lstm / every  # the node gathers the LSTM rows its GPUs own
         # Each GPU keeps the outer state of its 1/g: anchors, accumulators at them, momentum.
-        memory += 3 * 4 * parameter_count(hparams.build("default"), args.vocab).total / g / 2 ** 30
-        return inside, between, step + (g - 1) / g * outer_state / g / every / nvlink + between / link, memory
+        memory += 3 * 4 * counts.total / g / 2 ** 30
+        return inside + gathered, between, step + gathered / nvlink + between / link, memory
 
+    print("rows changed in an outer period (embedding, softmax): " + "; ".join(
+        f"{nodes} nodes H={every} {100 * changed_values(nodes, every)[1]:.0f}%, "
+        f"{100 * changed_values(nodes, every)[2]:.0f}%" for nodes in args.nodes[1:2] + args.nodes[-1:]
+        for every in args.outer_every))
     for gbit in args.link_gbit:
         link = gbit * 1e9 / 8
         one_node = synchronous(1, "vocab_parallel", link)[2]
@@ -260,6 +308,7 @@ def main(argv=None):
                       help="each node's link, Gb/s (default: 25 100 400)")
     proj.add_argument("--outer_every", type=int, nargs="*", default=[64, 256, 1024],
                       help="two-level outer periods H to project (default: 64 256 1024)")
+    proj.add_argument("--outer_fp16", action="store_true", help="two-level with hparam outer_fp16")
     proj.add_argument("--vocab", type=int, default=793_470, help="the vocabulary (default: lm1b's 793,470)")
     proj.add_argument("--nvlink_gbyte", type=float, default=150.0,
                       help="what a GPU's exchange reaches over NVLink, GB/s (default: 150)")

@@ -1,6 +1,7 @@
 """Two levels against synchronous at equal steps: heldout perplexity against training words.
 
-Trains one run per outer setting (H, or H/OUTER_LR/OUTER_MOMENTUM; H 0: synchronous) on the
+Trains one run per outer setting (H, or H/OUTER_LR/OUTER_MOMENTUM, either with +fp16 or +fp32
+for hparam outer_fp16; H 0: synchronous) on the
 same ranks grouped into simulated nodes, each for the same steps with a heldout evaluation
 every --eval_every steps, then writes the curves (JSON), a markdown table (best and final
 heldout perplexity, and the best against the synchronous run's) and a picture: what
@@ -8,7 +9,7 @@ docs/performance.md shows under "Across nodes".
 
   .venv/bin/pip install matplotlib
   .venv/bin/python scripts/two_level_quality.py --preset demo --steps 4096 --eval_every 256 \\
-      --runs 0,16,64,256,64/1/0,1/1/0 --out runs/two-level-demo
+      --runs 0,16+fp32,64+fp32,256+fp32,64/1/0+fp32,64+fp16,256+fp16,1024+fp16 --out runs/two-level-demo
 """
 import argparse
 import json
@@ -32,20 +33,29 @@ def heldout_curve(logdir):
     return values
 
 
+def parse(setting):
+    """(H, [OUTER_LR, OUTER_MOMENTUM], 'fp16' or 'fp32' or '') of 'H[/OUTER_LR/OUTER_MOMENTUM][+fp16|+fp32]'."""
+    outer, _, bits = setting.partition("+")
+    period, *rates = outer.split("/")
+    return period, rates, bits
+
+
 def outer_hpconfig(setting):
-    """The hparams of a run setting: 'H' or 'H/OUTER_LR/OUTER_MOMENTUM'; H 0 is synchronous."""
-    period, *rates = setting.split("/")
+    """The hparams of a run setting; H 0 is synchronous."""
+    period, rates, bits = parse(setting)
     if period == "0":
         return ""
     names = ("outer_every", "outer_lr", "outer_momentum")
-    return ",".join(f"{name}={value}" for name, value in zip(names, [period, *rates]))
+    return ",".join([f"{name}={value}" for name, value in zip(names, [period, *rates])]
+                    + ([f"outer_fp16={str(bits == 'fp16').lower()}"] if bits else []))
 
 
 def label(setting):
-    period, *rates = setting.split("/")
+    period, rates, bits = parse(setting)
     if period == "0":
         return "synchronous"
-    return f"H = {period}" + (f", outer_lr {rates[0]}, momentum {rates[1]}" if rates else "")
+    return (f"H = {period}" + (f", outer_lr {rates[0]}, momentum {rates[1]}" if rates else "")
+            + (f", {bits} between nodes" if bits else ""))
 
 
 def train(args, setting, logdir):
@@ -102,8 +112,8 @@ def main():
     parser.add_argument("--steps", type=int, default=4096)
     parser.add_argument("--eval_every", type=int, default=256)
     parser.add_argument("--runs", default="0,16,64,256",
-                        help="outer settings, H or H/OUTER_LR/OUTER_MOMENTUM (default rates: the hparams'); 0: "
-                             "synchronous")
+                        help="outer settings, H or H/OUTER_LR/OUTER_MOMENTUM (default rates: the hparams'), either "
+                             "with +fp16 or +fp32 (outer_fp16); 0: synchronous")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--ranks_per_node", type=int, default=2)
     args = parser.parse_args()
@@ -111,7 +121,7 @@ def main():
     words_per_step = args.ranks * hps.batch_size * hps.num_steps
     curves = {}
     for setting in args.runs.split(","):
-        logdir = os.path.join(args.out, "H" + setting.replace("/", "-"))
+        logdir = os.path.join(args.out, "H" + setting.replace("/", "-").replace("+", "-"))
         if not os.path.exists(os.path.join(logdir, f"ckpt-{args.steps}.index")):  # not run to its end yet
             train(args, setting, logdir)
         curves[setting] = heldout_curve(logdir)

@@ -40,9 +40,46 @@ def test_each_outer_step_is_the_average_of_the_nodes_deltas_with_nesterov_moment
     result = horovodrun(["-m", "tests.workers.outer_step", str(tmp_path), str(H), str(OUTER_LR), str(OUTER_MOMENTUM)],
                         np_=4, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for mode in worker.MODES:
-        check_outer_steps([dict(np.load(tmp_path / f"{mode}{rank}.npz")) for rank in range(4)],
-                          vocab_parallel=mode == "vocab_parallel")
+    saved = {mode: [dict(np.load(tmp_path / f"{mode}{rank}.npz")) for rank in range(4)] for mode in worker.MODES}
+    for mode in ("replicated", "vocab_parallel"):
+        check_outer_steps(saved[mode], vocab_parallel=mode == "vocab_parallel")
+        changed = np.array([rank["exchange/rows_changed"] for rank in saved[mode]])
+        owned = np.array([rank["exchange/rows_owned"] for rank in saved[mode]])
+        # Some rows were changed by neither node, and did not travel: the formula held for them too.
+        assert (changed <= owned).all() and (changed < owned).any(), (changed, owned)
+    check_fp16_outer_step(saved["vocab_parallel"], saved["vocab_parallel_fp16"])
+
+
+def check_fp16_outer_step(fp32, fp16):
+    """With outer_fp16 the first outer step starts from the same weights as in fp32, sends half
+    the bytes per changed row, and lands within fp16's rounding of the deltas and (scaled by
+    their row's largest) of the accumulator increments, not exactly."""
+    for rank32, rank16 in zip(fp32, fp16):
+        np.testing.assert_array_equal(rank16["exchange/rows_changed"][0], rank32["exchange/rows_changed"][0])
+        assert rank16["exchange/across_bytes"][0] < 0.6 * rank32["exchange/across_bytes"][0]
+    nodes32, nodes16 = [fp32[:2], fp32[2:]], [fp16[:2], fp16[2:]]
+    differs = False
+    for name in weight_names(fp32[0]):
+        before = [node_matrix(node, "before1", name, True) for node in nodes32]
+        for node, node_before in zip(nodes16, before):
+            np.testing.assert_array_equal(node_matrix(node, "before1", name, True), node_before)
+        start = node_matrix(nodes32[0], "start", name, True)
+        largest_delta = np.abs(np.stack([start - theta for theta in before])).max()
+        rounding = OUTER_LR * (1 + OUTER_MOMENTUM) * largest_delta * 2.0 ** -10  # fp16 keeps 11 bits
+        after32 = node_matrix(nodes32[0], "after1", name, True)
+        for node in nodes16:
+            after16 = node_matrix(node, "after1", name, True)
+            np.testing.assert_allclose(after16, after32, rtol=0, atol=rounding + 1e-7, err_msg=name)
+            differs = differs or not np.array_equal(after16, after32)
+        slot = f"lstm_slot_{name.split('_')[1]}" if name.startswith("lstm_") else f"{name}_slot"
+        increments = [node_matrix(node, "before1", slot, True) - node_matrix(node, "start", slot, True)
+                      for node in nodes32]
+        row_largest = np.abs(np.stack(increments)).reshape(2, len(increments[0]), -1).max(axis=(0, 2))
+        rounding = row_largest.reshape([-1] + [1] * (increments[0].ndim - 1)) * 2.0 ** -10
+        for node in nodes16:
+            error = np.abs(node_matrix(node, "after1", slot, True) - node_matrix(nodes32[0], "after1", slot, True))
+            assert (error <= rounding + 1e-6 * np.abs(node_matrix(nodes32[0], "after1", slot, True))).all(), slot
+    assert differs, "the fp16 outer step gave the fp32 one's weights exactly: nothing was rounded"
 
 
 def check_outer_steps(ranks, vocab_parallel):

@@ -179,6 +179,11 @@ def sum_slices(slices, ranks=None):
     return hvd.allreduce(slices, op=hvd.Sum, process_set=_set(ranks))
 
 
+def maximum(tensor, ranks=None):
+    """Per element, the largest over ranks (an allreduce)."""
+    return hvd.allreduce(tensor, op=hvd.Max, process_set=_set(ranks))
+
+
 def broadcast_tensors(tensors, root, ranks):
     """Each tensor as the global rank `root` of `ranks` holds it (Horovod names roots by global rank)."""
     return [hvd.broadcast(tensor, root_rank=root, process_set=_set(ranks)) for tensor in tensors]

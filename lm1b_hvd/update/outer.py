@@ -23,10 +23,21 @@ outer step (docs/design.md, "Across nodes"):
 
 Each rank does the outer step for the rows it owns: vocabulary-parallel, the rows of the tables
 it holds; of a parameter every rank of a node holds whole (the LSTM; replicated, the tables),
-its 1/K of the rows, which the node then gathers. A node's link carries one copy of the
-parameters' deltas and accumulators per outer step, shared among its ranks. The outer state
-(the anchors A, the accumulators at A, the momentum) is kept for the owned rows only.
+its 1/K of the rows, which the node then gathers. The outer state (the anchors A, the
+accumulators at A, the momentum) is kept for the owned rows only.
+
+What crosses between nodes is only the rows that some node changed since the last outer step
+(weights or accumulators): a row no node changed has a delta of 0 and the same accumulator on
+every node, so its average is known without sending it. The rows are found by comparing with
+the anchors at the outer step (nothing is tracked during the steps, so nothing more is
+checkpointed), their union over the nodes is one allreduce of a float per row, and then one
+grouped allreduce carries those rows' deltas and accumulator increments (as fp16 with hparam
+outer_fp16, the increments scaled by their row's largest). The result is the dense formula's,
+row for row.
 """
+import typing
+
+import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd.exchange import collectives
@@ -39,7 +50,7 @@ class OuterStep:
 
     def __init__(self, state, nodes, hps):
         self.state, self.nodes = state, nodes
-        self.lr, self.momentum_rate = hps.outer_lr, hps.outer_momentum
+        self.lr, self.momentum_rate, self.fp16 = hps.outer_lr, hps.outer_momentum, hps.outer_fp16
         self.parts, self.momentum = state.outer_momentum.parts, state.outer_momentum.variables
         self.accumulators = [state.optimizer.slot_of(part.variable) for part in self.parts]
         # The outer state of the owned rows: the weights and accumulators of the last outer step.
@@ -61,20 +72,57 @@ class OuterStep:
         self.last_step = int(self.state.step)
 
     def step(self):
-        """The outer step at this step (every rank calls it at the same step)."""
+        """The outer step at this step (every rank calls it at the same step); returns what
+        crossed between the nodes (an OuterExchange)."""
         step = int(self.state.step)
+        # What this node changed since the last outer step, and the rows any node changed.
         deltas = [anchor - owned(part.variable, part.rows) for part, anchor in zip(self.parts, self.anchors)]
-        owned_accumulators = [owned(accumulator, part.rows) for part, accumulator in zip(self.parts, self.accumulators)]
-        averaged = collectives.average_dense(deltas + owned_accumulators, ranks=self.nodes.across)
-        mean_deltas, mean_accumulators = averaged[:len(deltas)], averaged[len(deltas):]
+        increments = [owned(accumulator, part.rows) - anchor
+                      for part, accumulator, anchor in zip(self.parts, self.accumulators, self.anchor_accumulators)]
+        changed, scales = self._union([row_scales(delta, increment) for delta, increment in zip(deltas, increments)])
+
+        # The nodes' average of those rows, the others' being 0.
+        mean_deltas, mean_increments, exchange = self._average(deltas, increments, changed, scales)
+
+        # The outer update, and every node from its result.
         for anchor, momentum, delta in zip(self.anchors, self.momentum, mean_deltas):
             momentum.assign(self.momentum_rate * momentum + delta)
             anchor.assign_sub(self.lr * (delta + self.momentum_rate * momentum))
-        for anchor, accumulator in zip(self.anchor_accumulators, mean_accumulators):
-            anchor.assign(accumulator)
+        for anchor, rows, increment in zip(self.anchor_accumulators, changed, mean_increments):
+            anchor.scatter_nd_add(rows[:, None], increment)
         self._settle()
         self.state.ema.update(steps=step - self.last_step)
         self.last_step = step
+        return exchange
+
+    def _average(self, deltas, increments, changed, scales):
+        """The average over the nodes of each part's deltas (whole) and accumulator increments
+        (of its `changed` rows), from one grouped allreduce of the changed rows of both. In
+        fp16, an increment travels divided by its row's `scales`: a frequent word's increments
+        over an outer period pass fp16's largest value (65,504) many times over."""
+        sending = [index for index, rows in enumerate(changed) if rows.shape[0]]
+        scaled = [_per_row(scales[index], increments[index]) if self.fp16 else 1.0 for index in sending]
+        sent = ([tf.gather(deltas[index], changed[index]) for index in sending]
+                + [tf.gather(increments[index], changed[index]) / scale for index, scale in zip(sending, scaled)])
+        averaged = collectives.average_dense(sent, fp16=self.fp16, ranks=self.nodes.across) if sent else []
+        mean_deltas = [tf.zeros_like(delta) for delta in deltas]
+        mean_increments = [tf.gather(increment, rows) for increment, rows in zip(increments, changed)]  # empty ones
+        for index, delta, increment, scale in zip(sending, averaged[:len(sending)], averaged[len(sending):], scaled):
+            mean_deltas[index] = tf.scatter_nd(changed[index][:, None], delta, deltas[index].shape)
+            mean_increments[index] = increment * scale
+        owned_rows = sum(part.rows.count for part in self.parts)
+        exchange = OuterExchange(
+            rows_changed=sum(int(rows.shape[0]) for rows in changed), rows_owned=owned_rows,
+            across_bytes=4 * owned_rows + sum(tensor.shape.num_elements() for tensor in sent) * (2 if self.fp16 else 4))
+        return mean_deltas, mean_increments, exchange
+
+    def _union(self, scales):
+        """Each part's rows (int64 numbers, sorted) that any node changed, and their scales (the
+        largest of the nodes' row_scales): one allreduce (max) of a float a row."""
+        largest = collectives.maximum(tf.concat(scales, 0), self.nodes.across)
+        changed = [tf.where(part > 0)[:, 0] for part in tf.split(largest, [part.rows.count for part in self.parts])]
+        return changed, [tf.gather(part, rows) for part, rows in
+                         zip(tf.split(largest, [part.rows.count for part in self.parts]), changed)]
 
     def roll_back(self):
         """Every rank back to the last outer step: its weights, accumulators and step (a stop
@@ -91,11 +139,32 @@ class OuterStep:
             for target, value in ((part.variable, anchor), (accumulator, anchor_accumulator)):
                 target.assign(collectives.allgather(value, self.nodes.node) if part.gathered else value)
 
-    def bytes_per_outer_step(self):
-        """(across, inside): bytes this rank sends over the nodes' link at an outer step (its
-        owned rows' deltas and accumulators, allreduced), and receives from its node's ranks
-        (the rows they own of what it holds whole), counted from the tensors."""
-        across = sum(2 * anchor.shape.num_elements() * anchor.dtype.size for anchor in self.anchors)
-        inside = sum(2 * (part.variable.shape.num_elements() - anchor.shape.num_elements()) * anchor.dtype.size
-                     for part, anchor in zip(self.parts, self.anchors) if part.gathered)
-        return across, inside
+    def inside_bytes(self):
+        """Bytes this rank receives from its node's ranks after an outer step (the rows they own
+        of what it holds whole), counted from the tensors."""
+        return sum(2 * (part.variable.shape.num_elements() - anchor.shape.num_elements()) * anchor.dtype.size
+                   for part, anchor in zip(self.parts, self.anchors) if part.gathered)
+
+
+class OuterExchange(typing.NamedTuple):
+    """What one rank's outer step sent between the nodes: its owned rows, how many of them some
+    node had changed, and the bytes it sent to be allreduced: a flag per owned row, then every
+    changed row's delta and accumulator increment."""
+    rows_changed: int
+    rows_owned: int
+    across_bytes: int
+
+
+def row_scales(delta, increment):
+    """Per row, 0 where it did not change (its delta and accumulator increment 0), else its
+    largest accumulator increment (the smallest float if that is 0): what its increments are
+    divided by in fp16."""
+    def per_row(tensor):
+        return tf.reduce_max(tf.abs(tf.reshape(tensor, [tensor.shape[0], -1])), axis=1)
+    changed = tf.cast(per_row(delta) > 0, tf.float32) * np.finfo(np.float32).tiny
+    return tf.maximum(per_row(increment), changed)
+
+
+def _per_row(values, like):
+    """`values`, one a row, shaped to multiply the rows of `like`."""
+    return tf.reshape(values, [-1] + [1] * (len(like.shape) - 1))

@@ -1,6 +1,7 @@
 """Run under `horovodrun -np 4`: two simulated nodes of two ranks train with an outer step every
-H steps (update.outer), replicated and then vocabulary-parallel; each rank saves what it holds
-at the start and just before and just after each of the first three outer steps.
+H steps (update.outer), replicated, vocabulary-parallel, and vocabulary-parallel with the
+outer exchange in fp16; each rank saves what it holds at the start and just before and just
+after each of the first three outer steps, and what each outer step sent between the nodes.
 
 Shared with tests/test_two_level.py, which checks each outer step against its formula.
 Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM
@@ -21,7 +22,7 @@ RANKS_PER_NODE = 2
 OUTER_STEPS = 3
 
 
-MODES = ("replicated", "vocab_parallel")
+MODES = ("replicated", "vocab_parallel", "vocab_parallel_fp16")
 
 
 def main(outdir, every, outer_lr, outer_momentum):
@@ -29,14 +30,17 @@ def main(outdir, every, outer_lr, outer_momentum):
     nodes = collectives.node_groups(RANKS_PER_NODE)
     for mode in MODES:
         hps = HPS.replace(outer_every=every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                          vocab_parallel=mode == "vocab_parallel", average_tables=True)
+                          vocab_parallel=mode.startswith("vocab_parallel"), outer_fp16=mode.endswith("fp16"),
+                          average_tables=True)
         saved = train(hps, ranks, nodes)
         np.savez(f"{outdir}/{mode}{ranks.rank}.npz",
                  **{f"{when}/{name}": value for when, values in saved.items() for name, value in values.items()})
+    ranks.sum(np.zeros(1, np.float32))  # no rank leaves (shutting Horovod down) while another still exchanges
 
 
 def train(hps, ranks, nodes):
-    """{when: what this rank holds then}: at the start, and before and after each outer step."""
+    """{when: what this rank holds then}: at the start, and before and after each outer step;
+    under "exchange", each outer step's update.outer.OuterExchange."""
     vocab_parallel, every = hps.vocab_parallel, hps.outer_every
     exchange = VocabExchange(VOCAB, nodes.node) if vocab_parallel else None
     state = TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange), nodes=nodes)
@@ -44,14 +48,16 @@ def train(hps, ranks, nodes):
     outer = OuterStep(state, nodes, hps)
     state.broadcast_from_root(ranks)
     outer.start()
-    saved = {"start": held(state)}
+    saved, exchanges = {"start": held(state)}, []
     row_state = state.model.zero_state(hps.batch_size)
     for step, (x, y, w) in enumerate(batches(ranks.rank, OUTER_STEPS * every), start=1):
         row_state, _ = trainer.step(x, y, w, row_state)
         if step % every == 0:
             saved[f"before{step // every}"] = held(state)
-            outer.step()
+            exchanges.append(outer.step())
             saved[f"after{step // every}"] = held(state)
+    saved["exchange"] = {field: np.array([getattr(exchange, field) for exchange in exchanges])
+                         for field in exchanges[0]._fields}
     return saved
 
 
