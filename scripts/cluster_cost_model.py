@@ -189,7 +189,7 @@ def project(args):
     Per GPU the compute is --gpu_words words/s. Two-level, a step's exchange stays inside the
     node, and every H steps each GPU's set across the nodes ring-allreduces a float per row it
     owns (which rows changed) and the changed rows of its 1/g of the parameters' deltas and
-    Adagrad accumulator increments (fp32, or fp16 with --outer_fp16), then the node gathers
+    Adagrad accumulator increments (fp16, or fp32 with --outer_precision fp32), then the node gathers
     the LSTM's over NVLink: per step, that outer step's bytes / H. Which rows changed in H
     steps of all nodes: all the LSTM's; of the embedding, the words read; of the softmax, the
     words read and the sampled candidates. Both are counted as log-uniform draws: the
@@ -209,7 +209,7 @@ def project(args):
     tables = 2 * (figures["replicated"].peak_gib - figures["vocab_parallel"].peak_gib)  # the half VP does not hold
     default = hparams.build("default")
     counts = parameter_count(default, args.vocab)
-    value_bytes = 2 if args.outer_fp16 else 4
+    value_bytes = 2 if args.outer_precision == "fp16" else 4
     zipf = log_uniform(args.vocab)
     candidate_draws = draws_for_unique(zipf, default.num_sampled)
     row_count = 3 * args.vocab  # the embedding's, softmax weights' and bias' rows (the LSTM's few thousand aside)
@@ -217,7 +217,7 @@ def project(args):
     print(f"compute {compute * 1e3:.2f} ms per step ({words_per_gpu:,.0f} words per GPU at {args.gpu_words:,.0f} "
           f"words/s); NVLink {args.nvlink_gbyte:g} GB/s per GPU; an outer step moves the changed rows of "
           f"{2 * 4 * counts.total / 1e9:.2f} GB of deltas and accumulators (fp32), in "
-          f"{'fp16' if args.outer_fp16 else 'fp32'}; the sampler draws {candidate_draws:,.0f} ids a step for "
+          f"{args.outer_precision}; the sampler draws {candidate_draws:,.0f} ids a step for "
           f"{default.num_sampled:,} candidates")
 
     def synchronous(nodes, mode, link):
@@ -308,7 +308,8 @@ def main(argv=None):
                       help="each node's link, Gb/s (default: 25 100 400)")
     proj.add_argument("--outer_every", type=int, nargs="*", default=[64, 256, 1024],
                       help="two-level outer periods H to project (default: 64 256 1024)")
-    proj.add_argument("--outer_fp16", action="store_true", help="two-level with hparam outer_fp16")
+    proj.add_argument("--outer_precision", choices=["fp16", "fp32"], default="fp16",
+                      help="what the outer step sends between nodes (hparam outer_fp16; default: fp16)")
     proj.add_argument("--vocab", type=int, default=793_470, help="the vocabulary (default: lm1b's 793,470)")
     proj.add_argument("--nvlink_gbyte", type=float, default=150.0,
                       help="what a GPU's exchange reaches over NVLink, GB/s (default: 150)")

@@ -86,7 +86,7 @@ def plot(curves, words_per_step, title, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=120)
     for setting, curve in curves.items():
         steps = sorted(curve)
         axes.plot([step * words_per_step / 1e6 for step in steps], [curve[step] for step in steps], "o-",
@@ -98,7 +98,7 @@ def plot(curves, words_per_step, title, path):
     axes.set_ylabel("heldout perplexity")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")  # below the curves
     figure.tight_layout()
     figure.savefig(path)
 

@@ -141,7 +141,8 @@ class Run:
                     "average between nodes: every step is synchronous")
         line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
                 f"step between nodes every {hps.outer_every} steps (outer_lr {hps.outer_lr}, Nesterov "
-                f"outer_momentum {hps.outer_momentum}); evaluations and checkpoints at outer steps")
+                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {'fp16' if hps.outer_fp16 else 'fp32'}); "
+                "evaluations and checkpoints at outer steps")
         if self.config.max_steps % hps.outer_every:
             last = self.config.max_steps - self.config.max_steps % hps.outer_every
             line += f"; --max_steps {self.config.max_steps} ends with step {last}'s outer step"
