@@ -1,12 +1,15 @@
-"""`python -m lm1b_hvd.prepare_data demo|lm1b`: make the demo corpus or fetch the real benchmark.
+"""`python -m lm1b_hvd.prepare_data demo|lm1b|text`: make the demo corpus, fetch the real
+benchmark, or make a corpus in its layout from your own plain text.
 
   python -m lm1b_hvd.prepare_data demo
   python -m lm1b_hvd.prepare_data lm1b --outdir /data/lm1b
+  python -m lm1b_hvd.prepare_data text --input 'manuals/*.txt' transcripts.txt.gz --outdir /data/mine
 """
 import sys
 
 from lm1b_hvd import console
-from lm1b_hvd.data import demo_corpus, lm1b_download
+from lm1b_hvd.data import demo_corpus, lm1b_download, text_corpus
+from lm1b_hvd.data.text_recipe import TOKENIZERS, UNICODE_FORMS, TextRecipe
 
 
 def main(argv=None):
@@ -21,11 +24,56 @@ def main(argv=None):
     real.add_argument("--sha256", default=None, help="expected SHA-256 of the archive")
     real.add_argument("--min_count", type=int, default=3, help="a word's training count to enter the vocabulary")
     real.add_argument("--keep_archive", action="store_true", help="keep the downloaded archive after extracting")
+    text = commands.add_parser(
+        "text", help="plain text (one sentence or paragraph a line; .gz too) to a corpus in lm1b's layout",
+        description="Tokenizes (Moses' rules, as lm1b), drops duplicate sentences, shuffles with --seed, holds "
+                    "out --heldout, writes training and heldout shards, a vocabulary and prepare.json (the recipe "
+                    "`score` and `sample` apply to raw text). Example: python -m lm1b_hvd.prepare_data text "
+                    "--input 'manuals/*.txt' --outdir /data/mine --heldout 5000")
+    text.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs); .gz is read as gzip")
+    text.add_argument("--outdir", required=True, help="a new or empty folder for the corpus")
+    text.add_argument("--tokenizer", choices=TOKENIZERS, default="moses",
+                      help="moses: Moses' rules via sacremoses; none: the text is tokens already")
+    text.add_argument("--language", default="en", help="Moses' language rules")
+    text.add_argument("--lowercase", action="store_true", help="lowercase every token")
+    text.add_argument("--unicode", choices=UNICODE_FORMS, default="none", help="Unicode normalisation first")
+    text.add_argument("--heldout", type=float, default=0.01,
+                      help="sentences held out: a fraction (below 1) or a count")
+    text.add_argument("--min_count", type=int, default=3, help="a word's training count to enter the vocabulary")
+    text.add_argument("--max_vocab", type=int, default=0, help="at most this many vocabulary entries (0: no limit)")
+    text.add_argument("--shards", type=int, default=0, help="training shards (0: one per 64 MB of text)")
+    text.add_argument("--seed", type=int, default=0, help="the shuffle's seed")
+    text.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: one per core)")
     args = parser.parse_args(argv)
     return console.run_main(lambda: prepare(args))
 
 
+def prepare_text(args):
+    if args.heldout <= 0 or (args.heldout >= 1 and args.heldout != int(args.heldout)):
+        raise text_corpus.PrepareError(f"--heldout {args.heldout:g}: a fraction between 0 and 1, or a whole count")
+    if args.min_count < 1 or args.max_vocab < 0 or args.shards < 0 or not 0 <= args.seed < 2 ** 63:
+        raise text_corpus.PrepareError("--min_count must be >= 1; --max_vocab, --shards and --seed >= 0")
+    files = text_corpus.input_files(args.input)
+    text_corpus.check_outdir(args.outdir)
+    recipe = TextRecipe(args.tokenizer, args.language, args.lowercase, args.unicode)
+    counts = text_corpus.prepare(files, args.outdir, recipe, text_corpus.Split(args.heldout, args.shards),
+                                 text_corpus.VocabularyRule(args.min_count, args.max_vocab), args.seed, args.workers)
+    sentences = counts.training_sentences + counts.heldout_sentences
+    console.say(f"read {counts.lines:,} lines ({counts.input_bytes / 1e6:,.1f} MB) from {len(files)} file(s): "
+                f"{sentences:,} sentences; dropped {counts.duplicates:,} duplicate(s), {counts.empty_lines:,} empty "
+                f"line(s), {counts.undecodable_lines:,} line(s) not UTF-8")
+    console.say(f"training: {counts.training_sentences:,} sentences, {counts.training_words:,} words; heldout: "
+                f"{counts.heldout_sentences:,} sentences, {counts.heldout_words:,} words")
+    console.say(f"vocabulary: {counts.vocabulary:,} entries (words seen {args.min_count}+ times"
+                f"{f', at most {args.max_vocab:,}' if args.max_vocab else ''}); "
+                f"{100 * counts.out_of_vocabulary_words / max(counts.training_words, 1):.2f}% of the training words "
+                "are <UNK>")
+    console.say(f"corpus ready: --datadir {args.outdir}")
+
+
 def prepare(args):
+    if args.command == "text":
+        return prepare_text(args)
     if args.command == "demo":
         corpus = demo_corpus.ensure_demo_corpus(args.cache_dir, args.seed)
         oracle = demo_corpus.read_oracle(corpus)

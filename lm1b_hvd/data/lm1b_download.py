@@ -13,7 +13,7 @@ import urllib.request
 
 from lm1b_hvd import console
 from lm1b_hvd.data import dataset
-from lm1b_hvd.data.vocab import SENTENCE_MARK, UNKNOWN, Vocabulary
+from lm1b_hvd.data import vocab
 
 DEFAULT_URL = ("http://www.statmt.org/lm-benchmark/"
                "1-billion-word-language-modeling-benchmark-r13output.tar.gz")
@@ -90,11 +90,7 @@ def build_vocabulary(datadir, min_count=3):
                 if tokens:
                     sentences += 1
                     counts.update(tokens)
-    kept = sorted((item for item in counts.items() if item[1] >= min_count),
-                  key=lambda item: (-item[1], item[0]))
-    rare = sum(count for count in counts.values() if count < min_count)
-    words = [SENTENCE_MARK, UNKNOWN] + [word for word, _ in kept]
-    return Vocabulary(words, [sentences, rare] + [count for _, count in kept])
+    return vocab.from_counts(counts, sentences, min_count)
 
 
 def fetch_lm1b(outdir, url=DEFAULT_URL, expected_sha256=None, min_count=3, keep_archive=False):

@@ -60,6 +60,18 @@ class Vocabulary:
             word + b" " + str(count).encode() + b"\n" for word, count in zip(self.words, self.counts)))
 
 
+def from_counts(counts, sentences, min_count=1, max_vocab=0):
+    """The Vocabulary of a corpus from its word counts (a Counter of bytes) and its sentence
+    count: `<S>` (counted once a sentence), `<UNK>` (every occurrence of a word left out), then
+    the words seen `min_count` times or more, most frequent first (ties by the word's bytes),
+    at most `max_vocab` entries in all when it is above 0."""
+    kept = sorted((item for item in counts.items() if item[1] >= min_count), key=lambda item: (-item[1], item[0]))
+    if max_vocab:
+        kept = kept[:max(max_vocab - 2, 0)]
+    rare = sum(counts.values()) - sum(count for _, count in kept)
+    return Vocabulary([SENTENCE_MARK, UNKNOWN] + [word for word, _ in kept], [sentences, rare] + [c for _, c in kept])
+
+
 class GraphEncoder(tf.Module):
     """Vocabulary.sentence_ids in TensorFlow ops, for a SavedModel that loads without this
     package: the words as a lookup table inside the graph. Words are matched as UTF-8 strings
