@@ -6,6 +6,7 @@ benchmark, or make a corpus in its layout from your own plain text.
   python -m lm1b_hvd.prepare_data text --input 'manuals/*.txt' transcripts.txt.gz --outdir /data/mine
 """
 import sys
+import time
 
 from lm1b_hvd import console
 from lm1b_hvd.data import demo_corpus, lm1b_download, text_corpus
@@ -56,6 +57,7 @@ def prepare_text(args):
     files = text_corpus.input_files(args.input)
     text_corpus.check_outdir(args.outdir)
     recipe = TextRecipe(args.tokenizer, args.language, args.lowercase, args.unicode)
+    started = time.monotonic()
     counts = text_corpus.prepare(files, args.outdir, recipe, text_corpus.Split(args.heldout, args.shards),
                                  text_corpus.VocabularyRule(args.min_count, args.max_vocab), args.seed, args.workers)
     sentences = counts.training_sentences + counts.heldout_sentences
@@ -68,7 +70,9 @@ def prepare_text(args):
                 f"{f', at most {args.max_vocab:,}' if args.max_vocab else ''}); "
                 f"{100 * counts.out_of_vocabulary_words / max(counts.training_words, 1):.2f}% of the training words "
                 "are <UNK>")
-    console.say(f"corpus ready: --datadir {args.outdir}")
+    seconds = time.monotonic() - started
+    console.say(f"corpus ready: --datadir {args.outdir} ({console.format_seconds(seconds)}, "
+                f"{counts.input_bytes / 1e6 / max(seconds, 1e-9):,.1f} MB/s)")
 
 
 def prepare(args):
