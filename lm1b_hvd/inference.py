@@ -10,7 +10,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd.data import dataset, demo_corpus, vocab as vocab_lib
+from lm1b_hvd.data import dataset, demo_corpus, text_recipe, vocab as vocab_lib
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.run import checkpoints
 from lm1b_hvd.run.state import TrainingState
@@ -25,6 +25,12 @@ class ScoredSentence:
     @property
     def log_prob(self):
         return float(sum(self.word_log_probs))
+
+
+def add_tokenized_argument(parser, what):
+    parser.add_argument("--tokenized", action="store_true",
+                        help=f"{what} is tokens already (default: tokenized by the corpus's recipe, D/prepare.json, "
+                             "when it has one)")
 
 
 def add_model_arguments(parser):
@@ -68,8 +74,18 @@ class TrainedModel:
         if self.hps.average_params:  # inference uses the averages, as evaluation does
             weights.state.ema.copy_averages_to_targets()
         self.step = checkpoints.step_of(self.path)
+        self.recipe = text_recipe.read_recipe(self.datadir)  # None: the corpus's text is its tokens
         self._window_log_probs = tf.function(self._window_log_probs_eager)
         self._next_log_probs = tf.function(self.model.full_log_probs)
+
+    def tokens(self, text, tokenized=False):
+        """The words of `text` (str) as the corpus has them: the recipe's tokens, or the text
+        split on whitespace when it has none or the text is `tokenized` already."""
+        return text.split() if tokenized or self.recipe is None else self.recipe.tokens(text)
+
+    def text(self, tokens):
+        """Tokens as text: the recipe's detokenizer, or joined by spaces when it has none."""
+        return " ".join(tokens) if self.recipe is None else self.recipe.text(tokens)
 
     def encode(self, sentence):
         """(Vocabulary.sentence_ids of a sentence (bytes or str), how many of its words are <UNK>)."""

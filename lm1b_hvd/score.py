@@ -8,7 +8,10 @@ predictions per n-word sentence, as evaluation does. Each sentence is scored on 
 a zero state at <S>; --stream instead carries the state across sentences as the heldout
 evaluation does, and prints that perplexity (the number `lm1b_hvd.evaluate` gives for the
 same file). The EMA weights are used when the run averaged them. Blank lines are skipped and
-counted; words not in the vocabulary are <UNK> and counted.
+counted; words not in the vocabulary are <UNK> and counted. Sentences are plain text, tokenized
+as the corpus was (its recipe, D/prepare.json from `prepare_data text`); with --tokenized, or
+for a corpus without a recipe, they are tokens separated by spaces; each record then has the
+`tokens` its word_log_probs follow.
 
 Examples:
   python -m lm1b_hvd.score --logdir runs/demo --input sentences.txt --output scores.jsonl
@@ -29,7 +32,7 @@ class InputError(console.UserError):
 
 
 def read_sentences(path):
-    """(non-blank lines as bytes, count of blank lines) of `path`, or of stdin for '-'."""
+    """(non-blank lines as str, count of blank lines) of `path`, or of stdin for '-'."""
     try:
         raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     except FileNotFoundError:
@@ -37,24 +40,28 @@ def read_sentences(path):
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not an input file") from None
     lines = raw.splitlines()
-    sentences = [line for line in lines if line.split()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{'stdin' if path == '-' else path} line {number}: not UTF-8 text") from None
+    sentences = [line.decode("utf-8") for line in lines if line.split()]
     if not sentences:
         raise InputError(f"{'stdin' if path == '-' else path}: no sentence to score "
                          f"({len(lines) - len(sentences)} blank line(s))")
     return sentences, len(lines) - len(sentences)
 
 
-def sentence_records(sentences, scored):
-    for text, result in zip(sentences, scored):
-        yield {"sentence": text.decode("utf-8", errors="replace"), "words": result.words,
-               "log_prob": round(result.log_prob, 6), "word_log_probs": [round(v, 6) for v in result.word_log_probs],
-               "unk": result.unknown}
+def sentence_records(sentences, tokens, scored):
+    for text, words, result in zip(sentences, tokens, scored):
+        yield {"sentence": text, "tokens": words, "words": result.words, "log_prob": round(result.log_prob, 6),
+               "word_log_probs": [round(v, 6) for v in result.word_log_probs], "unk": result.unknown}
 
 
 def stream_perplexity(trained, sentences):
     """The heldout evaluation's protocol over these sentences: rows of sentences laid back to back,
     the state carried, batch and window of the run."""
-    encoded = [trained.vocab.sentence_ids(sentence.split()) for sentence in sentences]
+    encoded = [trained.vocab.sentence_ids(sentence.encode().split()) for sentence in sentences]
     loss_sum, words = evaluation.Evaluator(trained.model, None).sums(encoded)
     return evaluation.perplexity(loss_sum, words), int(words)
 
@@ -63,16 +70,19 @@ def score(args):
     trained = inference.TrainedModel(args.logdir, args.datadir, args.checkpoint)
     sentences, blank = read_sentences(args.input)
     started = time.monotonic()
-    unknown = sum(trained.vocab.unknown_count(sentence.split()) for sentence in sentences)
-    summary = {"sentences": len(sentences), "words": sum(len(s.split()) for s in sentences), "unk": unknown,
-               "blank_lines_skipped": blank, "checkpoint": trained.path}
+    tokens = [trained.tokens(sentence, args.tokenized) for sentence in sentences]
+    words = [" ".join(sentence_tokens) for sentence_tokens in tokens]
+    unknown = sum(trained.vocab.unknown_count(sentence.encode().split()) for sentence in words)
+    summary = {"sentences": len(sentences), "words": sum(map(len, tokens)), "unk": unknown,
+               "blank_lines_skipped": blank, "tokenized_by": "you" if args.tokenized or not trained.recipe
+               else "the corpus's recipe", "checkpoint": trained.path}
     if args.stream:
-        perplexity, predictions = stream_perplexity(trained, sentences)
+        perplexity, predictions = stream_perplexity(trained, words)
         records = []
         summary.update(protocol="stream", predictions=predictions, perplexity=perplexity)
     else:
-        scored = trained.score(sentences, args.batch_size)
-        records = list(sentence_records(sentences, scored))
+        scored = trained.score([sentence.encode() for sentence in words], args.batch_size)
+        records = list(sentence_records(sentences, tokens, scored))
         log_prob = sum(result.log_prob for result in scored)
         predictions = sum(result.words + 1 for result in scored)
         summary.update(protocol="sentence", predictions=predictions, log_prob=log_prob,
@@ -98,6 +108,7 @@ def score(args):
 def main(argv=None):
     parser = console.ArgumentParser(__doc__, "lm1b_hvd.score")
     inference.add_model_arguments(parser)
+    inference.add_tokenized_argument(parser, "the input")
     parser.add_argument("--input", required=True, help="one sentence per line; '-' reads stdin")
     parser.add_argument("--output", default="", help="JSON lines file to write; default: stdout")
     parser.add_argument("--stream", action="store_true",

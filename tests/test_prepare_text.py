@@ -70,7 +70,10 @@ def test_text_becomes_a_corpus_in_the_lm1b_layout(prepared):
     record = json.loads((outdir / "prepare.json").read_text())
     assert record["recipe"] == {"tokenizer": "moses", "language": "en", "lowercase": False, "unicode_form": "none"}
     assert record["counts"]["heldout_sentences"] == 20 and record["counts"]["undecodable_lines"] == 1
-    assert read_recipe(str(outdir)).tokens("Don't stop.") == ["Don", "'t", "stop", "."]
+    recipe = read_recipe(str(outdir))
+    assert recipe.tokens("Don't stop.") == ["Don", "'t", "stop", "."]
+    # and back, as `sample` prints
+    assert recipe.text(["\"", "I", "don", "'t", "know", ",", "\"", "she", "said", "."]) == "\"I don't know,\" she said."
     assert not list(outdir.glob(".prepare*"))  # its work folder is gone
 
 

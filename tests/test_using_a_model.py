@@ -103,6 +103,32 @@ def test_score_reads_stdin_skips_blank_lines_and_counts_unknown_words(trained):
     assert summary["summary"]["blank_lines_skipped"] == 2 and summary["summary"]["unk"] == 2
 
 
+def test_raw_text_in_and_out_through_the_corpuss_recipe(trained, tmp_path):
+    """A corpus with a recipe (here: Moses' rules, lowercased) has score and sample tokenize
+    what they are given as its text was; --tokenized takes tokens as they are."""
+    corpus, logdir, _ = trained
+    with_recipe = shutil.copytree(corpus, tmp_path / "with-recipe")
+    (with_recipe / "prepare.json").write_text(json.dumps({"recipe": {"tokenizer": "moses", "lowercase": True}}))
+    raw = "  BA   Bi  "
+    result = tool("score", with_recipe, logdir, "--input", "-", stdin=raw + "\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record, summary = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["sentence"] == raw and record["tokens"] == ["ba", "bi"] and record["unk"] == 0
+    assert summary["summary"]["tokenized_by"] == "the corpus's recipe"
+    as_tokens = tool("score", with_recipe, logdir, "--input", "-", "--tokenized", stdin="ba bi\n")
+    assert json.loads(as_tokens.stdout.splitlines()[0])["log_prob"] == record["log_prob"]
+    untouched = tool("score", with_recipe, logdir, "--input", "-", "--tokenized", stdin=raw + "\n")
+    assert json.loads(untouched.stdout.splitlines()[0])["unk"] == 2  # BA and Bi, as given
+
+    result = tool("sample", with_recipe, logdir, "--prefix", "BA", "--num", "3", "--seed", "5")
+    assert result.returncode == 0 and "<UNK>" not in result.stderr, result.stderr[-2000:]
+    tokens = tool("sample", with_recipe, logdir, "--prefix", "ba", "--num", "3", "--seed", "5", "--tokenized",
+                  "--tokens")
+    assert result.stdout == tokens.stdout and all(line.split()[0] == "ba" for line in tokens.stdout.splitlines())
+    note = tool("sample", with_recipe, logdir, "--prefix", "BA", "--num", "1", "--tokenized")
+    assert "prefix word(s) not in the vocabulary, read as <UNK>: BA" in note.stderr
+
+
 SMOOTHING = 1e-4
 
 
