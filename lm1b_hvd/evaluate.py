@@ -16,9 +16,9 @@ import sys
 
 import tensorflow as tf
 
-from lm1b_hvd import console, devices, inference
+from lm1b_hvd import console, devices
 from lm1b_hvd.data import dataset, demo_corpus
-from lm1b_hvd.run import checkpoints, evaluation
+from lm1b_hvd.run import checkpoints, evaluation, weights as weights_lib
 
 MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 
@@ -26,7 +26,7 @@ MODES = {"eval_test_ave": "heldout", "eval_train": "train"}
 class CheckpointEvaluator:
     def __init__(self, logdir, datadir, mode, eval_steps):
         self.logdir, self.mode, self.eval_steps = logdir, mode, eval_steps
-        weights = inference.run_weights(logdir, datadir)
+        weights = weights_lib.run_weights(logdir, datadir)
         self.hps, self.state = weights.hps, weights.state
         self.dataset = dataset.ShardedDataset.for_rank(datadir, MODES[mode], weights.vocab)
         self.evaluator = evaluation.Evaluator(self.state.model, self.state.ema, report=console.say)

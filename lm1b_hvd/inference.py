@@ -4,16 +4,12 @@ their sentences, the distribution of the next word after a prefix, sentences dra
 Full softmax throughout, in one process: no Horovod and no training step are loaded.
 """
 import dataclasses
-import os
-import typing
-
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd.data import dataset, demo_corpus, text_recipe, vocab as vocab_lib
-from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.data import demo_corpus, text_recipe
 from lm1b_hvd.run import checkpoints
-from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.run.weights import run_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,26 +35,6 @@ def add_model_arguments(parser):
     parser.add_argument("--datadir", default="", help="for its vocabulary; default: the demo corpus")
     parser.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
                         help="the newest checkpoint, or the one of the best heldout perplexity (L/best)")
-
-
-class RunWeights(typing.NamedTuple):
-    """What reading a run's weights needs: its model and averages, no optimizer."""
-    hps: object  # the run's HParams
-    vocab: vocab_lib.Vocabulary
-    state: TrainingState  # for_training=False: the model and its EMA; restore(path) reads them
-
-
-def run_weights(logdir, datadir, precision=None):
-    """The RunWeights of the run in `logdir`, with the vocabulary of `datadir` checked against it;
-    `precision` overrides the run's compute precision. The compute plan is this machine's
-    (kernels=auto), whatever the run trained with: a run trained on CPUs is read on a GPU too."""
-    hps = checkpoints.load_run_hparams(logdir)
-    words = vocab_lib.load(os.path.join(datadir, dataset.VOCAB_FILE))
-    checkpoints.check_or_write_hparams(logdir, hps, len(words), write=False)
-    # One process holds every row, whichever way the run's ranks held them.
-    here = hps.replace(kernels="auto", vocab_parallel=False,
-                       **(dict(precision=precision, xla=False) if precision else {}))
-    return RunWeights(hps, words, TrainingState(LSTMPLanguageModel(here, len(words)), for_training=False))
 
 
 class TrainedModel:

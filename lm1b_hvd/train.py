@@ -42,6 +42,8 @@ class TrainConfig:
     preset: str = option("", "hparams preset; empty: 'demo' without --datadir, else 'default'",
                          choices=sorted(hparams.PRESETS))
     hpconfig: str = option("", "hparams overrides k=v,k=v, e.g. num_layers=2,state_size=4096")
+    init_from: str = option("", "a new run starts from this trained run's weights (fine-tuning): its log directory, "
+                                "its best/, or a checkpoint; words matched by vocabulary, the rest fresh")
     max_steps: int = option(0, "stop after this step; 0: no limit", minimum=0)
     max_time: float = option(0.0, f"seconds of training; 0: no limit (without --datadir and --max_steps: "
                                   f"{DEMO_MINUTES} minutes)", minimum=0.0)

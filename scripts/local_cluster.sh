@@ -158,10 +158,12 @@ EOF
   on_host "$n" /usr/sbin/sshd -f "$work/sshd-$n.conf" -E "$work/sshd-$n.log"
 done
 
-# --- wait until host 1 reaches every host's sshd (at most 20 s)
+# --- wait until host 1 reaches every host's sshd (at most 20 s). Each probe and pause runs in
+# the background and is waited for, so that a signal meanwhile runs the teardown at once.
 for n in $(seq 1 "$hosts"); do
   for attempt in $(seq 1 40); do
-    if on_host 1 "$work/bin/ssh" "$subnet.$n" true 2>/dev/null; then
+    on_host 1 "$work/bin/ssh" -o ConnectTimeout=1 "$subnet.$n" true 2>/dev/null &
+    if wait $!; then
       break
     fi
     if [ "$attempt" -eq 40 ]; then
@@ -169,7 +171,8 @@ for n in $(seq 1 "$hosts"); do
       tail -n 5 "$work/sshd-$n.log" >&2 || true
       exit 1
     fi
-    sleep 0.5
+    sleep 0.5 &
+    wait $!
   done
 done
 

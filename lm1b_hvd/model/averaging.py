@@ -30,6 +30,11 @@ class ExponentialMovingAverage:
         for shadow, target in self._pairs:
             shadow.assign_sub(rate * (shadow - target))
 
+    def start_at_targets(self):
+        """The averages start again at the targets' values (a run started from other weights)."""
+        for shadow, target in self._pairs:
+            shadow.assign(target)
+
     def copy_averages_to_targets(self):
         """The targets take the averages' values: for good, where nothing trains afterwards
         (inference), or inside swapped_in."""

@@ -68,6 +68,10 @@ class RunCheckpoints:
             log(regrouping)
         return point
 
+    def any_on_disk(self):
+        """Whether the log directory holds a checkpoint: a restore will resume, not start."""
+        return bool(self.keeper.checkpoints_on_disk())
+
     def save(self, point):
         self.state.record_every_rank(point, self.ranks)
         self.keeper.save(point.step)

@@ -17,7 +17,7 @@ from lm1b_hvd.exchange import collectives
 from lm1b_hvd.exchange.ranks import ONE_NODE
 from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
-from lm1b_hvd.run import checkpoints, evaluation, reporting, stop_requests, watchdog
+from lm1b_hvd.run import checkpoints, evaluation, init_from, reporting, stop_requests, watchdog
 from lm1b_hvd.run.lock import RunLock
 from lm1b_hvd.run.state import RunPoint, TrainingState
 from lm1b_hvd.update.outer import OuterStep
@@ -92,9 +92,13 @@ class Run:
                                     "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
                                     "do; drop one of the two")
         self.nodes = self._nodes()
+        if config.init_from:
+            init_from.check(config.init_from, self.hps)
         exchange = vocab_exchange(self.hps, len(self.vocab), self.nodes.stepping(self.ranks))
         self._take_logdir()  # after the checks that only read, before the first write
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.ranks.is_root)
+        if self.ranks.is_root:
+            init_from.keep_vocabulary(config.logdir, self.datadir)
         self.train_data, self.heldout = self._data_shares()
         self.model = LSTMPLanguageModel(self.hps, len(self.vocab), vocab_exchange=exchange)
         self.state = TrainingState(self.model, nodes=self.nodes)
@@ -194,6 +198,15 @@ class Run:
         self.train_data, self.heldout = self._data_shares()
         self.trainer.retrace()
         self.summaries.set_writer(self.ranks.is_root)
+
+    def initialise(self, resumed):
+        """--init_from: a new run takes the trained run's weights; a resume keeps its own."""
+        if not self.config.init_from:
+            return
+        if resumed:
+            self.log(f"--init_from {self.config.init_from} not used: the run resumes its own checkpoint")
+            return
+        self.log(init_from.start_from(self.config.init_from, self.state, self.vocab))
 
     def start_outer_steps(self):
         """Two-level: every node starts from rank 0's state (before the first step, since the
@@ -354,7 +367,9 @@ def train(config):
             r.watchdog.start(step=None)  # the start too: a rank may stop answering before the first step
             with r.watchdog.activity("start", "the start of the run (the device report, the restore)"):
                 r.log_start()
+                resumed = r.checkpoints.any_on_disk()
                 point = r.checkpoints.restore(r.log)
+                r.initialise(resumed)
                 if r.outer:
                     r.start_outer_steps()
             if config.elastic:
