@@ -23,11 +23,31 @@ import tensorflow as tf
 from tensorboard.plugins import projector
 
 from lm1b_hvd import console, inference
-from lm1b_hvd.data import vocab
 from lm1b_hvd.model import tables
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 
 PROJECTOR_DIR = "projector"
+
+
+class GraphEncoder(tf.Module):
+    """Vocabulary.sentence_ids in TensorFlow ops, for a SavedModel that loads without this
+    package: the words as a lookup table inside the graph. Words are matched as UTF-8 strings
+    (a vocabulary word that is not valid UTF-8 cannot be typed in there anyway)."""
+
+    def __init__(self, vocab):
+        super().__init__(name="vocabulary")
+        self.words = tf.constant([vocab.id_to_word(i) for i in range(len(vocab))])
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(self.words, tf.range(len(vocab), dtype=tf.int32)),
+            default_value=vocab.unk_id)
+        self.mark = vocab.sentence_id
+
+    def __call__(self, texts, end_mark=True):
+        """`<S> ids [<S>]` of each text [n], zero-padded [n, T], and the real lengths [n]."""
+        tokens = self.table.lookup(tf.strings.split(texts))
+        marks = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(texts)[0], 1], self.mark))
+        sequences = tf.concat([marks, tokens, marks] if end_mark else [marks, tokens], axis=1)
+        return sequences.to_tensor(0), tf.cast(sequences.row_lengths(), tf.int32)
 
 
 class ExportedLanguageModel(tf.Module):
@@ -42,7 +62,7 @@ class ExportedLanguageModel(tf.Module):
         self.model.copy_weights_from(trained.model)
         # The model keeps its vocabulary tables out of its checkpoints; the SavedModel holds them here.
         self.table_variables = tables.variables_of(self.model.tables)
-        self.encoder = vocab.GraphEncoder(trained.vocab)
+        self.encoder = GraphEncoder(trained.vocab)
 
     def _outputs(self, x):
         """The top layer's outputs [T, n, projected] for ids x [n, T], from a zero state."""

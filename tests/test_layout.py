@@ -1,4 +1,5 @@
-"""The package's seams: a trained model loads without the distributed stack or the training step;
+"""The package's seams: a trained model loads without the distributed stack or the training step,
+and preparing data without TensorFlow;
 Horovod is imported by one module; the pinned stack's private parts are touched by one module."""
 import pathlib
 import re
@@ -25,6 +26,15 @@ def test_inference_loads_without_horovod_or_the_training_step():
              "'lm1b_hvd.exchange.gradients', 'lm1b_hvd.run.loop')]; assert not loaded, loaded")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_preparing_data_loads_without_tensorflow():
+    """prepare_data (a text corpus of gigabytes on a machine without a GPU stack) starts in a
+    fraction of a second, and its tokenizing workers carry no TensorFlow."""
+    probe = "import lm1b_hvd.prepare_data, sys; assert 'tensorflow' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -8,7 +8,6 @@ Words are kept as bytes: sentences are matched against them byte for byte
 (see data.py), so a file that is not valid UTF-8 still reads.
 """
 import numpy as np
-import tensorflow as tf
 
 from lm1b_hvd import console
 
@@ -70,27 +69,6 @@ def from_counts(counts, sentences, min_count=1, max_vocab=0):
         kept = kept[:max(max_vocab - 2, 0)]
     rare = sum(counts.values()) - sum(count for _, count in kept)
     return Vocabulary([SENTENCE_MARK, UNKNOWN] + [word for word, _ in kept], [sentences, rare] + [c for _, c in kept])
-
-
-class GraphEncoder(tf.Module):
-    """Vocabulary.sentence_ids in TensorFlow ops, for a SavedModel that loads without this
-    package: the words as a lookup table inside the graph. Words are matched as UTF-8 strings
-    (a vocabulary word that is not valid UTF-8 cannot be typed in there anyway)."""
-
-    def __init__(self, vocab):
-        super().__init__(name="vocabulary")
-        self.words = tf.constant([vocab.id_to_word(i) for i in range(len(vocab))])
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(self.words, tf.range(len(vocab), dtype=tf.int32)),
-            default_value=vocab.unk_id)
-        self.mark = vocab.sentence_id
-
-    def __call__(self, texts, end_mark=True):
-        """`<S> ids [<S>]` of each text [n], zero-padded [n, T], and the real lengths [n]."""
-        tokens = self.table.lookup(tf.strings.split(texts))
-        marks = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(texts)[0], 1], self.mark))
-        sequences = tf.concat([marks, tokens, marks] if end_mark else [marks, tokens], axis=1)
-        return sequences.to_tensor(0), tf.cast(sequences.row_lengths(), tf.int32)
 
 
 def load(path):
