@@ -105,6 +105,8 @@ def test_lowercase_and_no_tokenizer(raw_text, tmp_path):
     ("no text", "error: the input holds no text: 3 line(s), all empty or not UTF-8"),
     ("too few", "error: 4 distinct sentence(s) in all: no training sentence (give --heldout a count, or more text)"),
     ("heldout", "error: --heldout 2.5: a fraction between 0 and 1, or a whole count"),
+    ("no vocabulary", "error: no word is seen 3 times in the training text: the vocabulary would hold only <S> and "
+                      "<UNK> (lower --min_count, or give more text)"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing_to_read(raw_text, tmp_path, case, expected):
     out = tmp_path / "out"
@@ -125,6 +127,9 @@ def test_bad_input_is_one_line_and_leaves_nothing_to_read(raw_text, tmp_path, ca
         inputs = [tmp_path / "few.txt"]
     elif case == "heldout":
         heldout = 2.5
+    elif case == "no vocabulary":
+        (tmp_path / "rare.txt").write_text("".join(f"word{index} other{index}\n" for index in range(30)))
+        inputs, heldout = [tmp_path / "rare.txt"], 5
     result = prepare(["--input", *inputs, "--outdir", out, "--heldout", heldout])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == expected.format(raw=raw_text, out=out)
