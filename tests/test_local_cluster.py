@@ -78,8 +78,11 @@ def test_the_links_are_rate_limited_and_a_failing_command_gives_its_status(clust
 
 
 def test_an_interrupted_cluster_is_torn_down(cluster_machine):
+    # SIGINT as a terminal's Ctrl-C gives it, whatever this test inherited: a suite started in
+    # the background (`cmd &`) ignores SIGINT, and a shell cannot trap a signal ignored at entry.
     script = subprocess.Popen(["bash", str(SCRIPT), "2", "100", "sleep 120"], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while len(namespaces_of(script.pid)) < 3:  # the switch and two hosts
         assert script.poll() is None and time.monotonic() < deadline, script.stderr.read() if script.poll() else ""
