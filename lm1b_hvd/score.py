@@ -39,13 +39,14 @@ def read_sentences(path):
         raise InputError(f"{path}: no such input file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not an input file") from None
-    lines = raw.splitlines()
+    lines, sentences = raw.splitlines(), []
     for number, line in enumerate(lines, start=1):
         try:
-            line.decode("utf-8")
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
             raise InputError(f"{'stdin' if path == '-' else path} line {number}: not UTF-8 text") from None
-    sentences = [line.decode("utf-8") for line in lines if line.split()]
+        if line.split():
+            sentences.append(text)
     if not sentences:
         raise InputError(f"{'stdin' if path == '-' else path}: no sentence to score "
                          f"({len(lines) - len(sentences)} blank line(s))")

@@ -7,14 +7,12 @@ tokens of rarer words).
 """
 import collections
 import hashlib
-import json
 import os
 import tarfile
 import urllib.request
 
 from lm1b_hvd import console
-from lm1b_hvd.data import dataset, text_recipe
-from lm1b_hvd.data import vocab
+from lm1b_hvd.data import dataset, text_recipe, vocab
 
 DEFAULT_URL = ("http://www.statmt.org/lm-benchmark/"
                "1-billion-word-language-modeling-benchmark-r13output.tar.gz")
@@ -107,8 +105,7 @@ def fetch_lm1b(outdir, url=DEFAULT_URL, expected_sha256=None, min_count=3, keep_
     dataset.find_files(datadir, "heldout")
     build_vocabulary(datadir, min_count).write(os.path.join(datadir, dataset.VOCAB_FILE))
     # lm1b's text was tokenized by Moses' rules: score and sample take and give plain text through them.
-    console.write_atomically(os.path.join(datadir, text_recipe.RECIPE_FILE),
-                             json.dumps({"recipe": text_recipe.TextRecipe().to_dict(), "source": url}, indent=1) + "\n")
+    text_recipe.write_recipe(datadir, text_recipe.TextRecipe(), source=url)
     if not keep_archive:
         os.remove(archive_path)
     return datadir

@@ -19,7 +19,6 @@ import dataclasses
 import glob
 import gzip
 import hashlib
-import json
 import math
 import multiprocessing
 import os
@@ -27,7 +26,7 @@ import shutil
 
 from lm1b_hvd import console
 from lm1b_hvd.data import dataset, vocab
-from lm1b_hvd.data.text_recipe import RECIPE_FILE, TextRecipe
+from lm1b_hvd.data.text_recipe import write_recipe
 
 BUCKETS = 256
 CHUNK_BYTES = 1 << 20  # lines a worker tokenizes at once
@@ -121,17 +120,13 @@ def prepare(files, outdir, recipe, split, rule, seed=0, workers=0, say=console.s
         for name in (dataset.VOCAB_FILE, *{os.path.dirname(p) for p in (dataset.TRAIN_PATTERN,
                                                                       dataset.HELDOUT_PATTERN)}):
             os.replace(os.path.join(work, name), os.path.join(outdir, name))
-        recipe_record = {"recipe": recipe.to_dict(), "split": dataclasses.asdict(split),
-                         "vocabulary": dataclasses.asdict(rule), "seed": seed,
-                         "inputs": [os.path.basename(path) for path in files],
-                         "counts": dataclasses.asdict(counts), "version": _version()}
-        console.write_atomically(os.path.join(outdir, RECIPE_FILE), json.dumps(recipe_record, indent=1) + "\n")
-    except BaseException:
+        write_recipe(outdir, recipe, split=dataclasses.asdict(split), vocabulary=dataclasses.asdict(rule), seed=seed,
+                     inputs=[os.path.basename(path) for path in files], counts=dataclasses.asdict(counts),
+                     version=_version())
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        if created and not os.listdir(outdir):
+        if created and not os.listdir(outdir):  # it failed before anything was moved in
             os.rmdir(outdir)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
     return counts
 
 

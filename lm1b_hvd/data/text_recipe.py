@@ -6,6 +6,7 @@ lm1b was tokenized with Moses' rules, without escaping (`it 's`, `don 't`, a quo
 its own); sacremoses is the maintained Python port of them.
 """
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -43,29 +44,33 @@ class TextRecipe:
         text = _WHITESPACE.sub(" ", text).strip()
         if not text:
             return []
-        tokens = self._moses()[0].tokenize(text, escape=False) if self.tokenizer == "moses" else text.split(" ")
+        tokens = self._moses[0].tokenize(text, escape=False) if self.tokenizer == "moses" else text.split(" ")
         return [token.lower() for token in tokens] if self.lowercase else tokens
 
     def text(self, tokens):
         """Tokens back to text as a reader would write it (Moses' detokenizer)."""
         if self.tokenizer == "none":
             return " ".join(tokens)
-        return self._moses()[1].detokenize(list(tokens))
+        return self._moses[1].detokenize(list(tokens))
 
+    @functools.cached_property
     def _moses(self):
-        if "_moses_pair" not in self.__dict__:
-            from sacremoses import MosesDetokenizer, MosesTokenizer  # only where a recipe tokenizes
-            object.__setattr__(self, "_moses_pair", (MosesTokenizer(lang=self.language),
-                                                     MosesDetokenizer(lang=self.language)))
-        return self.__dict__["_moses_pair"]
+        from sacremoses import MosesDetokenizer, MosesTokenizer  # only where a recipe tokenizes
+        return MosesTokenizer(lang=self.language), MosesDetokenizer(lang=self.language)
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
+def write_recipe(datadir, recipe, **facts):
+    """D/prepare.json: the recipe, and what else the corpus's maker records (`facts`)."""
+    console.write_atomically(os.path.join(datadir, RECIPE_FILE),
+                             json.dumps({"recipe": recipe.to_dict(), **facts}, indent=1) + "\n")
+
+
 def read_recipe(datadir):
-    """The TextRecipe of a corpus `prepare_data text` made, or None (lm1b, the demo, a corpus
-    tokenized by hand: their text is tokens)."""
+    """The TextRecipe of a corpus `prepare_data text` or `prepare_data lm1b` made, or None (the
+    demo, a corpus tokenized by hand: their text is tokens)."""
     path = os.path.join(datadir, RECIPE_FILE)
     if not os.path.exists(path):
         return None

@@ -124,6 +124,11 @@ class VocabularyTables:
         return iter([table for _, table in self.named()])
 
 
+def per_row(values, like):
+    """`values`, one a row (a number or a flag), shaped to broadcast over the rows of `like`."""
+    return tf.reshape(values, [-1] + [1] * (len(like.shape) - 1))
+
+
 def replicated_blocks(vocab_size, num_shards):
     """The original's layout: `num_shards` blocks of equal rows, the last padded past the
     vocabulary, as TensorFlow's "div" partition of an embedding lookup expects."""

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from lm1b_hvd import console, hparams
 from lm1b_hvd.data import dataset
+from lm1b_hvd.model import tables
 from lm1b_hvd.run import checkpoints
 from lm1b_hvd.run.weights import run_weights
 
@@ -55,17 +56,18 @@ def check_shape(path, source_hps, hps):
 
 
 def check(path, hps):
-    """Before anything is written: PATH is a run with a checkpoint and a vocabulary, of this shape."""
-    logdir, _ = source_checkpoint(path)
-    check_shape(path, checkpoints.load_run_hparams(logdir), hps)
-
-
-def start_from(path, state, vocab):
-    """Sets `state`'s model to the run at `path`'s weights (module docstring); returns the line
-    that says what was taken."""
+    """Before anything is written: PATH is a run with a checkpoint and a vocabulary, of this
+    shape. Returns (its log directory, the checkpoint) for start_from."""
     logdir, checkpoint = source_checkpoint(path)
+    check_shape(path, checkpoints.load_run_hparams(logdir), hps)
+    return logdir, checkpoint
+
+
+def start_from(source_run, state, vocab):
+    """Sets `state`'s model to the weights of `source_run` (what check returned; module
+    docstring); returns the line that says what was taken."""
+    logdir, checkpoint = source_run
     source = run_weights(logdir, logdir)
-    check_shape(path, source.hps, state.model.hps)
     source.state.restore(checkpoint)
     if source.hps.average_params:
         source.state.ema.copy_averages_to_targets()
@@ -79,16 +81,13 @@ def start_from(path, state, vocab):
             mapped = source_rows[rows.first:rows.stop]
             kept = variable[:rows.count]
             taken_rows = tf.gather(whole, np.maximum(mapped, 0))
-            variable[:rows.count].assign(tf.where(_per_row(mapped >= 0, kept), taken_rows, kept))
+            variable[:rows.count].assign(tf.where(tables.per_row(mapped >= 0, kept), taken_rows, kept))
     state.ema.start_at_targets()
     shared = int(np.sum(source_rows >= 0))
     return (f"initialised from {checkpoint}: the LSTM and the rows of {shared:,} of this vocabulary's "
             f"{len(vocab):,} words (in both vocabularies); {len(vocab) - shared:,} new word(s) start as in a fresh "
             "run; Adagrad's accumulators, the averages, the step and the learning rate start fresh")
 
-
-def _per_row(flags, like):
-    return tf.reshape(flags, [-1] + [1] * (len(like.shape) - 1))
 
 
 def keep_vocabulary(logdir, datadir):

@@ -92,8 +92,7 @@ class Run:
                                     "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
                                     "do; drop one of the two")
         self.nodes = self._nodes()
-        if config.init_from:
-            init_from.check(config.init_from, self.hps)
+        self.init_source = init_from.check(config.init_from, self.hps) if config.init_from else None
         exchange = vocab_exchange(self.hps, len(self.vocab), self.nodes.stepping(self.ranks))
         self._take_logdir()  # after the checks that only read, before the first write
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.ranks.is_root)
@@ -201,12 +200,12 @@ class Run:
 
     def initialise(self, resumed):
         """--init_from: a new run takes the trained run's weights; a resume keeps its own."""
-        if not self.config.init_from:
+        if not self.init_source:
             return
         if resumed:
             self.log(f"--init_from {self.config.init_from} not used: the run resumes its own checkpoint")
             return
-        self.log(init_from.start_from(self.config.init_from, self.state, self.vocab))
+        self.log(init_from.start_from(self.init_source, self.state, self.vocab))
 
     def start_outer_steps(self):
         """Two-level: every node starts from rank 0's state (before the first step, since the

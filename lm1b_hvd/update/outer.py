@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd.exchange import collectives
+from lm1b_hvd.model import tables
 from lm1b_hvd.update.outer_parts import owned
 
 
@@ -101,7 +102,7 @@ class OuterStep:
         fp16, an increment travels divided by its row's `scales`: a frequent word's increments
         over an outer period pass fp16's largest value (65,504) many times over."""
         sending = [index for index, rows in enumerate(changed) if rows.shape[0]]
-        scaled = [_per_row(scales[index], increments[index]) if self.fp16 else 1.0 for index in sending]
+        scaled = [tables.per_row(scales[index], increments[index]) if self.fp16 else 1.0 for index in sending]
         sent = ([tf.gather(deltas[index], changed[index]) for index in sending]
                 + [tf.gather(increments[index], changed[index]) / scale for index, scale in zip(sending, scaled)])
         averaged = collectives.average_dense(sent, fp16=self.fp16, ranks=self.nodes.across) if sent else []
@@ -120,9 +121,9 @@ class OuterStep:
         """Each part's rows (int64 numbers, sorted) that any node changed, and their scales (the
         largest of the nodes' row_scales): one allreduce (max) of a float a row."""
         largest = collectives.maximum(tf.concat(scales, 0), self.nodes.across)
-        changed = [tf.where(part > 0)[:, 0] for part in tf.split(largest, [part.rows.count for part in self.parts])]
-        return changed, [tf.gather(part, rows) for part, rows in
-                         zip(tf.split(largest, [part.rows.count for part in self.parts]), changed)]
+        per_part = tf.split(largest, [part.rows.count for part in self.parts])
+        changed = [tf.where(part > 0)[:, 0] for part in per_part]
+        return changed, [tf.gather(part, rows) for part, rows in zip(per_part, changed)]
 
     def roll_back(self):
         """Every rank back to the last outer step: its weights, accumulators and step (a stop
@@ -164,7 +165,3 @@ def row_scales(delta, increment):
     changed = tf.cast(per_row(delta) > 0, tf.float32) * np.finfo(np.float32).tiny
     return tf.maximum(per_row(increment), changed)
 
-
-def _per_row(values, like):
-    """`values`, one a row, shaped to multiply the rows of `like`."""
-    return tf.reshape(values, [-1] + [1] * (len(like.shape) - 1))
