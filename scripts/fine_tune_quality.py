@@ -42,12 +42,16 @@ def train(args, datadir, logdir, steps, extra=()):
 
 
 def table(curves, words_per_step):
-    lines = ["| run | heldout perplexity at the first evaluation (step) | best (step; words) | final |",
-             "| --- | --- | --- | --- |"]
+    """Heldout perplexity of each run at its first, quarter, half, three-quarter and last
+    evaluation, and its best."""
+    steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
+    shown = sorted({steps[len(steps) * quarter // 4] for quarter in range(4)} | {steps[-1]})
+    lines = ["| run | " + " | ".join(f"step {step:,} ({step * words_per_step / 1e6:.2f}M words)" for step in shown)
+             + " | best (step) |", "| --- |" + " --- |" * (len(shown) + 1)]
     for name, curve in curves.items():
-        first, best = min(curve), min(curve, key=curve.get)
-        lines.append(f"| {RUNS[name]} | {curve[first]:.1f} ({first:,}) | {curve[best]:.1f} ({best:,}; "
-                     f"{best * words_per_step / 1e6:.2f}M) | {curve[max(curve)]:.1f} |")
+        best = min(curve, key=curve.get)
+        lines.append(f"| {RUNS[name]} | " + " | ".join(f"{curve[step]:.1f}" for step in shown)
+                     + f" | {curve[best]:.1f} ({best:,}) |")
     return "\n".join(lines)
 
 

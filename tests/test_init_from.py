@@ -60,6 +60,7 @@ def test_a_new_run_starts_from_the_trained_weights_word_by_word(source, tmp_path
     assert (f"initialised from {source_logdir}/ckpt-{SOURCE_STEPS}: the LSTM and the rows of {total - 2} of this "
             f"vocabulary's {total} words (in both vocabularies); 2 new word(s) start as in a fresh run; Adagrad's "
             "accumulators, the averages, the step and the learning rate start fresh") in result.stdout
+    assert "starting from scratch" not in result.stdout
     assert train(domain, fresh, 1, FROZEN).returncode == 0
     result = train(domain, parallel, 1, FROZEN + ",vocab_parallel=true", "--init_from", source_logdir / "best",
                    ranks=2)

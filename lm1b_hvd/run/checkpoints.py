@@ -48,13 +48,15 @@ class RunCheckpoints:
             parts, part = 1, None
         self.keeper = CheckpointKeeper(logdir, state, keep, ranks, table_parts=parts, table_part=part)
 
-    def restore(self, log):
+    def restore(self, log, announce_new_run=True):
         """The RunPoint to start from: the latest checkpoint's, exactly, when it was written by as
         many ranks with the same batch and seed; else its weights from the start of the data;
-        without a checkpoint, step 0. Says which in one line through `log`."""
+        without a checkpoint, step 0. Says which in one line through `log` (a new run only if
+        `announce_new_run`: one that --init_from starts says so itself)."""
         path = self.keeper.restore_latest(log)
         if not path:
-            log("starting from scratch")
+            if announce_new_run:
+                log("starting from scratch")
             return RunPoint.start(int(self.state.step), self.state.model)
         point, unusable = self.state.restored_point(self.ranks)
         if unusable:

@@ -367,7 +367,7 @@ def train(config):
             with r.watchdog.activity("start", "the start of the run (the device report, the restore)"):
                 r.log_start()
                 resumed = r.checkpoints.any_on_disk()
-                point = r.checkpoints.restore(r.log)
+                point = r.checkpoints.restore(r.log, announce_new_run=not r.init_source)
                 r.initialise(resumed)
                 if r.outer:
                     r.start_outer_steps()
