@@ -30,7 +30,7 @@ RUNS = {"scratch": "from scratch", "fine-tuned": "fine-tuned from the source"}
 
 
 def train(args, datadir, logdir, steps, extra=()):
-    """One training run to `steps` (a finished run returns at once: the log directory resumes)."""
+    """One training run to `steps`, skipped when its checkpoint of that step is there (else it resumes)."""
     if os.path.exists(os.path.join(logdir, f"ckpt-{steps}.index")):
         return
     command = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(args.ranks), "--gloo",
