@@ -16,15 +16,17 @@ run again.
       --eval_every 100 --out runs/fine-tune-kjv-small
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 
-import matplotlib.pyplot as plt
+import matplotlib
 
-from lm1b_hvd import hparams
-from plot_learning_curve import scalars  # sets matplotlib's file backend
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+from lm1b_hvd import hparams  # noqa: E402
+from run_curves import heldout_curve, save_comparison  # noqa: E402
 
 RUNS = {"scratch": "from scratch", "fine-tuned": "fine-tuned from the source"}
 
@@ -94,13 +96,8 @@ def main():
         logdir = os.path.join(args.out, name)
         extra = ["--init_from", os.path.join(source, "best")] if name == "fine-tuned" else []
         train(args, args.target_datadir, logdir, args.steps, extra)
-        curves[name] = scalars(os.path.join(logdir, "eval"), "eval/perplexity")
-    with open(os.path.join(args.out, "curves.json"), "w") as handle:
-        json.dump(curves, handle, indent=1)
-    text = table(curves, words_per_step)
-    with open(os.path.join(args.out, "table.md"), "w") as handle:
-        handle.write(text + "\n")
-    print(text)
+        curves[name] = heldout_curve(logdir)
+    save_comparison(args.out, curves, table(curves, words_per_step))
     plot(curves, words_per_step, args.title or f"{args.preset} preset on a new domain, {args.ranks} ranks",
          os.path.join(args.out, "curves.png"))
 

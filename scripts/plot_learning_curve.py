@@ -16,18 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
-import tensorflow as tf  # noqa: E402
 
-
-def scalars(event_dir, tag):
-    """{step: value} of one scalar tag in a folder of event files."""
-    values = {}
-    for name in sorted(os.listdir(event_dir)):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(event_dir, name)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
+from run_curves import heldout_curve, scalars  # noqa: E402
 
 
 def main():
@@ -45,7 +35,7 @@ def main():
     oracle = json.load(open(oracle_path))["oracle_perplexity"] if os.path.exists(oracle_path) else None
 
     train = scalars(os.path.join(args.logdir, "train"), "perplexity")
-    heldout = scalars(os.path.join(args.logdir, "eval"), "eval/perplexity")
+    heldout = heldout_curve(args.logdir)
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     axes.plot(sorted(train), [train[s] for s in sorted(train)], color="tab:blue", alpha=0.6, linewidth=0.8,
               label="training batches (sampled softmax)")

@@ -12,25 +12,12 @@ docs/performance.md shows under "Across nodes".
       --runs 0,16+fp32,64+fp32,256+fp32,64/1/0+fp32,64+fp16,256+fp16,1024+fp16 --out runs/two-level-demo
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 
-import tensorflow as tf
-
 from lm1b_hvd import hparams
-
-
-def heldout_curve(logdir):
-    """{step: heldout perplexity} from a run's TensorBoard events."""
-    values, folder = {}, os.path.join(logdir, "eval")
-    for name in sorted(os.listdir(folder)):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
-            for value in event.summary.value:
-                if value.tag == "eval/perplexity":
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
+from run_curves import heldout_curve, save_comparison
 
 
 def parse(setting):
@@ -125,12 +112,7 @@ def main():
         if not os.path.exists(os.path.join(logdir, f"ckpt-{args.steps}.index")):  # not run to its end yet
             train(args, setting, logdir)
         curves[setting] = heldout_curve(logdir)
-    with open(os.path.join(args.out, "curves.json"), "w") as handle:
-        json.dump(curves, handle, indent=1)
-    text = table(curves, words_per_step)
-    with open(os.path.join(args.out, "table.md"), "w") as handle:
-        handle.write(text + "\n")
-    print(text)
+    save_comparison(args.out, curves, table(curves, words_per_step))
     plot(curves, words_per_step, f"{args.preset} preset, {args.ranks // args.ranks_per_node} nodes x "
          f"{args.ranks_per_node} ranks", os.path.join(args.out, "curves.png"))
 

@@ -89,7 +89,6 @@ def start_from(source_run, state, vocab):
             "run; Adagrad's accumulators, the averages, the step and the learning rate start fresh")
 
 
-
 def keep_vocabulary(logdir, datadir):
     """The run's copy of its vocabulary, for a later --init_from (rank 0, at the start)."""
     target = os.path.join(logdir, VOCAB_COPY)
