@@ -39,13 +39,8 @@ import tensorflow as tf
 from lm1b_hvd import console, devices, hparams
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.exchange.gradients import TRAFFIC_KINDS
-from lm1b_hvd.exchange.ranks import ONE_NODE
-from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
 from lm1b_hvd.model.cost import parameter_count, table_bytes_per_row, training_flops_per_word
-from lm1b_hvd.model.language_model import LSTMPLanguageModel
-from lm1b_hvd.run.state import TrainingState
-from lm1b_hvd.update.outer import OuterStep
-from lm1b_hvd.update.step import Trainer
+from lm1b_hvd.run import stack
 
 # The real lm1b vocabulary (words seen at least 3 times), every preset's default but the demo's.
 LM1B_VOCAB = 793_470
@@ -155,14 +150,8 @@ def main(argv=None):
 
 def bench(args):
     hps = hparams.build(args.preset, args.hpconfig)
-    ranks = collectives.init(process_sets=bool(hps.outer_every))
+    ranks = stack.start_ranks(hps)
     devices.check_gpus_used(args.allow_cpu)
-    if hps.outer_every and args.steps % hps.outer_every:
-        raise console.UserError(f"--steps {args.steps} is not a multiple of outer_every={hps.outer_every}: a two-level "
-                                "bench times whole outer periods")
-    if hps.vocab_parallel and args.no_exchange:
-        raise console.UserError("--no_exchange cannot be used with vocab_parallel=true: a step's rows come from "
-                                "the ranks that own them")
     vocab_size = args.vocab or VOCAB_SIZES.get(args.preset, LM1B_VOCAB)
     rank, size = ranks.rank, ranks.size
     say = console.say if rank == 0 else (lambda text: None)
@@ -172,26 +161,25 @@ def bench(args):
     for line in collectives.device_report(ranks, devices.describe(collectives.cores_per_rank()), devices.on_gpu()):
         say(line)
 
-    nodes = collectives.node_groups(args.ranks_per_node) if hps.outer_every else ONE_NODE
-    model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=vocab_exchange(
-        hps, vocab_size, nodes.stepping(ranks)))
-    state = TrainingState(model, nodes=nodes)
-    trainer = Trainer(state, ranks, exchange=not args.no_exchange, nodes=nodes)
-    outer = OuterStep(state, nodes, hps) if state.outer_momentum else None
-    say(model.plan.describe())
-    if outer:
-        say(f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s), an outer step every {hps.outer_every} steps")
-        state.broadcast_from_root(ranks)
-        outer.start()
+    built = stack.build(hps, vocab_size, ranks,
+                        stack.Launch(ranks_per_node=args.ranks_per_node, exchange=not args.no_exchange))
+    mode, trainer = built.mode, built.trainer
+    if args.steps % mode.period:
+        raise console.UserError(f"--steps {args.steps} is not a multiple of {mode.period}, the steps from one settled "
+                                "point to the next (outer_every): the bench times whole periods")
+    say(built.model.plan.describe())
+    levels = mode.describe()
+    if levels:
+        say(levels)
+    mode.start()
     batches = zipf_batches(hps, vocab_size, count=4, seed=[hps.seed, rank])
-    row_state = model.zero_state(hps.batch_size)
+    row_state = built.model.zero_state(hps.batch_size)
 
     # Warm-up: tracing, first allocations, and rank 0's weights everywhere as in training.
     for index in range(args.warmup):
         began = time.perf_counter()
         row_state, stats = trainer.step(*batches[index % len(batches)], row_state)
-        if index == 0 and not outer:
-            state.broadcast_from_root(ranks)
+        mode.after_step(int(built.state.step), first=index == 0)
     warm_step = max(ranks.gather_numbers([time.perf_counter() - began]))
     steps_per_block = max(1, math.floor(BLOCK_SECONDS / warm_step))  # the same on every rank
 
@@ -199,53 +187,38 @@ def bench(args):
     ranks.sum(tf.zeros([1])).numpy()  # every rank starts timing at once
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.start(args.profile_dir)
-    outer_seconds, outer_exchanges = [], []
-
-    def outer_step_when_due():
-        if outer and int(state.step) % hps.outer_every == 0:
-            start = time.perf_counter()
-            outer_exchanges.append(outer.step())
-            outer_seconds.append(time.perf_counter() - start)
-
-    blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak, outer_step_when_due)
+    mode.start_timing()
+    blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak,
+                          after_step=lambda: mode.after_step(int(built.state.step), first=False))
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
 
     setting = Setting(hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange,
-                      reduced_vocab=0 < args.vocab < LM1B_VOCAB,
-                      outer=OuterTraffic(outer_exchanges, outer.inside_bytes(), outer_seconds) if outer else None)
+                      reduced_vocab=0 < args.vocab < LM1B_VOCAB, mode=mode)
     report_figures(blocks, setting, say)
-
-
-class OuterTraffic(typing.NamedTuple):
-    """What this rank's outer steps in the timed steps moved, and how long each took."""
-    exchanges: list  # update.outer.OuterExchange of each: what crossed between the nodes
-    inside: float  # bytes received from the node's ranks after each
-    seconds: list
 
 
 class Setting(typing.NamedTuple):
     """What was benched: the hparams, the vocabulary, the ranks, whether gradients were exchanged,
-    whether the vocabulary is smaller than lm1b's (then the figures are projected to it), and a
-    two-level run's outer traffic."""
+    whether the vocabulary is smaller than lm1b's (then the figures are projected to it), and the
+    sync mode (run.modes), which says what it did beside the steps."""
     hps: object
     vocab_size: int
     ranks: object
     exchange: bool
     reduced_vocab: bool = False
-    outer: OuterTraffic = None
+    mode: object = None
 
 
 def report_figures(blocks, setting, say):
     """Prints the bench's figures from every rank's timed blocks (a collective: every rank calls
     it); with `reduced_vocab`, the parameters and peak memory at the real vocabulary too."""
-    hps, vocab_size, ranks, exchange, reduced_vocab, outer = setting
+    hps, vocab_size, ranks, exchange, reduced_vocab, mode = setting
     size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
-    step_time = statistics.median(times)
-    if outer:  # its outer steps' time shared out over the steps between them
-        step_time += sum(outer.seconds) / len(times)
+    # What the sync mode did beside the steps (a two-level run's outer steps) shared out over them.
+    step_time = statistics.median(times) + mode.seconds_beside_steps() / len(times)
     words_per_step = sum(stats.words for stats in step_stats) / len(times)  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
@@ -256,10 +229,6 @@ def report_figures(blocks, setting, say):
                  for block, block_peak in zip(blocks, block_peaks)]
     say(f"step time: median {statistics.median(times) * 1e3:,.1f} ms over {len(times)} steps "
         f"(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f})")
-    if outer:
-        say(f"outer steps: {len(outer.seconds)} in the {len(times)} timed steps (one every {hps.outer_every}), "
-            f"median {statistics.median(outer.seconds) * 1e3:,.1f} ms each; with them, "
-            f"{step_time * 1e3:,.1f} ms a step")
     say(f"words/s: {words_per_step / step_time:,.0f} over {size} rank(s) "
         f"({words_per_step / size:,.0f} words per rank per step)")
     say(f"model FLOPs per word: {flops_per_word / 1e6:,.1f} M (training: 3 x forward)")
@@ -276,23 +245,14 @@ def report_figures(blocks, setting, say):
         f"{len(blocks[0].step_times)} step(s), each against the peak measured around it: "
         + " ".join(f"{m:.1f}" for m in block_mfu) + ")")
     if exchange:
-        where = "inside a node, " if outer else ""
         for kind in TRAFFIC_KINDS:
             sent, received = (statistics.median(getattr(stats, f"{kind}_{way}") / size for stats in step_stats)
                               for way in ("sent", "received"))
             if sent or received:
-                say(f"{where}{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB per rank per step")
-    if outer:
-        across = ranks.gather_numbers([statistics.mean(e.across_bytes for e in outer.exchanges) / hps.outer_every])
-        inside = ranks.gather_numbers([outer.inside / hps.outer_every])
-        changed = ranks.gather_numbers([sum(e.rows_changed for e in outer.exchanges),
-                                        sum(e.rows_owned for e in outer.exchanges)])
-        say(f"between nodes, outer allreduce: sent {statistics.mean(across) / 1e6:,.3f} MB, received "
-            f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {hps.outer_every}; "
-            f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, "
-            f"{'fp16' if hps.outer_fp16 else 'fp32'})")
-        say(f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "
-            f"rank per step (each outer step's / {hps.outer_every})")
+                say(f"{mode.step_exchange_where}{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB "
+                    "per rank per step")
+    for line in mode.bench_lines(len(times), step_time):
+        say(line)
     if exchange:
         saved = statistics.median(stats.duplicate_bytes / size for stats in step_stats)
         if saved:

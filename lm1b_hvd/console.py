@@ -26,26 +26,31 @@ def say(text, stream=None):
     stream.flush()
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default after its help line (not for
-    switches and empty defaults, whose help line says what they mean)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS or (
-                isinstance(action.default, (str, tuple)) and not action.default):
-            return action.help
-        return super()._get_help_string(action)
+def _shows_default(action):
+    """Whether --help says a flag's default after its help line: not for switches and empty
+    defaults, whose help line says what they mean."""
+    default = action.default
+    return bool(action.help) and action.option_strings and not (
+        default is None or default is False or default is argparse.SUPPRESS
+        or (isinstance(default, (str, tuple)) and not default) or "%(default)" in action.help)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """The entry points' parser: `python -m MODULE` as the usage, the module docstring (with its
-    example) as --help, every flag's default shown, and a bad flag as one line, 'error: argument
-    --max_steps: invalid int value: 'x' (see ... --help)'."""
+    example) as --help, as written, every flag's default shown, and a bad flag as one line,
+    'error: argument --max_steps: invalid int value: 'x' (see ... --help)'."""
 
     def __init__(self, description=None, module=None, **kwargs):
         if module:
             kwargs["prog"] = f"python -m {module}"
-        super().__init__(description=description, formatter_class=_HelpFormatter, **kwargs)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if _shows_default(action):
+            action.help += " (default: %(default)s)"
+        return action
 
     def error(self, message):
         say(f"error: {message} (see {self.prog} --help)", sys.stderr)

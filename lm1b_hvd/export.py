@@ -22,7 +22,7 @@ import sys
 import tensorflow as tf
 from tensorboard.plugins import projector
 
-from lm1b_hvd import console, inference
+from lm1b_hvd import console, inference, pinned_stack
 from lm1b_hvd.model import tables
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 
@@ -113,7 +113,7 @@ def write_projector(logdir, trained, count):
     config = projector.ProjectorConfig()
     config.model_checkpoint_path = checkpoint_path
     embedding = config.embeddings.add()
-    embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+    embedding.tensor_name = pinned_stack.checkpoint_value_key("embedding")
     embedding.metadata_path = "metadata.tsv"
     projector.visualize_embeddings(directory, config)
     writer = tf.summary.create_file_writer(directory)  # an event file makes the folder a run TensorBoard lists

@@ -155,7 +155,8 @@ def parse_overrides(hps, overrides):
 
 
 def validate(hps):
-    """Rejects values that would fail later with an obscure TensorFlow error."""
+    """Rejects values that would fail later with an obscure TensorFlow error. (Combinations of
+    ways to run that a run refuses are run.stack's table.)"""
     positive = ("batch_size", "num_steps", "num_shards", "num_layers", "emb_size",
                 "state_size", "projected_size")
     for key in positive:
@@ -181,10 +182,6 @@ def validate(hps):
             raise HParamsError(f"hparam '{key}' expects one of {', '.join(choices)}, got '{getattr(hps, key)}'")
     if hps.learning_rate <= 0 or hps.max_grad_norm <= 0:
         raise HParamsError("hparams 'learning_rate' and 'max_grad_norm' must be > 0")
-    if hps.vocab_parallel and (hps.sparse_as_dense or (hps.xla and hps.num_sampled == 0)):
-        clash = "sparse_as_dense=true" if hps.sparse_as_dense else "xla=true with num_sampled=0"
-        raise HParamsError(f"hparam 'vocab_parallel' cannot be combined with {clash}: the vocabulary's rows "
-                           "and their gradients travel between their owners, outside any compiled part")
     return hps
 
 

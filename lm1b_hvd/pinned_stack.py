@@ -2,15 +2,20 @@
 
 TensorFlow 2.15 (with Keras 2.15) and Horovod 0.28.1 are pinned together (requirements.txt):
 Horovod's last release does not build against a newer TensorFlow. Each name below is an
-attribute or a key that those versions do not promise to keep; moving to another version means
-checking each one here, and only here (tests/test_layout.py greps the rest of the package for
-them). Every entry says what it relies on and where that is defined in the pinned version.
+attribute, a key, a text or a signature that those versions do not promise to keep; moving to
+another version means checking each one here, and only here (tests/test_layout.py greps the rest
+of the package for them). Every entry says what it relies on and where that is defined in the
+pinned version. Horovod itself is imported by exchange.collectives alone, which hands the
+Horovod modules to the functions here that need them.
 """
+import re
+
 import tensorflow as tf
 
-# The names this module touches, for the test that nothing else does.
+# The names and texts this module touches, for the test that nothing else does.
 PRIVATE_NAMES = ("_update_step", "_accumulators", "_index_dict", "_var_key", "_allreduce_grads", "_write",
-                 "optimizer/_variables", "optimizer/_iterations")
+                 "optimizer/_variables", "optimizer/_iterations", "run_fn", ".ATTRIBUTES/VARIABLE_VALUE",
+                 "{{node Horovod")
 
 
 class KerasAdagrad(tf.keras.optimizers.Adagrad):
@@ -41,12 +46,23 @@ def keras_optimizer_slot_key(index, root="optimizer"):
     """The checkpoint key of a Keras 2.15 optimizer's variable number `index` (0: iterations, then
     one accumulator per variable it was built on), saved as the attribute `_variables` of the
     object `root`: what an earlier checkpoint format of this trainer holds its slots under."""
-    return f"{root}/_variables/{index}/.ATTRIBUTES/VARIABLE_VALUE"
+    return checkpoint_value_key(f"{root}/_variables/{index}")
 
 
 def keras_optimizer_iterations_key(root="optimizer"):
     """The checkpoint key of a Keras 2.15 optimizer's step count (its attribute `_iterations`)."""
-    return f"{root}/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+    return checkpoint_value_key(f"{root}/_iterations")
+
+
+def checkpoint_value_key(path):
+    """The key under which TensorFlow's object checkpoint holds the value of the variable at
+    `path` (its attributes from the root object, joined by '/': 'model/embedding/0').
+
+    Relies on (TensorFlow 2.15, tensorflow/python/checkpoint/, trackable's
+    `VARIABLE_VALUE_KEY` and the object graph's `.ATTRIBUTES` naming): a variable's value is
+    saved as `PATH/.ATTRIBUTES/VARIABLE_VALUE`, the key tf.train.list_variables lists and
+    TensorBoard's projector names a tensor by."""
+    return f"{path}/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 class ManagedWrite:
@@ -85,3 +101,58 @@ def observe_tape_reduction(distributed_tape, observe):
 
     distributed_tape._allreduce_grads = reduce_and_observe
     return distributed_tape
+
+
+# Horovod 0.28.1's elastic mode and its failures, for exchange.collectives (which imports Horovod
+# and hands its modules here).
+
+def horovod_elastic_state(elastic, broadcast_object, rank):
+    """A base class for an elastic state of the project's own, which defines save(), restore()
+    and sync() and calls `super().__init__()`.
+
+    Relies on (Horovod 0.28.1, horovod/common/elastic.py, given as `elastic`): `State`, whose
+    constructor takes `bcast_object` (Horovod's broadcast of a picklable object) and `get_rank`,
+    and whose commit(), check_host_updates() and the retry loop call save(), restore() and sync()."""
+    class HorovodState(elastic.State):
+        def __init__(self):
+            super().__init__(bcast_object=broadcast_object, get_rank=rank)
+
+    return HorovodState
+
+
+def elastic_retry_loop(elastic, train, restart):
+    """Horovod's elastic retry loop around `train(state)`, restarting Horovod with `restart()`
+    after a lost rank.
+
+    Relies on (Horovod 0.28.1, horovod/common/elastic.py, given as `elastic`): `run_fn(func,
+    reset)`, the loop that hvd.elastic.run wraps (horovod/tensorflow/elastic.py, with a reset of
+    shutdown() and init()); it syncs the state, calls func(state), and on HorovodInternalError
+    restores the state's last commit, calls reset and the state's reset callbacks and calls
+    func again. hvd.elastic.run itself turns only allreduce, allgather and broadcast failures
+    into that error (and swallows any other UnknownError), so the caller wraps `train` itself."""
+    return elastic.run_fn(train, restart)
+
+
+def is_horovod_failure(err):
+    """Whether TensorFlow's error `err` is a failed Horovod collective.
+
+    Relies on (TensorFlow 2.15 with Horovod 0.28.1): a Horovod op that fails inside a traced
+    function raises tf.errors.UnknownError whose message names Horovod (its op, 'HorovodAllreduce_...',
+    or its status text, 'Horovod has been shut down')."""
+    return isinstance(err, tf.errors.UnknownError) and "Horovod" in err.message
+
+
+def horovod_failure_cause(message):
+    """The op kind and the cause in a failed Horovod op's message ('HorovodAllgather: Timed out
+    waiting 30000ms for recv operation to complete'), else its first line.
+
+    Relies on (TensorFlow 2.15 with Horovod 0.28.1): TensorFlow puts the op's error text on the
+    line before its node, '[[{{node HorovodAllgather_...}}]]', and Horovod's text starts with its
+    source location in brackets ('[horovod/common/...:123] ') and ends with sentences of advice."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    at = next((index for index, line in enumerate(lines) if "{{node Horovod" in line), None)
+    if at is None:
+        return lines[0]
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[at - 1] if at > 0 else "").split(". ")[0]
+    kind = re.search(r"\{\{node (Horovod[A-Za-z]+)", lines[at]).group(1)
+    return f"{kind}: {cause}" if cause else kind

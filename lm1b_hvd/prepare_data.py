@@ -58,8 +58,8 @@ def prepare_text(args):
     text_corpus.check_outdir(args.outdir)
     recipe = TextRecipe(args.tokenizer, args.language, args.lowercase, args.unicode)
     started = time.monotonic()
-    counts = text_corpus.prepare(files, args.outdir, recipe, text_corpus.Split(args.heldout, args.shards),
-                                 text_corpus.VocabularyRule(args.min_count, args.max_vocab), args.seed, args.workers)
+    counts = text_corpus.prepare(files, args.outdir, recipe, text_corpus.Split(args.heldout, args.shards, args.seed),
+                                 text_corpus.VocabularyRule(args.min_count, args.max_vocab), args.workers)
     sentences = counts.training_sentences + counts.heldout_sentences
     console.say(f"read {counts.lines:,} lines ({counts.input_bytes / 1e6:,.1f} MB) from {len(files)} file(s): "
                 f"{sentences:,} sentences; dropped {counts.duplicates:,} duplicate(s), {counts.empty_lines:,} empty "

@@ -40,10 +40,12 @@ class PrepareError(console.UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """How the shuffled sentences are split: `heldout` a fraction (below 1) or a count of
-    sentences; `shards` training shards (0: one per SHARD_BYTES of text)."""
+    """How the sentences are shuffled and split: `heldout` a fraction (below 1) or a count of
+    sentences; `shards` training shards (0: one per SHARD_BYTES of text); `seed` the shuffle's
+    (the key of the sentences' hash)."""
     heldout: float = 0.01
     shards: int = 0
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +101,9 @@ def check_outdir(outdir):
                            "prepare_data writes into a new or empty folder only")
 
 
-def prepare(files, outdir, recipe, split, rule, seed=0, workers=0, say=console.say):
-    """Makes the corpus under `outdir` from `files`; returns its Counts."""
+def prepare(files, outdir, recipe, split, rule, workers=0, say=console.say):
+    """Makes the corpus under `outdir` from `files` with `workers` tokenizing processes (0: one
+    per core); returns its Counts."""
     created = not os.path.exists(outdir)
     os.makedirs(outdir, exist_ok=True)
     work = os.path.join(outdir, ".prepare-work")
@@ -108,7 +111,7 @@ def prepare(files, outdir, recipe, split, rule, seed=0, workers=0, say=console.s
     try:
         counts = Counts(input_bytes=sum(os.path.getsize(path) for path in files))
         buckets = [os.path.join(work, f"bucket-{index:03d}") for index in range(BUCKETS)]
-        tokenize_into_buckets(files, buckets, recipe, seed, workers or os.cpu_count() or 1, counts, say)
+        tokenize_into_buckets(files, buckets, recipe, split.seed, workers or os.cpu_count() or 1, counts, say)
         word_counts = split_into_shards(buckets, work, split, counts, say)
         vocabulary = vocab.from_counts(word_counts, counts.training_sentences, rule.min_count, rule.max_vocab)
         if len(vocabulary) <= 2:
@@ -120,7 +123,8 @@ def prepare(files, outdir, recipe, split, rule, seed=0, workers=0, say=console.s
         for name in (dataset.VOCAB_FILE, *{os.path.dirname(p) for p in (dataset.TRAIN_PATTERN,
                                                                       dataset.HELDOUT_PATTERN)}):
             os.replace(os.path.join(work, name), os.path.join(outdir, name))
-        write_recipe(outdir, recipe, split=dataclasses.asdict(split), vocabulary=dataclasses.asdict(rule), seed=seed,
+        write_recipe(outdir, recipe, split=dict(heldout=split.heldout, shards=split.shards),
+                     vocabulary=dataclasses.asdict(rule), seed=split.seed,
                      inputs=[os.path.basename(path) for path in files], counts=dataclasses.asdict(counts),
                      version=_version())
     finally:

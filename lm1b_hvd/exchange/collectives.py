@@ -2,13 +2,13 @@
 
 What the calls are for lives beside it: exchange.gradients (dense gradients averaged, sparse
 ones summed, as the original's towers), exchange.vocab_parallel (rows fetched from their
-owners), exchange.ranks (the interface library code is handed). Per-row LSTM states are never
+owners), lm1b_hvd.ranks (the interface library code is handed). Per-row LSTM states are never
 communicated.
 """
 import contextlib
 import os
-import re
 import socket
+import typing
 
 import horovod
 import horovod.tensorflow as hvd
@@ -17,7 +17,7 @@ from horovod.common import elastic as horovod_elastic
 from horovod.common.exceptions import HorovodInternalError
 
 from lm1b_hvd import pinned_stack
-from lm1b_hvd.exchange.ranks import ONE_PROCESS, NodeGroups, Ranks
+from lm1b_hvd.ranks import Ranks
 
 
 def init(stall_warning_seconds=60.0, process_sets=False):
@@ -118,35 +118,49 @@ class HorovodRanks(Ranks):
             hvd.broadcast_([variable], root_rank=0)
 
 
-# Nodes: the two levels of a two-level run (update.outer).
+# Nodes: the two levels of a two-level run (update.outer, run.modes).
 
-def node_groups(ranks_per_node=0):
-    """The NodeGroups of this run: the ranks of each host form a node (Horovod's hosts, as
-    `horovodrun -H` or Slurm placed them), or, with `ranks_per_node` K, ranks 0..K-1, K..2K-1,
-    ... do (simulated nodes on one host). Every node must hold as many ranks. With more than one
-    node, Horovod makes a process set of each node and one of each position within a node across
-    the nodes, in the same order on every rank (a collective: every rank calls it; needs
-    init(process_sets=True))."""
-    size, rank = hvd.size(), hvd.rank()
+class NodeGroups(typing.NamedTuple):
+    """The two levels of a run across nodes: `node`, the ranks of this rank's node, which
+    exchange every step; `across`, the ranks at this rank's position in every node, which hold
+    the same parameters and meet at outer steps; `count` nodes, of which this is number `index`."""
+    node: Ranks
+    across: Ranks
+    count: int
+    index: int
+
+
+def node_membership(ranks_per_node=0):
+    """The node of every global rank, numbered from 0 in order of first appearance: the ranks
+    of each host form a node (Horovod's hosts, as `horovodrun -H` or Slurm placed them), or, with
+    `ranks_per_node` K, ranks 0..K-1, K..2K-1, ... do (simulated nodes on one host). Every node
+    must hold as many ranks (ValueError). A collective: every rank calls it."""
+    size = hvd.size()
     if ranks_per_node:
         if size % ranks_per_node:
             raise ValueError(f"--ranks_per_node {ranks_per_node} does not divide the {size} ranks")
-        node_of = [r // ranks_per_node for r in range(size)]
-    else:
-        hosts = hvd.allgather_object(socket.gethostname(), name="node_hosts") if size > 1 else [socket.gethostname()]
-        first_seen = list(dict.fromkeys(hosts))
-        node_of = [first_seen.index(host) for host in hosts]
-    members = [[r for r in range(size) if node_of[r] == node] for node in range(max(node_of) + 1)]
-    if len({len(ranks) for ranks in members}) > 1:
-        raise ValueError("the nodes hold unequal numbers of ranks ("
-                         + ", ".join(str(len(ranks)) for ranks in members) + ")")
-    if len(members) == 1:
-        return NodeGroups(node=HorovodRanks(), across=ONE_PROCESS, count=1, index=0)
+        return [r // ranks_per_node for r in range(size)]
+    hosts = hvd.allgather_object(socket.gethostname(), name="node_hosts") if size > 1 else [socket.gethostname()]
+    first_seen = list(dict.fromkeys(hosts))
+    node_of = [first_seen.index(host) for host in hosts]
+    counts = [node_of.count(node) for node in range(len(first_seen))]
+    if len(set(counts)) > 1:
+        raise ValueError("the nodes hold unequal numbers of ranks (" + ", ".join(map(str, counts)) + ")")
+    return node_of
+
+
+def node_groups(node_of):
+    """The NodeGroups of this rank for the membership `node_of` (node_membership's, of more than
+    one node): Horovod makes a process set of each node and one of each position within a node
+    across the nodes, in the same order on every rank (a collective; needs
+    init(process_sets=True))."""
+    members = [[r for r in range(len(node_of)) if node_of[r] == node] for node in range(max(node_of) + 1)]
     node_sets = [_process_set(ranks) for ranks in members]
     across_sets = [_process_set([ranks[position] for ranks in members]) for position in range(len(members[0]))]
-    mine = node_of[rank]
-    return NodeGroups(node=HorovodRanks(node_sets[mine]), across=HorovodRanks(across_sets[members[mine].index(rank)]),
-                      count=len(members), index=mine)
+    mine = node_of[hvd.rank()]
+    return NodeGroups(node=HorovodRanks(node_sets[mine]),
+                      across=HorovodRanks(across_sets[members[mine].index(hvd.rank())]), count=len(members),
+                      index=mine)
 
 
 def _process_set(ranks):
@@ -242,10 +256,6 @@ class CollectiveFailed(Exception):
     answering (Gloo gives up on a silent peer after HOROVOD_GLOO_TIMEOUT_SECONDS)."""
 
 
-def _is_horovod_failure(err):
-    return isinstance(err, tf.errors.UnknownError) and "Horovod" in err.message
-
-
 @contextlib.contextmanager
 def collectives_fail_as_one_error():
     """Within the block, a failed collective is CollectiveFailed naming the kind of op and
@@ -256,24 +266,12 @@ def collectives_fail_as_one_error():
     except HorovodInternalError as err:
         raise CollectiveFailed(str(err).split(". ")[0]) from None
     except tf.errors.UnknownError as err:
-        if not _is_horovod_failure(err):
+        if not pinned_stack.is_horovod_failure(err):
             raise
-        raise CollectiveFailed(_failure_cause(err.message)) from None
+        raise CollectiveFailed(pinned_stack.horovod_failure_cause(err.message)) from None
 
 
-def _failure_cause(message):
-    """The op kind and the cause in a failed Horovod op's message: the cause is the line
-    before TensorFlow's '[[{{node HorovodAllgather_...}}]]', without its source location."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    at = next((index for index, line in enumerate(lines) if "{{node Horovod" in line), None)
-    if at is None:
-        return lines[0]
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[at - 1] if at > 0 else "").split(". ")[0]
-    kind = re.search(r"\{\{node (Horovod[A-Za-z]+)", lines[at]).group(1)
-    return f"{kind}: {cause}" if cause else kind
-
-
-class ElasticState(horovod_elastic.State):
+class ElasticState(pinned_stack.horovod_elastic_state(horovod_elastic, hvd.broadcast_object, hvd.rank)):
     """Horovod elastic state of a list of variables: commit() copies them to host memory, a
     reset after a lost rank puts that copy back, and sync() gives every rank rank 0's values
     (in place, as HorovodRanks.broadcast_from_root). Horovod's own TensorFlowState broadcasts
@@ -281,7 +279,7 @@ class ElasticState(horovod_elastic.State):
     caller's training function starts when Horovod (re)runs it; the caller's reset callbacks set it."""
 
     def __init__(self, variables, restart_point=None):
-        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+        super().__init__()
         self.variables = list(variables)
         self.restart_point = restart_point
         self.save()
@@ -307,11 +305,11 @@ def elastic_run(train):
         try:
             return train(state, *args, **kwargs)
         except tf.errors.UnknownError as err:
-            if _is_horovod_failure(err):
+            if pinned_stack.is_horovod_failure(err):
                 raise HorovodInternalError(err) from None
             raise
 
-    return horovod_elastic.run_fn(failing_collectives_reset, _restart_horovod)
+    return pinned_stack.elastic_retry_loop(horovod_elastic, failing_collectives_reset, _restart_horovod)
 
 
 def _restart_horovod():

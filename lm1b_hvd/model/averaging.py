@@ -23,12 +23,9 @@ class ExponentialMovingAverage:
         self._pairs = list(zip(self.shadows, variables)) + list(zip(
             tables.variables_of(self.table_shadows), tables.variables_of(vocab_tables)))
 
-    def update(self, steps=1):
-        """One step's move towards the targets; `steps` steps' at once (decay ** steps) where
-        the targets stood still for them (update.outer: the weights between outer steps)."""
-        rate = 1.0 - self.decay ** steps
-        for shadow, target in self._pairs:
-            shadow.assign_sub(rate * (shadow - target))
+    def update(self):
+        """One step's move towards the targets."""
+        move_towards(self._pairs, self.decay)
 
     def start_at_targets(self):
         """The averages start again at the targets' values (a run started from other weights)."""
@@ -51,6 +48,15 @@ class ExponentialMovingAverage:
         finally:
             for value, (_, target) in zip(saved, self._pairs):
                 target.assign(value)
+
+
+def move_towards(pairs, decay, steps=1):
+    """Each (average, target) of `pairs` moved as `steps` steps of an average of this `decay`
+    would move it towards a target that stood still for them (update.outer: the weights between
+    outer steps): by 1 - decay ** steps of the way."""
+    rate = 1.0 - decay ** steps
+    for average, target in pairs:
+        average.assign_sub(rate * (average - target))
 
 
 def model_average(model):

@@ -20,9 +20,10 @@ import re
 import tensorflow as tf
 
 from lm1b_hvd import console, hparams as hparams_lib, pinned_stack
-from lm1b_hvd.exchange.ranks import ONE_NODE, ONE_PROCESS
+from lm1b_hvd.model.pieces import PARTS_SUFFIX
+from lm1b_hvd.ranks import ONE_PROCESS
 from lm1b_hvd.run.logdir_files import BEST_DIR, BEST_FILE, HPARAMS_FILE
-from lm1b_hvd.run.state import PARTS_SUFFIX, RunPoint
+from lm1b_hvd.run.position import RunPoint
 
 CHECKPOINT_NAME = "ckpt"  # tf.train.CheckpointManager's default prefix
 
@@ -33,41 +34,35 @@ class CheckpointError(console.UserError):
 
 class RunCheckpoints:
     """A training run's checkpoints of its run.state.TrainingState, which rank 0 writes; every
-    rank's RunPoint rides in them. Vocabulary-parallel, every rank writes its rows of the tables
-    into a checkpoint first (the log directory must be on a filesystem every node sees, as a
-    cluster's is). In a two-level run (`nodes`) every node holds the same state at the outer
-    steps where checkpoints are taken: the ranks of the first node write the parts."""
+    rank's RunPoint rides in them. `parts` (the sync mode's run.modes.CheckpointParts): when
+    the tables are written in parts, each rank writes its own first (vocabulary-parallel, every
+    rank its rows; two-level, the first node's ranks their rows of the outer momentum), into the
+    log directory, which must be on a filesystem every node sees, as a cluster's is."""
 
-    def __init__(self, logdir, state, keep, ranks, nodes=ONE_NODE):
+    def __init__(self, logdir, state, keep, ranks, parts):
         self.state, self.ranks = state, ranks
-        if state.outer_momentum:  # each rank of a node holds the momentum of its own rows
-            parts, part = nodes.node.size, nodes.node.rank if nodes.index == 0 else None
-        elif state.model.vocab_parallel:
-            parts, part = ranks.size, ranks.rank
-        else:
-            parts, part = 1, None
-        self.keeper = CheckpointKeeper(logdir, state, keep, ranks, table_parts=parts, table_part=part)
+        self.keeper = CheckpointKeeper(logdir, state, keep, ranks, table_parts=parts.count, table_part=parts.mine)
 
     def restore(self, log, announce_new_run=True):
         """The RunPoint to start from: the latest checkpoint's, exactly, when it was written by as
         many ranks with the same batch and seed; else its weights from the start of the data;
         without a checkpoint, step 0. Says which in one line through `log` (a new run only if
-        `announce_new_run`: one that --init_from starts says so itself)."""
+        `announce_new_run`: one that --init_from starts says so itself), and what the records
+        beside the run position said as they loaded."""
         path = self.keeper.restore_latest(log)
         if not path:
             if announce_new_run:
                 log("starting from scratch")
             return RunPoint.start(int(self.state.step), self.state.model)
-        point, unusable = self.state.restored_point(self.ranks)
+        point, unusable, notes = self.state.restored_point(self.ranks)
         if unusable:
             log(f"resumed from {path} at step {point.step}; {unusable}: the data order restarts "
                 "and the LSTM rows start from zero")
         else:
             log(f"resumed from {path} at step {point.step} (epoch {point.position.epoch}, the same data position "
                 "and LSTM rows)")
-        regrouping = self.state.regrouping()
-        if regrouping:
-            log(regrouping)
+        for note in notes:
+            log(note)
         return point
 
     def any_on_disk(self):
@@ -157,8 +152,8 @@ def load_run_hparams(logdir):
 
 class CheckpointKeeper:
     """Latest-N checkpoints of `state` plus the best-by-heldout one; only rank 0 saves, after
-    the ranks wrote their parts of the tables when there are `table_parts` (vocabulary-parallel,
-    two-level): this rank part number `table_part`, or none."""
+    the ranks wrote their parts of the tables when there are `table_parts` (RunCheckpoints):
+    this rank part number `table_part`, or none."""
 
     def __init__(self, logdir, state, max_to_keep, ranks=ONE_PROCESS, table_parts=1, table_part=None):
         self.logdir, self.state, self.ranks, self.table_parts = logdir, state, ranks, table_parts

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from lm1b_hvd import console
 from lm1b_hvd.data.dataset import DataError, pack_batches
-from lm1b_hvd.exchange.ranks import ONE_PROCESS
+from lm1b_hvd.ranks import ONE_PROCESS
 from lm1b_hvd.model.averaging import evaluation_weights
 from lm1b_hvd.run.checkpoints import first_line
 

@@ -14,14 +14,10 @@ import time
 from lm1b_hvd import console, devices, hparams
 from lm1b_hvd.data import dataset, demo_corpus, vocab
 from lm1b_hvd.exchange import collectives
-from lm1b_hvd.exchange.ranks import ONE_NODE
-from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
-from lm1b_hvd.model.language_model import LSTMPLanguageModel
-from lm1b_hvd.run import checkpoints, evaluation, init_from, reporting, stop_requests, watchdog
+from lm1b_hvd.run import checkpoints, evaluation, init_from, reporting, stack, stop_requests, watchdog
 from lm1b_hvd.run.lock import RunLock
-from lm1b_hvd.run.state import RunPoint, TrainingState
-from lm1b_hvd.update.outer import OuterStep
-from lm1b_hvd.update.step import Trainer, Votes
+from lm1b_hvd.run.position import RunPoint
+from lm1b_hvd.update.step import Votes
 
 
 class StopReason(enum.Enum):
@@ -74,38 +70,30 @@ def check_finite(stats, step):
 
 class Run:
     """What one training run is made of, set up once from the train command's config: the ranks,
-    the data shares of this rank, the model, its state and trainer, the evaluator, the
-    checkpoints and the reports. The loop (train_steps) calls it."""
+    the data shares of this rank, the training stack (run.stack: sync mode, model, state,
+    trainer), the evaluator, the checkpoints and the reports. The loop (train_steps) calls it."""
 
     def __init__(self, config):
         self.hps = hparams.build(config.preset, config.hpconfig)
-        self.ranks = collectives.init(stall_warning_seconds=watchdog.stall_warning_seconds(config.step_timeout),
-                                      process_sets=bool(self.hps.outer_every))
+        self.ranks = stack.start_ranks(self.hps, watchdog.stall_warning_seconds(config.step_timeout))
         devices.check_gpus_used(config.allow_cpu)
         self.config = config
         self.lock = RunLock(config.logdir)
         self.datadir = config.datadir or demo_corpus.ensure_demo_corpus()
         dataset.check_datadir(self.datadir)
         self.vocab = vocab.load(os.path.join(self.datadir, dataset.VOCAB_FILE))
-        if self.hps.vocab_parallel and config.elastic:
-            raise console.UserError("--elastic cannot be used with vocab_parallel=true: an elastic reset would have "
-                                    "to re-shard the vocabulary's rows over the new ranks, which this trainer does not "
-                                    "do; drop one of the two")
-        self.nodes = self._nodes()
+        built = stack.build(self.hps, len(self.vocab), self.ranks,
+                            stack.Launch(ranks_per_node=config.ranks_per_node, elastic=config.elastic))
+        self.mode, self.model, self.state, self.trainer = built.mode, built.model, built.state, built.trainer
         self.init_source = init_from.check(config.init_from, self.hps) if config.init_from else None
-        exchange = vocab_exchange(self.hps, len(self.vocab), self.nodes.stepping(self.ranks))
         self._take_logdir()  # after the checks that only read, before the first write
         checkpoints.check_or_write_hparams(config.logdir, self.hps, len(self.vocab), write=self.ranks.is_root)
         if self.ranks.is_root:
             init_from.keep_vocabulary(config.logdir, self.datadir)
         self.train_data, self.heldout = self._data_shares()
-        self.model = LSTMPLanguageModel(self.hps, len(self.vocab), vocab_exchange=exchange)
-        self.state = TrainingState(self.model, nodes=self.nodes)
-        self.trainer = Trainer(self.state, self.ranks, nodes=self.nodes)
-        self.outer = OuterStep(self.state, self.nodes, self.hps) if self.state.outer_momentum else None
         self.evaluator = evaluation.Evaluator(self.model, self.state.ema, self.ranks, report=self.log)
         self.checkpoints = checkpoints.RunCheckpoints(config.logdir, self.state, config.keep_checkpoints, self.ranks,
-                                                      self.nodes)
+                                                      self.mode.checkpoint_parts())
         self.summaries = reporting.Summaries(config.logdir, self.ranks.is_root)
         self.profile = reporting.ProfileWindow(config.logdir, config.profile_steps, self.ranks.is_root)
         self.stop_requests = stop_requests.StopRequests()
@@ -114,42 +102,6 @@ class Run:
     def log(self, message):
         if self.ranks.is_root:
             console.say(message)
-
-    def _nodes(self):
-        """The NodeGroups of a run with outer steps (hparam outer_every), else one node: every
-        rank synchronous. Refuses what a two-level run cannot do, before anything is written."""
-        outer_every, config = self.hps.outer_every, self.config
-        if not outer_every:
-            return ONE_NODE
-        if config.elastic:
-            raise console.UserError(f"--elastic cannot be used with outer_every={outer_every}: an elastic reset would "
-                                    "have to re-form the nodes and their outer state, which this trainer does not do; "
-                                    "drop one of the two")
-        try:
-            nodes = collectives.node_groups(config.ranks_per_node)
-        except ValueError as err:
-            raise console.UserError(f"outer_every={outer_every}: {err}") from None
-        if nodes.two_level and self.hps.precision == "fp16":
-            raise console.UserError(f"outer_every={outer_every} cannot be used with precision=fp16: each node's "
-                                    "loss scale would drift from the others'; use precision=bf16 or fp32")
-        return nodes
-
-    def describe_levels(self):
-        """What the outer_every hparam does in this run, in one line (or None: synchronous)."""
-        hps, nodes = self.hps, self.nodes
-        if not hps.outer_every:
-            return None
-        if not nodes.two_level:
-            return (f"outer_every={hps.outer_every}: all {self.ranks.size} rank(s) are on one node, nothing to "
-                    "average between nodes: every step is synchronous")
-        line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
-                f"step between nodes every {hps.outer_every} steps (outer_lr {hps.outer_lr}, Nesterov "
-                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {'fp16' if hps.outer_fp16 else 'fp32'}); "
-                "evaluations and checkpoints at outer steps")
-        if self.config.max_steps % hps.outer_every:
-            last = self.config.max_steps - self.config.max_steps % hps.outer_every
-            line += f"; --max_steps {self.config.max_steps} ends with step {last}'s outer step"
-        return line
 
     def report_progress(self, progress, step):
         """The progress line of `step`, and its figures in L/progress.json for lm1b_hvd.status."""
@@ -171,7 +123,8 @@ class Run:
             raise console.UserError(refusal) if self.ranks.is_root else console.SaidByRankZero()
 
     def log_start(self):
-        """What the run is: ranks, data, devices (a collective: every rank calls it), hparams, plan."""
+        """What the run is: ranks, data, devices (a collective: every rank calls it), hparams,
+        plan, and how the ranks keep together."""
         self.log(f"lm1b_hvd: {self.ranks.size} rank(s), data {self.datadir}, vocabulary {len(self.vocab)}, "
                  f"logdir {self.config.logdir}")
         description = devices.describe(collectives.cores_per_rank())
@@ -179,7 +132,7 @@ class Run:
             self.log(line)
         self.log(f"hparams: {self.hps.to_string()}")
         self.log(self.model.plan.describe())
-        levels = self.describe_levels()
+        levels = self.mode.describe(self.config.max_steps)
         if levels:
             self.log(levels)
 
@@ -207,19 +160,13 @@ class Run:
             return
         self.log(init_from.start_from(self.init_source, self.state, self.vocab))
 
-    def start_outer_steps(self):
-        """Two-level: every node starts from rank 0's state (before the first step, since the
-        nodes differ after it), and that is the first anchor of the outer steps."""
-        self.state.broadcast_from_root(self.ranks)
-        self.outer.start()
-
     def roll_back(self, point, settled):
-        """Two-level, stopped between outer steps at `point`: back to `settled`, the last outer
-        step, which is what the checkpoint holds; a resume repeats the steps after it exactly."""
-        self.outer.roll_back()
-        self.log(f"stopped at step {point.step}, between outer steps: the checkpoint is the last outer step's, "
-                 f"step {settled.step} (a resume repeats steps {settled.step + 1}-{point.step})")
-        return settled
+        """Stopped at `point`, which is not settled (two-level, between outer steps): back to
+        `settled`, which is what the checkpoint holds; a resume repeats the steps after it exactly."""
+        point, said = self.mode.roll_back(point, settled)
+        if said:
+            self.log(said)
+        return point
 
     def training_batches(self, position):
         return dataset.prefetch(self.train_data.iterate_forever(
@@ -272,8 +219,8 @@ def train_steps(r, config, point, commit=None):
     checkpoint_every, checkpoint_clock = Every(steps=config.checkpoint_steps), Every(seconds=config.checkpoint_secs)
     commit_every = Every(steps=config.commit_steps if commit else 0)
     reason = StopReason.MAX_STEPS if config.max_steps and point.step >= config.max_steps else None
-    # Two-level: evaluations and checkpoints wait for an outer step, where every node holds the
-    # same state; `settled` is the last such point.
+    # Evaluations, checkpoints and the end wait for a settled point (the sync mode's: in a
+    # two-level run an outer step, where every node holds the same state); `settled` is the last.
     settled, evaluation_due, checkpoint_due = point, False, False
     r.watchdog.start(point.step)
 
@@ -288,14 +235,10 @@ def train_steps(r, config, point, commit=None):
         point = RunPoint(point.step + 1, next_position, row_state)
         r.profile.after_step(point.step)
         check_finite(stats, point.step)
-        if point.step == start_step + 1 and not r.outer:
-            r.state.broadcast_from_root(r.ranks)
         r.watchdog.beat(point.step)
 
-        # outer step (two-level): the nodes meet every outer_every steps
-        if r.outer and point.step % r.hps.outer_every == 0:
-            r.outer.step()
-        if r.outer is None or r.outer.last_step == point.step:
+        # after the step, as the sync mode says (rank 0's state broadcast, an outer step)
+        if r.mode.after_step(point.step, first=point.step == start_step + 1):
             settled = point
 
         # stop?
@@ -369,8 +312,7 @@ def train(config):
                 resumed = r.checkpoints.any_on_disk()
                 point = r.checkpoints.restore(r.log, announce_new_run=not r.init_source)
                 r.initialise(resumed)
-                if r.outer:
-                    r.start_outer_steps()
+                r.mode.start()
             if config.elastic:
                 point, reason = train_elastic(r, config, point)
             else:

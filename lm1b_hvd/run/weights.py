@@ -6,15 +6,15 @@ import typing
 
 from lm1b_hvd.data import dataset, vocab as vocab_lib
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.model.pieces import ModelWeights
 from lm1b_hvd.run import checkpoints
-from lm1b_hvd.run.state import TrainingState
 
 
 class RunWeights(typing.NamedTuple):
     """What reading a run's weights needs: its model and averages, no optimizer."""
     hps: object  # the run's HParams
     vocab: vocab_lib.Vocabulary
-    state: TrainingState  # for_training=False: the model and its EMA; restore(path) reads them
+    state: ModelWeights  # the model and its EMA; restore(path) reads them
 
 
 def run_weights(logdir, datadir, precision=None):
@@ -28,4 +28,4 @@ def run_weights(logdir, datadir, precision=None):
     # One process holds every row, whichever way the run's ranks held them.
     here = hps.replace(kernels="auto", vocab_parallel=False,
                        **(dict(precision=precision, xla=False) if precision else {}))
-    return RunWeights(hps, words, TrainingState(LSTMPLanguageModel(here, len(words)), for_training=False))
+    return RunWeights(hps, words, ModelWeights(LSTMPLanguageModel(here, len(words))))

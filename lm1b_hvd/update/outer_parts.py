@@ -1,13 +1,13 @@
-"""Which rows of each parameter a rank owns at outer steps (update.outer), and the outer
-momentum of those rows: the part of the outer state that a checkpoint holds. No collective
-here, so that run.state (and through it `score`, `sample`, `export`) needs no Horovod."""
+"""Which rows of each weight a rank owns at outer steps (update.outer), and the outer momentum of
+those rows: the part of the outer state that a checkpoint holds. No collective here, so that a
+sync mode (run.modes) can declare the momentum as pieces of the state without Horovod."""
 import typing
 
 import tensorflow as tf
 
 from lm1b_hvd.model import tables
 
-MOMENTUM_PREFIX = "outer_momentum/"  # checkpoint keys of the outer momentum, one per parameter
+MOMENTUM_PREFIX = "outer_momentum/"  # checkpoint keys of the outer momentum, one per weight
 
 
 class OwnedPart(typing.NamedTuple):
@@ -22,24 +22,28 @@ class OwnedPart(typing.NamedTuple):
     logical_rows: tables.Rows
 
 
-def owned_parts(model, node):
-    """The OwnedPart of every trained variable of `model` on this rank of `node` (a Ranks)."""
+def owned_parts(pieces, node):
+    """The OwnedPart of every variable of `pieces` (model.pieces.Piece, the weights an outer step
+    steps) on this rank of `node` (a Ranks). Of a piece every rank of the node holds alike, each
+    rank owns 1/K of each variable's rows; of a vocabulary-parallel table, the rows it holds."""
     parts = []
-    for variable in model.lstm_variables:
-        rows = tables.owned_rows(variable.shape[0], node.rank, node.size)
-        shape = tuple(variable.shape)
-        logical = tables.VocabTable(_name(variable), shape[0], shape[1:] or None, [])
-        parts.append(OwnedPart(variable, rows, node.size > 1, MOMENTUM_PREFIX + _name(variable), logical, rows))
-    for name, table in model.tables.named():
-        for held, variable in table.blocks:
-            if model.vocab_parallel:
-                rows, logical_rows = tables.Rows(0, variable.shape[0]), held
-            else:
+    for piece in pieces:
+        gathered = piece.shared and node.size > 1
+        if piece.kind != "table":  # variables of their own: each its own logical matrix
+            for variable in piece.variables:
+                rows = tables.owned_rows(variable.shape[0], node.rank, node.size)
+                shape = tuple(variable.shape)
+                logical = tables.VocabTable(_name(variable), shape[0], shape[1:] or None, [])
+                parts.append(OwnedPart(variable, rows, gathered, MOMENTUM_PREFIX + _name(variable), logical, rows))
+            continue
+        for held, variable in piece.value.blocks:
+            if piece.shared:
                 rows = tables.owned_rows(variable.shape[0], node.rank, node.size)
                 logical_rows = tables.Rows(min(held.first + rows.first, held.stop),
                                            min(held.first + rows.stop, held.stop))
-            parts.append(OwnedPart(variable, rows, not model.vocab_parallel and node.size > 1,
-                                   MOMENTUM_PREFIX + tables.KEY_PREFIX + name, table, logical_rows))
+            else:
+                rows, logical_rows = tables.Rows(0, variable.shape[0]), held
+            parts.append(OwnedPart(variable, rows, gathered, MOMENTUM_PREFIX + piece.key, piece.value, logical_rows))
     return parts
 
 
@@ -52,12 +56,12 @@ def owned(variable, rows):
 
 
 class OuterMomentum:
-    """The outer momentum of the rows this rank owns, as slices of each parameter's logical
-    matrix (tables.VocabTable): a checkpoint holds each whole, and a run on any number of nodes
-    and ranks per node reads back the rows it owns."""
+    """The outer momentum of the rows this rank owns (`parts`, owned_parts'), as slices of each
+    weight's logical matrix (tables.VocabTable): a checkpoint holds each whole, and a run on any
+    number of nodes and ranks per node reads back the rows it owns."""
 
-    def __init__(self, model, node):
-        self.parts = owned_parts(model, node)
+    def __init__(self, parts):
+        self.parts = parts
         self.variables = [tf.Variable(tf.zeros_like(owned(part.variable, part.rows)), trainable=False,
                                       name=f"{_name(part.variable)}_outer_momentum") for part in self.parts]
         by_key = {}
@@ -67,7 +71,7 @@ class OuterMomentum:
                                                blocks)) for key, (logical, blocks) in by_key.items()]
 
     def named(self):
-        """(checkpoint key, VocabTable) of each parameter's momentum."""
+        """(checkpoint key, VocabTable) of each weight's momentum."""
         return self.tables
 
     def zero(self):

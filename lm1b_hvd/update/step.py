@@ -12,7 +12,7 @@ import dataclasses
 import tensorflow as tf
 
 from lm1b_hvd.exchange.gradients import GradientExchange, Traffic, tensor_bytes
-from lm1b_hvd.exchange.ranks import ONE_NODE, ONE_PROCESS
+from lm1b_hvd.ranks import ONE_PROCESS
 from lm1b_hvd.model import tables
 from lm1b_hvd.model.language_model import batch_major
 from lm1b_hvd.model.step_seeds import step_seed
@@ -79,20 +79,19 @@ def _names(record):
 
 class Trainer:
     """The compiled training step of a run.state.TrainingState (its model, optimizer, EMA),
-    whose gradients travel between `ranks`; in a two-level run (`nodes`, an
-    exchange.ranks.NodeGroups of more than one node, with outer steps) between the ranks of
-    this rank's node, and the EMA moves at outer steps only (update.outer). The step's
-    statistics and votes are summed over every rank either way.
+    whose gradients travel between `exchange_ranks` (default: `ranks`; in a two-level run the
+    ranks of this rank's node, run.modes). The step's statistics and votes are summed over every
+    rank of `ranks` either way. `averages_each_step=False`: the EMA is left to the sync mode
+    (a two-level run moves it at outer steps, update.outer).
 
     `exchange=False` skips the gradient exchange (each rank applies its own gradients): the
     bench's baseline for what the exchange costs, never a way to train."""
 
-    def __init__(self, state, ranks=ONE_PROCESS, exchange=True, nodes=ONE_NODE):
+    def __init__(self, state, ranks=ONE_PROCESS, exchange=True, exchange_ranks=None, averages_each_step=True):
         hps = state.model.hps
         self.state, self.model, self.ranks = state, state.model, ranks
-        two_level = bool(hps.outer_every) and nodes.two_level
-        self.exchange_ranks = nodes.stepping(ranks) if two_level else ranks
-        self.average_each_step = not two_level
+        self.exchange_ranks = exchange_ranks or ranks
+        self.average_each_step = averages_each_step
         self.exchange = GradientExchange(self.exchange_ranks, hps) if exchange else None
         # XLA compiles the dense middle of the step: LSTM layers and softmax math, forward and
         # backward. Gathers from the shards, candidate sampling and the exchange stay outside.

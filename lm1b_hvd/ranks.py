@@ -4,9 +4,8 @@ Library code that acts together with other ranks (a checkpoint every rank writes
 evaluation whose sums every rank adds to, a decision every rank must take alike) takes a `Ranks`
 instead of calling Horovod: one process here, with no Horovod import, so that `score`, `sample`
 and `export` load a model without the distributed stack; exchange.collectives.HorovodRanks is
-the same interface over Horovod's ranks.
+the same interface over Horovod's ranks (or one of its process sets).
 """
-import typing
 
 
 class Ranks:
@@ -54,25 +53,3 @@ class Ranks:
 
 
 ONE_PROCESS = Ranks()
-
-
-class NodeGroups(typing.NamedTuple):
-    """The two levels of a run across nodes (update.outer): `node`, the ranks of this rank's node,
-    which exchange every step; `across`, the ranks at this rank's position in every node, which
-    hold the same parameters and meet at outer steps; `count` nodes, of which this is number
-    `index`. One node: `node` is every rank and nothing is across."""
-    node: Ranks
-    across: Ranks
-    count: int
-    index: int
-
-    @property
-    def two_level(self):
-        return self.count > 1
-
-    def stepping(self, ranks):
-        """The ranks a step exchanges between: the node's in a two-level run, else `ranks` (all)."""
-        return self.node if self.two_level else ranks
-
-
-ONE_NODE = NodeGroups(node=ONE_PROCESS, across=ONE_PROCESS, count=1, index=0)

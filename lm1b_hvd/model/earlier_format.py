@@ -10,14 +10,17 @@ from lm1b_hvd.model import tables
 TABLE_NAMES = ("embedding", "softmax_w", "softmax_b")  # the earlier format's tables, never tied
 
 
-def restore(state, path, saved):
-    """Restores a run.state.TrainingState from the earlier-format checkpoint `path` (`saved`: its
-    keys); the tables' averages (which that format never held) start at the restored weights."""
-    model, optimizer = state.model, state.optimizer
+def restore(state, path, saved, optimizer_slots):
+    """Restores model.pieces.ModelWeights (or a run.state.TrainingState) from the earlier-format
+    checkpoint `path` (`saved`: its keys), and the slots into `optimizer_slots` (the optimizer
+    and the tables' accumulators, or None and none); the tables' averages (which that format
+    never held) start at the restored weights."""
+    model = state.model
+    optimizer, table_accumulators = optimizer_slots
     reader = tf.train.load_checkpoint(path)
     shapes = reader.get_variable_to_shape_map()
     old_blocks = sum(1 for key in shapes if key.startswith("model/embedding/"))
-    old_rows = shapes["model/embedding/0/.ATTRIBUTES/VARIABLE_VALUE"][0]
+    old_rows = shapes[pinned_stack.checkpoint_value_key("model/embedding/0")][0]
     state.restore_objects(path, saved, skip=("optimizer",))  # its slots are read below, by their keys
     n_lstm = len(model.lstm_variables)
     # The earlier optimizer's slot k + 1 is the accumulator of the earlier model's variable k:
@@ -26,15 +29,15 @@ def restore(state, path, saved):
              [1 + 2 * old_blocks + n_lstm])
     for name, table in zip(TABLE_NAMES, model.tables):
         if name == "softmax_b":
-            _read_blocks(reader, table, ["model/softmax_b/.ATTRIBUTES/VARIABLE_VALUE"], model.vocab_size)
+            _read_blocks(reader, table, [pinned_stack.checkpoint_value_key("model/softmax_b")], model.vocab_size)
         else:
-            _read_blocks(reader, table, [f"model/{name}/{b}/.ATTRIBUTES/VARIABLE_VALUE" for b in range(old_blocks)],
+            _read_blocks(reader, table, [pinned_stack.checkpoint_value_key(f"model/{name}/{b}") for b in range(old_blocks)],
                          old_rows)
     if optimizer is not None:
         optimizer.iterations.assign(reader.get_tensor(pinned_stack.keras_optimizer_iterations_key()))
         for index, accumulator in enumerate(optimizer.accumulators()):
             accumulator.assign(reader.get_tensor(pinned_stack.keras_optimizer_slot_key(1 + old_blocks + index)))
-        for table, accumulator_slots in zip(state.table_accumulators, slots):
+        for table, accumulator_slots in zip(table_accumulators, slots):
             rows = old_rows if len(accumulator_slots) > 1 else model.vocab_size
             _read_blocks(reader, table, [pinned_stack.keras_optimizer_slot_key(k) for k in accumulator_slots], rows)
     for piece in state.pieces:

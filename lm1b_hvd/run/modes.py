@@ -1,0 +1,221 @@
+"""How the ranks of a run keep together: the sync mode, chosen once from the hparams and the
+nodes (`choose`).
+
+- `Synchronous`: every step's gradients are exchanged over every rank; rank 0's state is
+  broadcast after the first step. Every point between two steps is settled.
+- `TwoLevel` (hparam outer_every=H on more than one node): every step inside a node, an outer
+  step between the nodes every H steps (update.outer); the nodes start from rank 0's state, and
+  only the points of outer steps are settled: evaluations, checkpoints and the end of a run wait
+  for them, and a run stopped between them goes back to the last.
+
+A mode owns what differs between them: the ranks a step exchanges between, the pieces of state
+it keeps beyond the synchronous ones, the start, what follows each step and whether the point is
+settled, the roll-back of a stop, the start line, which checkpoint parts each rank writes, and
+its share of the bench's figures. The loop (run.loop), the bench and the checkpoints ask the
+mode, never the hparams.
+"""
+import statistics
+import time
+import typing
+
+from lm1b_hvd.model.pieces import Piece, Travel
+from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.outer import OuterStep
+from lm1b_hvd.update.outer_parts import OuterMomentum, owned_parts
+
+
+class CheckpointParts(typing.NamedTuple):
+    """How many parts of the tables are written apart before a checkpoint is merged (1: rank 0
+    writes them all), and which one this rank writes (None: none)."""
+    count: int = 1
+    mine: int = None
+
+
+def may_span_nodes(hps):
+    """Whether a run of these hparams asks for nodes (outer steps), so that Horovod must be able
+    to make process sets for them."""
+    return bool(hps.outer_every)
+
+
+def choose(hps, ranks, nodes=None):
+    """The sync mode of a run: two-level when `nodes` (exchange.collectives.NodeGroups, made for
+    a run that may_span_nodes) has more than one node, else synchronous (on one node, saying so)."""
+    if nodes is not None and nodes.count > 1:
+        return TwoLevel(hps, ranks, nodes)
+    note = None
+    if may_span_nodes(hps):
+        note = (f"outer_every={hps.outer_every}: all {ranks.size} rank(s) are on one node, nothing to average between "
+                "nodes: every step is synchronous")
+    return Synchronous(hps, ranks, note)
+
+
+class NodeLayout:
+    """The nodes of a two-level run, [count, ranks per node] (None: synchronous), as a record
+    beside the run position; loading the saved one says what a restore on other nodes does."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def state(self):
+        return self.layout
+
+    def load(self, saved):
+        """The line that says what becomes of the checkpoint's outer momentum ('' when the run's
+        nodes are the checkpoint's, or neither is two-level)."""
+        now = self.layout
+        if saved == now:
+            return ""
+        if now is None:
+            return (f"the checkpoint's run was two-level ({saved[0]} nodes x {saved[1]} ranks): its outer momentum is "
+                    "not used")
+        if saved is None:
+            return "the checkpoint's run was synchronous: the outer momentum starts at zero"
+        return (f"the checkpoint's run had {saved[0]} nodes x {saved[1]} ranks, this one {now[0]} x {now[1]}: "
+                "each rank reads the outer momentum of the rows it owns now")
+
+
+class Synchronous:
+    """Every step over every rank (`ranks`); `note`, what the start line says of it (or None)."""
+    period = 1  # steps from one settled point to the next
+    averages_each_step = True
+    step_exchange_where = ""  # what the bench says of where a step's exchange runs: between every rank
+
+    def __init__(self, hps, ranks, note=None):
+        self.hps, self.ranks, self.note = hps, ranks, note
+        self.stepping = ranks  # the ranks a step's gradients travel between
+        self.state = None
+
+    def training_state(self, model):
+        """The TrainingState of `model` with this mode's pieces, which the mode keeps."""
+        self.state = TrainingState(model)
+        # The run's nodes: none (a two-level checkpoint's momentum is not used, and the restore says so).
+        self.state.add([Piece("run_position/nodes", "json", NodeLayout(None), [], travel=Travel.OUTER)])
+        return self.state
+
+    def start(self):
+        """Before the first step (after any restore): nothing; rank 0's state is broadcast after
+        the first step, which makes what Keras builds lazily."""
+
+    def after_step(self, step, first):
+        """After step `step` (`first`: this process's first): whether the point it reached is
+        settled (every rank may evaluate, checkpoint or stop here)."""
+        if first:
+            self.state.broadcast_from_root(self.ranks)
+        return True
+
+    def roll_back(self, point, settled):
+        """(the point to save at a stop at `point`, and a line saying so, or None); `settled`,
+        the last settled point."""
+        return point, None
+
+    def describe(self, max_steps=0):
+        """The start line that says how the ranks keep together, or None."""
+        return self.note
+
+    def checkpoint_parts(self):
+        """Vocabulary-parallel, every rank writes the rows it holds; else rank 0 writes all."""
+        if self.state.model.vocab_parallel:
+            return CheckpointParts(self.ranks.size, self.ranks.rank)
+        return CheckpointParts()
+
+    def bench_lines(self, timed_steps, step_seconds):
+        """The bench's figures of what this mode did beside the `timed_steps` steps since
+        start_timing (a collective); `step_seconds`, a step's time with it."""
+        return []
+
+    def seconds_beside_steps(self):
+        """What this mode spent beside the timed steps, since the bench started timing."""
+        return 0.0
+
+    def start_timing(self):
+        """The bench times from here."""
+
+
+class OuterTiming(typing.NamedTuple):
+    """An outer step: what crossed between the nodes (update.outer.OuterExchange), and how long
+    it took."""
+    exchange: object
+    seconds: float
+
+
+class TwoLevel(Synchronous):
+    """Synchronous inside each node of `nodes` (exchange.collectives.NodeGroups), an outer step
+    between the nodes every hparam outer_every steps."""
+    averages_each_step = False  # the averages move at outer steps (update.outer)
+    step_exchange_where = "inside a node, "
+
+    def __init__(self, hps, ranks, nodes):
+        super().__init__(hps, ranks)
+        self.nodes, self.period = nodes, hps.outer_every
+        self.stepping = nodes.node
+        self.outer, self.timings = None, []
+
+    def training_state(self, model):
+        state = TrainingState(model)
+        # The outer momentum of the rows each rank owns at outer steps (missing, a synchronous
+        # run's checkpoint: none yet), and the nodes.
+        momentum = OuterMomentum(owned_parts(state.of(Travel.STEPPED), self.nodes.node))
+        state.add([*(Piece(key, "table", table, table.variables, shared=False, if_missing=momentum.zero,
+                           travel=Travel.OUTER) for key, table in momentum.named()),
+                   Piece("run_position/nodes", "json", NodeLayout([self.nodes.count, self.nodes.node.size]), [],
+                         travel=Travel.OUTER)])
+        self.state, self.outer = state, OuterStep(state, self.nodes, self.hps, momentum)
+        return state
+
+    def start(self):
+        """Every node starts from rank 0's state (before the first step, since the nodes differ
+        after it), and that is the first anchor of the outer steps."""
+        self.state.broadcast_from_root(self.ranks)
+        self.outer.start()
+
+    def after_step(self, step, first):
+        if step % self.period == 0:
+            started = time.perf_counter()
+            exchange = self.outer.step()
+            self.timings.append(OuterTiming(exchange, time.perf_counter() - started))
+        return self.outer.last_step == step
+
+    def roll_back(self, point, settled):
+        self.outer.roll_back()
+        return settled, (f"stopped at step {point.step}, between outer steps: the checkpoint is the last outer step's, "
+                         f"step {settled.step} (a resume repeats steps {settled.step + 1}-{point.step})")
+
+    def describe(self, max_steps=0):
+        hps, nodes = self.hps, self.nodes
+        line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
+                f"step between nodes every {self.period} steps (outer_lr {hps.outer_lr}, Nesterov "
+                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {'fp16' if hps.outer_fp16 else 'fp32'}); "
+                "evaluations and checkpoints at outer steps")
+        if max_steps % self.period:
+            line += f"; --max_steps {max_steps} ends with step {max_steps - max_steps % self.period}'s outer step"
+        return line
+
+    def checkpoint_parts(self):
+        """Every node holds the same state at an outer step: the ranks of the first node write
+        the parts, each the momentum of its own rows (and, vocabulary-parallel, its tables' rows)."""
+        node = self.nodes.node
+        return CheckpointParts(node.size, node.rank if self.nodes.index == 0 else None)
+
+    def start_timing(self):
+        self.timings = []
+
+    def seconds_beside_steps(self):
+        return sum(timing.seconds for timing in self.timings)
+
+    def bench_lines(self, timed_steps, step_seconds):
+        ranks, every = self.ranks, self.period
+        exchanges = [timing.exchange for timing in self.timings]
+        across = ranks.gather_numbers([statistics.mean(e.across_bytes for e in exchanges) / every])
+        inside = ranks.gather_numbers([self.outer.inside_bytes() / every])
+        changed = ranks.gather_numbers([sum(e.rows_changed for e in exchanges), sum(e.rows_owned for e in exchanges)])
+        return [
+            f"outer steps: {len(self.timings)} in the {timed_steps} timed steps (one every {every}), median "
+            f"{statistics.median(timing.seconds for timing in self.timings) * 1e3:,.1f} ms each; with them, "
+            f"{step_seconds * 1e3:,.1f} ms a step",
+            f"between nodes, outer allreduce: sent {statistics.mean(across) / 1e6:,.3f} MB, received "
+            f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {every}; "
+            f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, "
+            f"{'fp16' if self.hps.outer_fp16 else 'fp32'})",
+            f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "
+            f"rank per step (each outer step's / {every})",
+        ]
