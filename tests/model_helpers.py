@@ -1,10 +1,22 @@
 """The model's values in the forms tests compare with references: a table's rows as one array, and
 the losses with batch-major outputs in, per-token values out (the model itself takes the LSTM's
-time-major chunks, as training produces them)."""
+time-major chunks, as training produces them); and the mark of tests that need the CPU kernels."""
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from lm1b_hvd.model import ops
+from lm1b_hvd import hparams
+from lm1b_hvd.model import cpu_kernels, ops
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.built(), reason="a GPU install: no CPU kernels built")
+
+
+def tiny_hparams(**changes):
+    """The tiny model of the tests that build one in-process (3 shards, so that a small vocabulary
+    pads the last), with `changes`, checked as an --hpconfig would be."""
+    base = dict(batch_size=3, num_steps=4, num_shards=3, num_layers=1, emb_size=8, state_size=12, projected_size=6,
+                num_sampled=5, keep_prob=1.0)
+    return hparams.validate(hparams.HParams(**{**base, **changes}))
 
 
 def whole(table):

@@ -1,43 +1,24 @@
 """Bad input to the trainer, each from the command line as a user would give it: one line on
 stderr naming the file, line or key at fault, a non-zero exit, and every file already in the
 log directory left exactly as it was."""
-import hashlib
 import re
 import shutil
-import sys
 
 import pytest
 
-from tests.conftest import run, write_tiny_demo_corpus
+from tests.helpers import TINY, run, snapshot, train, train_command
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 
-TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
 VOCAB = "1b_word_vocab.txt"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_corpus, tmp_path_factory):
     """A corpus and a log directory holding a 3-step run's checkpoints."""
-    root = tmp_path_factory.mktemp("bad-input")
-    corpus = write_tiny_demo_corpus(root / "demo")
-    logdir = root / "log"
-    result = run(train_args(corpus, logdir, "--max_steps", "3"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return corpus, logdir
-
-
-def train_args(corpus, logdir, *extra, hpconfig=TINY):
-    return [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir),
-            "--preset", "demo", "--hpconfig", hpconfig, "--log_every", "1000", *extra]
-
-
-def snapshot(directory, but=()):
-    """{relative path: sha256} of every file under `directory`, except the names in `but`."""
-    if not directory.is_dir():
-        return {}
-    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(directory.rglob("*")) if path.is_file() and path.name not in but}
+    logdir = tmp_path_factory.mktemp("bad-input") / "log"
+    train(tiny_corpus, logdir, max_steps=3)
+    return tiny_corpus, logdir
 
 
 def corpus_copy(corpus, destination, edit_vocab=None, drop_train=False):
@@ -162,8 +143,8 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_no_damage(trained, tmp_path, 
     # run.lock is rewritten by every run that takes the directory, refused or not: it names the
     # last holder, and holds nothing of the run's
     before = snapshot(logdir, but=("run.lock",))
-    result = run(train_args(setup.get("corpus", corpus), logdir, "--max_steps", "6", *setup.get("extra", []),
-                            hpconfig=setup.get("hpconfig", TINY)))
+    result = run(train_command(setup.get("corpus", corpus), logdir, *setup.get("extra", []), max_steps=6,
+                               hpconfig=setup.get("hpconfig", TINY)))
     assert result.returncode != 0
     stderr = result.stderr.strip().splitlines()
     assert stderr and "Traceback" not in result.stderr, result.stderr[-3000:]

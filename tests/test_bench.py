@@ -8,11 +8,12 @@ import pytest
 
 from lm1b_hvd import hparams
 from lm1b_hvd.model.cost import parameter_count, table_bytes_per_row, training_flops_per_word
-from tests.conftest import run
-from tests.test_multiprocess import horovodrun
+from tests.helpers import horovodrun, run
 
-TINY = ["--preset", "demo", "--hpconfig", "batch_size=8,state_size=64,projected_size=32,emb_size=32,num_sampled=64",
-        "--vocab", "500", "--steps", "3", "--warmup", "1"]
+# A demo-shaped model large enough that its exchange and its matmuls are measurable, on a small
+# vocabulary: the bench's flags, the hparams at BENCH[3].
+BENCH = ["--preset", "demo", "--hpconfig", "batch_size=8,state_size=64,projected_size=32,emb_size=32,num_sampled=64",
+         "--vocab", "500", "--steps", "3", "--warmup", "1"]
 
 
 def test_flops_per_word_of_the_original_model():
@@ -70,10 +71,10 @@ def figures(stdout):
 
 
 def test_one_process_prints_consistent_figures():
-    result = run([sys.executable, "-m", "lm1b_hvd.bench", *TINY])
+    result = run([sys.executable, "-m", "lm1b_hvd.bench", *BENCH])
     assert result.returncode == 0, result.stderr[-3000:]
     got = figures(result.stdout)
-    hps = hparams.build("demo", TINY[3])
+    hps = hparams.build("demo", BENCH[3])
     assert got.words == pytest.approx(hps.batch_size * hps.num_steps / (got.step_ms / 1e3), rel=0.02)
     flops = training_flops_per_word(hps, 500)
     assert f"model FLOPs per word: {flops / 1e6:,.1f} M" in result.stdout
@@ -100,7 +101,7 @@ DENSE_MB = ((32 + 32) * 4 * 64 + 4 * 64 + 64 * 32) * 4 / 1e6
 @pytest.mark.slow
 @pytest.mark.parametrize("exchange", [True, False])
 def test_two_ranks_report_the_exchange_and_every_rank_memory(exchange):
-    result = horovodrun(["-m", "lm1b_hvd.bench", *TINY, *([] if exchange else ["--no_exchange"])])
+    result = horovodrun(["-m", "lm1b_hvd.bench", *BENCH, *([] if exchange else ["--no_exchange"])])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     memory = figures(result.stdout).memory
     assert re.search(r"words/s: [\d,]+ over 2 rank\(s\) \(160 words per rank per step\)", result.stdout)
@@ -124,10 +125,10 @@ GROUPED_DENSE_MB = ((32 + 32) * 4 * 64 // 2 + 4 * 64 + 64 * 32) * 4 / 1e6
 
 @pytest.mark.slow
 def test_g_lstm_allreduces_its_smaller_gradients_and_memory_is_projected_to_lm1b():
-    result = horovodrun(["-m", "lm1b_hvd.bench", *TINY[:3], TINY[3] + ",lstm_groups=2", *TINY[4:]])
+    result = horovodrun(["-m", "lm1b_hvd.bench", *BENCH[:3], BENCH[3] + ",lstm_groups=2", *BENCH[4:]])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert traffic(result.stdout)["allreduce"] == pytest.approx((GROUPED_DENSE_MB, GROUPED_DENSE_MB), abs=0.006)
-    hps = hparams.build("demo", TINY[3] + ",lstm_groups=2")
+    hps = hparams.build("demo", BENCH[3] + ",lstm_groups=2")
     for vocab in (500, 793_470):
         count = parameter_count(hps, vocab)
         assert f"parameters at vocabulary {vocab:,}: {count.total / 1e6:,.1f} M" in result.stdout
@@ -139,7 +140,7 @@ def test_g_lstm_allreduces_its_smaller_gradients_and_memory_is_projected_to_lm1b
 @pytest.mark.slow
 def test_the_tapes_exchange_is_counted_as_the_original_update_s():
     """grad_combine=tape moves the same tensors through Horovod's own tape."""
-    tape = horovodrun(["-m", "lm1b_hvd.bench", *TINY[:3], TINY[3] + ",grad_combine=tape", *TINY[4:]])
+    tape = horovodrun(["-m", "lm1b_hvd.bench", *BENCH[:3], BENCH[3] + ",grad_combine=tape", *BENCH[4:]])
     assert tape.returncode == 0, tape.stdout[-3000:] + tape.stderr[-3000:]
     moved = traffic(tape.stdout)
     assert moved["allreduce"] == pytest.approx((DENSE_MB, DENSE_MB), abs=0.006)
@@ -159,15 +160,16 @@ def test_two_level_splits_the_bytes_between_inside_a_node_and_across_nodes():
     between nodes each rank's half of every parameter's delta and accumulator, once per outer
     step, of the rows either node changed only; and after it, the other half from the node's
     other rank."""
-    args = [*TINY[:3], TINY[3] + ",outer_every=2", "--vocab", "500", "--steps", "4", "--warmup", "1"]
+    args = [*BENCH[:3], BENCH[3] + ",outer_every=2", "--vocab", "500", "--steps", "4", "--warmup", "1"]
     result = horovodrun(["-m", "lm1b_hvd.bench", *args, "--ranks_per_node", "2"], np_=4)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "two-level: 2 nodes x 2 rank(s), an outer step every 2 steps" in result.stdout
+    assert "two-level: 2 nodes x 2 rank(s); every step inside a node, an outer step between nodes every 2 steps" in (
+        result.stdout)
     assert re.search(r"outer steps: 2 in the 4 timed steps \(one every 2\), median [\d.]+ ms each; with them, "
                      r"[\d.]+ ms a step", result.stdout)
     inside = dict(re.findall(r"inside a node, (allreduce|allgather): sent ([\d.]+) MB", result.stdout))
     assert float(inside["allreduce"]) == pytest.approx(DENSE_MB, abs=0.006), "the node's ranks allreduce the LSTM"
-    parameters = parameter_count(hparams.build("demo", TINY[3]), 500).total
+    parameters = parameter_count(hparams.build("demo", BENCH[3]), 500).total
     per_step = 2 * 4 * parameters / 2 / 2 / 1e6  # deltas and accumulators, fp32, half a node's, every 2nd step
     sent, received, changed = map(float, re.search(
         r"between nodes, outer allreduce: sent ([\d.]+) MB, received ([\d.]+) MB per rank per step \(each outer "

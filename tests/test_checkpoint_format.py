@@ -5,22 +5,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import hparams
 from lm1b_hvd.model import tables
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.model.pieces import AVERAGE_SUFFIX as AVERAGE
 from lm1b_hvd.model.tables import VocabularyTables
-from lm1b_hvd.run import state as run_state
 from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.step import Trainer
-from tests.model_helpers import whole
+from tests.model_helpers import tiny_hparams, whole
 
 VOCAB = 31
-
-
-def tiny(**changes):
-    base = dict(batch_size=3, num_steps=4, num_shards=3, num_layers=1, emb_size=8, state_size=12,
-                projected_size=6, num_sampled=5, keep_prob=1.0)
-    return hparams.validate(hparams.HParams(**{**base, **changes}))
 
 
 def trained(hps, steps=3):
@@ -43,7 +36,7 @@ def restored_state(hps, path):
 
 
 def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
-    state = trained(tiny())
+    state = trained(tiny_hparams())
     path = state.write(str(tmp_path / "ckpt-3"))
     shapes = dict(tf.train.list_variables(path))
     assert shapes["tables/embedding"] == [VOCAB, 8] and shapes["tables/softmax_w"] == [VOCAB, 6]
@@ -59,42 +52,39 @@ def test_tables_are_whole_logical_matrices_in_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("num_shards", [1, 4])
 def test_another_layout_restores_the_same_matrices(tmp_path, num_shards):
-    source = trained(tiny())
+    source = trained(tiny_hparams())
     path = source.write(str(tmp_path / "ckpt"))
-    other = restored_state(tiny(num_shards=num_shards, seed=7), path)
+    other = restored_state(tiny_hparams(num_shards=num_shards, seed=7), path)
     for mine, theirs in zip(list(other.model.tables) + other.table_accumulators,
                             list(source.model.tables) + source.table_accumulators):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
     assert int(other.step) == 3
 
 
-AVERAGE = run_state.AVERAGE_SUFFIX
-
-
 def test_averaged_tables_are_logical_matrices_and_restore_in_another_layout(tmp_path):
-    source = trained(tiny(average_tables=True, ema_decay=0.5))
+    source = trained(tiny_hparams(average_tables=True, ema_decay=0.5))
     path = source.write(str(tmp_path / "ckpt"))
     reader = tf.train.load_checkpoint(path)
     for (name, table), average in zip(source.model.tables.named(), source.ema.table_shadows):
         saved = reader.get_tensor(tables.KEY_PREFIX + name + AVERAGE)
         np.testing.assert_array_equal(saved, whole(average))
         assert np.abs(saved - whole(table)).max() > 1e-4, f"{name}: the average lags the weights"
-    other = restored_state(tiny(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), path)
+    other = restored_state(tiny_hparams(average_tables=True, ema_decay=0.5, num_shards=4, seed=7), path)
     for mine, theirs in zip(other.ema.table_shadows, source.ema.table_shadows):
         np.testing.assert_array_equal(whole(mine), whole(theirs))
 
 
 def test_a_checkpoint_without_table_averages_starts_them_at_its_weights(tmp_path):
-    source = trained(tiny())
+    source = trained(tiny_hparams())
     path = source.write(str(tmp_path / "ckpt"))
     assert not any(name.endswith(AVERAGE) for name, _ in tf.train.list_variables(path))
-    averaging = restored_state(tiny(average_tables=True, seed=7), path)
+    averaging = restored_state(tiny_hparams(average_tables=True, seed=7), path)
     for average, table in zip(averaging.ema.table_shadows, source.model.tables):
         np.testing.assert_array_equal(whole(average), whole(table))
 
 
 def test_a_table_of_some_rows_reads_only_those(tmp_path):
-    source = trained(tiny())
+    source = trained(tiny_hparams())
     path = source.write(str(tmp_path / "ckpt"))
     rows = tables.Rows(10, 20)
     part = tables.VocabTable("emb", VOCAB, 8, [(rows, tf.Variable(tf.zeros([10, 8])))])
@@ -121,7 +111,7 @@ class EarlierModel(tf.Module):
 
 
 def test_a_checkpoint_of_the_earlier_format_restores_weights_and_slots(tmp_path):
-    source = trained(tiny())
+    source = trained(tiny_hparams())
     earlier = EarlierModel(source.model)
     optimizer = tf.keras.optimizers.Adagrad(0.2, initial_accumulator_value=1.0, epsilon=0.0)
     optimizer.build(earlier.all_variables)
@@ -134,7 +124,7 @@ def test_a_checkpoint_of_the_earlier_format_restores_weights_and_slots(tmp_path)
         str(tmp_path / "ckpt-42"))
     assert not tables.holds_tables(path)
 
-    restored = restored_state(tiny(seed=9), path)
+    restored = restored_state(tiny_hparams(seed=9), path)
     assert int(restored.step) == 42
     blocks = len(earlier.embedding)
     old_slots = [v.numpy() for v in optimizer.variables[1:]]  # slot i is all_variables[i]'s

@@ -59,15 +59,15 @@ def test_an_unknown_kernels_value_is_refused_by_name():
         hparams.build("demo", "kernels=gpu")
 
 
-def test_a_run_trained_with_the_cpu_kernels_is_read_with_this_machines_plan(tmp_path, monkeypatch):
+def test_a_run_trained_with_the_cpu_kernels_is_read_with_this_machines_plan(tiny_corpus, tmp_path, monkeypatch):
     """evaluate, score, sample and export choose their own plan: a run trained with
     kernels=cpu is read on a GPU node, where those kernels cannot run."""
     from lm1b_hvd.data import dataset, vocab
     from lm1b_hvd.run import checkpoints, weights as weights_lib
-    from tests.conftest import write_tiny_demo_corpus
-    corpus = write_tiny_demo_corpus(tmp_path / "demo")
+    from tests.helpers import TINY
+    corpus = tiny_corpus
     words = vocab.load(str(corpus / dataset.VOCAB_FILE))
-    trained_with = hparams.build("demo", "kernels=cpu,state_size=16,projected_size=8,emb_size=8,num_sampled=16")
+    trained_with = hparams.build("demo", TINY + ",kernels=cpu")
     checkpoints.check_or_write_hparams(str(tmp_path / "log"), trained_with, len(words), write=True)
     monkeypatch.setattr(DeviceTraits, "detect", classmethod(lambda cls: GPU))
     weights = weights_lib.run_weights(str(tmp_path / "log"), str(corpus))

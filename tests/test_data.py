@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lm1b_hvd.data import dataset, vocab
-from tests.conftest import run, write_lm1b_dir
+from tests.helpers import run, write_lm1b_dir
 
 VOCAB = ["<S> 0", "<UNK> 0"] + [f"w{i} 1" for i in range(50)]
 

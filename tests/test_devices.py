@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from lm1b_hvd import devices
-from tests.conftest import run
+from tests.helpers import run
 
 
 SEES_A_GPU = bool(tf.config.list_physical_devices("GPU"))

@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 STACK = ("tensorflow", "horovod", "mpi4py", "numpy", "tensorboard", "openmpi", "nccl", "cuda")
 

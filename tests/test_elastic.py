@@ -12,27 +12,9 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
-from tests.test_multiprocess import HOROVODRUN
+from tests.helpers import HOROVODRUN, TINY, ranks_of, start, train_flags
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
-
-TINY = "batch_size=8,num_steps=5,emb_size=16,state_size=32,projected_size=16,num_sampled=16"
-
-
-def rank_process(logdir, host):
-    """The pid of the rank that horovodrun started on `host` for this run, or None."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            command = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if str(logdir).encode() in command and f"HOROVOD_HOSTNAME={host}".encode() in environ:
-            return int(entry)
-    return None
 
 
 @pytest.fixture
@@ -43,22 +25,19 @@ def discovery_script(tmp_path):
     return script
 
 
-def test_a_killed_rank_leaves_the_survivor_to_finish_from_the_last_commit(tmp_path, discovery_script):
-    corpus = write_tiny_demo_corpus(tmp_path / "demo")
+def test_a_killed_rank_leaves_the_survivor_to_finish_from_the_last_commit(tiny_corpus, tmp_path, discovery_script):
     logdir = tmp_path / "log"
     command = [HOROVODRUN, "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
-               str(discovery_script), sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(corpus),
-               "--logdir", str(logdir), "--preset", "demo", "--hpconfig", TINY, "--elastic",
-               "--commit_steps", "10", "--max_steps", "600", "--log_every", "20", "--checkpoint_secs", "100000"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+               str(discovery_script), sys.executable, "-m", "lm1b_hvd.train",
+               *train_flags(tiny_corpus, logdir, "--elastic", "--commit_steps", 10, "--log_every", 20, max_steps=600,
+                            hpconfig=TINY)]
+    job = start(command, stderr=subprocess.STDOUT)
     lines, deadline = [], time.monotonic() + 300
     while not any(re.search(r"step (1[0-9]{2}) \| loss", line) for line in lines):
         line = job.stdout.readline()
         assert line and time.monotonic() < deadline, "".join(lines)[-3000:]
         lines.append(line)
-    victim = rank_process(logdir, "127.0.0.1")
+    victim = ranks_of(logdir, environment=(b"HOROVOD_HOSTNAME",)).get("127.0.0.1")
     assert victim, "".join(lines)[-2000:]
     os.kill(victim, signal.SIGKILL)
     rest, _ = job.communicate(timeout=300)

@@ -7,41 +7,19 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
-from tests.test_resume import kill_tree
+from tests.helpers import SLOW_TO_SAVE, kill_tree, latest_step, run, start, train_command
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 
-# Big enough that a save takes a while (~4 MB a checkpoint), small enough to train fast.
-SHAPE = "batch_size=4,num_steps=5,emb_size=64,state_size=256,projected_size=64,num_sampled=16"
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tiny_demo_corpus(tmp_path_factory.mktemp("faults-corpus") / "demo")
-
-
-def train_command(corpus, logdir, max_steps, *extra):
-    return [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir),
-            "--preset", "demo", "--hpconfig", SHAPE, "--max_steps", str(max_steps), "--log_every", "1000",
-            "--checkpoint_secs", "100000", *extra]
-
-
-def start(command):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def latest_step(logdir):
-    path = tf.train.latest_checkpoint(str(logdir))
-    return int(path.rsplit("-", 1)[1]) if path else 0
+def command(corpus, logdir, max_steps, *extra):
+    """This module's train command: a model whose checkpoints take a while to write."""
+    return train_command(corpus, logdir, *extra, max_steps=max_steps, hpconfig=SLOW_TO_SAVE)
 
 
 def assert_restorable(logdir):
@@ -68,12 +46,12 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def test_kill_9_at_random_moments_of_saving_every_step_always_resumes(corpus, tmp_path):
+def test_kill_9_at_random_moments_of_saving_every_step_always_resumes(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
     rng = random.Random(7)
     for _ in range(5):
         before = latest_step(logdir)
-        victim = start(train_command(corpus, logdir, 100_000, "--checkpoint_steps", "1"))
+        victim = start(command(tiny_corpus, logdir, 100_000, "--checkpoint_steps", "1"))
         deadline = time.monotonic() + 120
         while latest_step(logdir) < before + 2:  # training again, saving every step
             assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()[1][-2000:]
@@ -84,7 +62,7 @@ def test_kill_9_at_random_moments_of_saving_every_step_always_resumes(corpus, tm
         assert_restorable(logdir)
     listed = latest_step(logdir)
     target = listed + 3
-    result = run(train_command(corpus, logdir, target), timeout=300)
+    result = run(command(tiny_corpus, logdir, target), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # The checkpoint the `checkpoint` file lists, or a newer one whose files were whole when the
     # kill came before that file named it.
@@ -94,9 +72,9 @@ def test_kill_9_at_random_moments_of_saving_every_step_always_resumes(corpus, tm
     assert f"stopped at step {target} (max_steps)" in result.stdout
 
 
-def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path, small_disk):
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, small_disk):
     logdir = small_disk(12) / "log"
-    result = run(train_command(corpus, logdir, 50, "--checkpoint_steps", "1", "--keep_checkpoints", "10"),
+    result = run(command(tiny_corpus, logdir, 50, "--checkpoint_steps", "1", "--keep_checkpoints", "10"),
                  timeout=300)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -109,7 +87,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_checkpoi
     assert_restorable(logdir)
     moved = tmp_path / "moved"
     shutil.copytree(logdir, moved)
-    resumed = run(train_command(corpus, moved, kept + 2), timeout=300)
+    resumed = run(command(tiny_corpus, moved, kept + 2), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {kept} (epoch" in resumed.stdout
 
@@ -129,11 +107,11 @@ def mount_or_skip(*args):
         pytest.skip(message)
 
 
-def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint(corpus, tmp_path):
+def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
     # A checkpoint every 100 steps, so that the remount below finds moments when none is being
     # written (every 5 steps it was refused as busy for 10 s now and then).
-    victim = start(train_command(corpus, logdir, 100_000, "--checkpoint_steps", "100"))
+    victim = start(command(tiny_corpus, logdir, 100_000, "--checkpoint_steps", "100"))
     deadline = time.monotonic() + 120
     while latest_step(logdir) < 100:
         assert victim.poll() is None and time.monotonic() < deadline
@@ -157,12 +135,12 @@ def test_a_log_directory_turned_read_only_stops_the_run_and_keeps_the_checkpoint
     assert_restorable(logdir)
 
 
-def test_a_summary_folder_that_cannot_be_made_is_one_line_and_keeps_the_checkpoints(corpus, tmp_path):
+def test_a_summary_folder_that_cannot_be_made_is_one_line_and_keeps_the_checkpoints(tiny_corpus, tmp_path):
     """The summary writers are made on first use (step 20 here), after checkpoints were written."""
     logdir = tmp_path / "log"
     logdir.mkdir()
     (logdir / "train").write_text("a file where the summaries' folder goes\n")
-    result = run(train_command(corpus, logdir, 40, "--checkpoint_steps", "5"))
+    result = run(command(tiny_corpus, logdir, 40, "--checkpoint_steps", "5"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {logdir}/train: cannot create the TensorBoard event file (Not a directory)")
@@ -170,15 +148,15 @@ def test_a_summary_folder_that_cannot_be_made_is_one_line_and_keeps_the_checkpoi
     assert_restorable(logdir)
 
 
-def test_a_log_directory_read_only_at_start_is_one_line_and_keeps_the_checkpoint(corpus, tmp_path):
+def test_a_log_directory_read_only_at_start_is_one_line_and_keeps_the_checkpoint(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
-    first = run(train_command(corpus, logdir, 5))
+    first = run(command(tiny_corpus, logdir, 5))
     assert first.returncode == 0, first.stderr[-2000:]
     before = {path.name: path.read_bytes() for path in logdir.iterdir() if path.is_file()}
     try:
         mount_or_skip("--bind", str(logdir), str(logdir))
         mount_or_skip("-o", "remount,bind,ro", str(logdir))
-        result = run(train_command(corpus, logdir, 10))
+        result = run(command(tiny_corpus, logdir, 10))
     finally:
         subprocess.run(["umount", "-l", str(logdir)], capture_output=True)
     assert result.returncode == 1

@@ -3,18 +3,14 @@ word, replicated and vocabulary-parallel (2 ranks, from a 1-rank run); and what 
 About 60 s."""
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from tests.conftest import run, write_tiny_demo_corpus
-from tests.test_multiprocess import HOROVODRUN
+from tests.helpers import TINY, run, saved_variables as saved, train_command
 
 pytestmark = pytest.mark.slow
 
-TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
 FROZEN = TINY + ",learning_rate=1e-9"  # one step that leaves the weights where --init_from put them
 SOURCE_STEPS = 20
 LSTM = ("lstm_weights", "lstm_biases", "lstm_projections")  # in the order the averages keep them
@@ -22,15 +18,8 @@ TABLES = ("embedding", "softmax_b")
 
 
 def train(corpus, logdir, steps, hpconfig, *extra, ranks=1):
-    command = [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir),
-               "--preset", "demo", "--hpconfig", hpconfig, "--max_steps", str(steps), "--log_every", "1000",
-               "--checkpoint_secs", "100000", *map(str, extra)]
-    return run([HOROVODRUN, "-np", str(ranks), "--gloo", *command] if ranks > 1 else command, timeout=300)
-
-
-def saved(logdir, step):
-    reader = tf.train.load_checkpoint(str(logdir / f"ckpt-{step}"))
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    """The run's result, whether it succeeded or not."""
+    return run(train_command(corpus, logdir, *extra, max_steps=steps, hpconfig=hpconfig, ranks=ranks), timeout=300)
 
 
 def words(corpus):
@@ -38,9 +27,9 @@ def words(corpus):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("init-from")
-    corpus = write_tiny_demo_corpus(root / "demo")
+    corpus = tiny_corpus
     result = train(corpus, root / "source", SOURCE_STEPS, TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     # Another domain: the same text, but its vocabulary lacks the source's two rarest words and

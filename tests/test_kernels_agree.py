@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from lm1b_hvd.model import cpu_kernels
-from tests.conftest import run
+from tests.helpers import run
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 

@@ -2,6 +2,7 @@
 sshd, where `horovodrun -H` launches ranks over rate-limited links as on real nodes. Skipped
 where namespaces cannot be made, unless LM1B_REQUIRE_CLUSTER=1 (CI) makes that a failure."""
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -10,13 +11,11 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
-from tests.test_resume import TINY
+from tests.helpers import DROPOUT, HOROVODRUN, REPO_ROOT, run, train_flags
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 
 SCRIPT = REPO_ROOT / "scripts" / "local_cluster.sh"
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 
 
 def cannot_make_a_cluster():
@@ -50,13 +49,11 @@ def namespaces_of(pid):
 
 
 @pytest.mark.parametrize("mode", ["replicated", "vocab_parallel"])
-def test_two_hosts_train_over_the_network_in_either_mode(cluster_machine, tmp_path, mode):
-    corpus = write_tiny_demo_corpus(tmp_path / "demo")
+def test_two_hosts_train_over_the_network_in_either_mode(cluster_machine, tiny_corpus, tmp_path, mode):
     logdir = tmp_path / "log"
-    hpconfig = TINY + (",vocab_parallel=true" if mode == "vocab_parallel" else "")
+    hpconfig = DROPOUT + (",vocab_parallel=true" if mode == "vocab_parallel" else "")
     train = (f"{HOROVODRUN} -np 2 -H $CLUSTER_HOSTS --network-interface eth0 --gloo {sys.executable} "
-             f"-m lm1b_hvd.train --datadir {corpus} --logdir {logdir} --preset demo --hpconfig {hpconfig} "
-             "--max_steps 5 --log_every 1000")
+             f"-m lm1b_hvd.train {shlex.join(train_flags(tiny_corpus, logdir, max_steps=5, hpconfig=hpconfig))}")
     result = run(["bash", str(SCRIPT), "2", "200", train], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "local_cluster: 2 host(s) 10.251.0.1:1,10.251.0.2:1, each link 200 Mbit/s each way" in result.stdout

@@ -4,21 +4,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import hparams
 from lm1b_hvd.model import compute_plan
 from lm1b_hvd.model.candidates import draw as draw_candidates, unique_log_uniform_candidates
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.update.step import sum_duplicates
-from tests.model_helpers import sampled_softmax_losses, true_logits
+from tests.model_helpers import sampled_softmax_losses, tiny_hparams, true_logits
 
 VOCAB = 31  # not a multiple of num_shards: the last shard is padded
 
 
 def tiny(**changes):
-    base = dict(batch_size=3, num_steps=4, num_shards=3, num_layers=2, emb_size=8, state_size=12,
-                projected_size=6, num_sampled=5, keep_prob=1.0)
-    base.update(changes)
-    return hparams.validate(hparams.HParams(**base))
+    return tiny_hparams(num_layers=2, **changes)
 
 
 def batch(seed, hps):

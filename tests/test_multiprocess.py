@@ -12,15 +12,9 @@ import tensorflow as tf
 
 from lm1b_hvd.data import demo_corpus
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
-from tests.conftest import run, write_tiny_demo_corpus
+from tests.helpers import TINY, horovodrun, run, scalars, train_command
 from tests.model_helpers import sampled_softmax_losses
 from tests.workers import broadcast, equivalence as eq
-
-HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
-
-
-def horovodrun(args, np_=2, controller="--gloo", **kwargs):
-    return run([HOROVODRUN, "-np", str(np_), controller, sys.executable, *args], **kwargs)
 
 
 def original_two_tower_update(steps):
@@ -87,32 +81,18 @@ def test_every_rank_gets_rank_0s_state(tmp_path):
             np.testing.assert_array_equal(saved[f"arr_{index}"], value, err_msg=f"rank {rank}, variable {index}")
 
 
-TINY_RUN = ["--preset", "demo", "--hpconfig",
-            "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16",
-            "--log_every", "2", "--summary_every", "2", "--checkpoint_steps", "3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-    return write_tiny_demo_corpus(tmp_path_factory.mktemp("corpus") / "demo")
-
-
-def scalars(event_dir):
-    """{tag: {step: value}} from the TensorBoard event files in `event_dir`."""
-    out = {}
-    for name in os.listdir(event_dir):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(event_dir, name)):
-            for value in event.summary.value:
-                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
-                out.setdefault(value.tag, {})[event.step] = number
-    return out
+REPORT_OFTEN = ["--log_every", 2, "--summary_every", 2, "--checkpoint_steps", 3]
 
 
 @pytest.mark.slow
 def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
-    common = ["-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir), *TINY_RUN]
-    first = horovodrun([*common, "--max_steps", "6", "--profile_steps", "2,4"], controller="--mpi")
+
+    def train_mpi(*extra, max_steps):
+        return run(train_command(tiny_corpus, logdir, *REPORT_OFTEN, *extra, max_steps=max_steps, ranks=2,
+                                 controller="--mpi"))
+
+    first = train_mpi("--profile_steps", "2,4", max_steps=6)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 rank(s)" in first.stdout and "starting from scratch" in first.stdout
     tagged_mid_line = [line for line in first.stdout.splitlines() if re.search(r".\[\d+,\d+\]<std", line)]
@@ -134,7 +114,7 @@ def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
         assert sorted(train_scalars[tag]) == [2, 4, 6], tag
     assert scalars(logdir / "eval")["eval/perplexity"][6] == pytest.approx(first_eval, rel=1e-3)
 
-    second = horovodrun([*common, "--max_steps", "10"], controller="--mpi")
+    second = train_mpi(max_steps=10)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resumed from {logdir}/ckpt-6 at step 6" in second.stdout
     assert [int(s) for s in re.findall(r"step (\d+) \| loss", second.stdout)] == [8, 10]
@@ -163,11 +143,10 @@ def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
 @pytest.mark.slow
 def test_resume_with_other_model_shape_is_refused_and_keeps_checkpoints(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
-    base = [sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir)]
-    assert run([*base, *TINY_RUN, "--max_steps", "3"]).returncode == 0
+    assert run(train_command(tiny_corpus, logdir, max_steps=3)).returncode == 0
     before = sorted(os.listdir(logdir))
-    changed = [*TINY_RUN[:2], "--hpconfig", TINY_RUN[3].replace("state_size=16", "state_size=32")]
-    result = run([*base, *changed, "--max_steps", "6"])
+    result = run(train_command(tiny_corpus, logdir, max_steps=6, hpconfig=TINY.replace("state_size=16",
+                                                                                        "state_size=32")))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {logdir}/hparams.json: 'state_size' is 16 in this log directory but 32 now; "
@@ -199,9 +178,8 @@ def test_default_preset_the_original_lstm_2048_512_trains_and_evaluates(tmp_path
 @pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
-    result = run([sys.executable, "-m", "lm1b_hvd.train", "--datadir", str(tiny_corpus), "--logdir", str(logdir),
-                  *TINY_RUN[:2], "--hpconfig", TINY_RUN[3] + ",learning_rate=1e30", "--max_steps", "20",
-                  "--checkpoint_steps", "1"])
+    result = run(train_command(tiny_corpus, logdir, "--checkpoint_steps", 1, max_steps=20,
+                               hpconfig=TINY + ",learning_rate=1e30"))
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"error: training loss is nan at step (\d+); last checkpoint kept", last)
@@ -226,8 +204,7 @@ def test_a_rank_without_heldout_lines_adds_nothing_and_no_heldout_at_all_is_an_e
     words = [line.split()[0] for line in (tiny_corpus / "1b_word_vocab.txt").read_text().splitlines()]
     sentence = " ".join(w for w in words if not w.startswith("<"))[:5 * 8]
     one_line = corpus_with_heldout(tiny_corpus, tmp_path / "one", sentence + "\n")
-    result = horovodrun(["-m", "lm1b_hvd.train", "--datadir", str(one_line), "--logdir", str(tmp_path / "a"),
-                         *TINY_RUN, "--max_steps", "2"])
+    result = run(train_command(one_line, tmp_path / "a", *REPORT_OFTEN, max_steps=2, ranks=2))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Rank 0 holds the one line (its n words make n + 1 predictions); rank 1's share is empty.
     assert "step 2 | heldout perplexity" in result.stdout
@@ -235,8 +212,7 @@ def test_a_rank_without_heldout_lines_adds_nothing_and_no_heldout_at_all_is_an_e
 
     blank = corpus_with_heldout(tiny_corpus, tmp_path / "blank", "\n  \n")
     logdir = tmp_path / "b"
-    result = horovodrun(["-m", "lm1b_hvd.train", "--datadir", str(blank), "--logdir", str(logdir),
-                         *TINY_RUN, "--max_steps", "2"])
+    result = run(train_command(blank, logdir, *REPORT_OFTEN, max_steps=2, ranks=2))
     assert result.returncode != 0
     assert (f"error: no sentences in {blank}: the heldout files "
             f"(heldout-monolingual.tokenized.shuffled/news.en.heldout-*-of-*), on any rank") in result.stdout + result.stderr

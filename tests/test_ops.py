@@ -13,6 +13,7 @@ from lm1b_hvd.model import cpu_kernels, ops
 from lm1b_hvd.model.compute_plan import ComputePlan
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.model.ops import FORGET_BIAS
+from tests.model_helpers import needs_cpu_kernels
 
 STEPS, BATCH, INPUTS, STATE, PROJ = 5, 3, 4, 6, 2
 
@@ -40,7 +41,6 @@ def lstmp_layer(inputs, c, h, weight, bias, projection, chunks=2, cell=ops.Compo
 
 STEP_WEIGHTS = {"stored": ops.StoredStepWeights, "transposed": cpu_kernels.TransposedStepWeights}
 # A GPU install builds no CPU kernels: there the tests of the portable path run alone.
-needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels.built(), reason="a GPU install: no CPU kernels built")
 
 
 def random_arguments(seed):

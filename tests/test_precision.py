@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run
+from tests.helpers import run
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 

@@ -8,7 +8,7 @@ import pytest
 
 from lm1b_hvd.data import dataset, vocab
 from lm1b_hvd.data.text_recipe import read_recipe
-from tests.conftest import run
+from tests.helpers import run
 
 LINES = [
     "The U.S. economy grew 2.5% in 2008-09, officials said.",

@@ -10,27 +10,28 @@ import tensorflow as tf
 
 from lm1b_hvd import hparams
 from lm1b_hvd.exchange.gradients import Traffic
-from lm1b_hvd.exchange.ranks import ONE_PROCESS
 from lm1b_hvd.model import regularisation
 from lm1b_hvd.model.averaging import evaluation_weights
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.model.ops import FORGET_BIAS
 from lm1b_hvd.model.step_seeds import RECURRENT_DROPOUT_STREAM, step_seed, sub_seed
+from lm1b_hvd.ranks import ONE_PROCESS
 from lm1b_hvd.run import checkpoints
-from lm1b_hvd.run.state import RunPoint, TrainingState
+from lm1b_hvd.run.modes import CheckpointParts
+from lm1b_hvd.run.position import RunPoint
+from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.optimizer import PlateauDecay
 from lm1b_hvd.update.step import Trainer
-from tests.model_helpers import whole
-from tests.test_ops import needs_cpu_kernels
+from tests.model_helpers import needs_cpu_kernels, tiny_hparams, whole
 
 VOCAB = 40
 
 
 def tiny(**changes):
-    # The full softmax (num_sampled=0), whose textbook form is one cross-entropy; one shard.
-    base = dict(batch_size=3, num_steps=5, num_shards=1, num_layers=2, emb_size=6, state_size=8, projected_size=6,
-                num_sampled=0, keep_prob=1.0, kernels="portable")
-    return hparams.validate(hparams.HParams(**{**base, **changes}))
+    # The full softmax (num_sampled=0), whose textbook form is one cross-entropy; one shard; two
+    # layers; emb_size == projected_size, for tied embeddings.
+    return tiny_hparams(**{**dict(num_steps=5, num_shards=1, num_layers=2, emb_size=6, state_size=8, num_sampled=0,
+                                  kernels="portable"), **changes})
 
 
 def batch(seed=0):
@@ -254,10 +255,11 @@ def test_the_schedule_resumes_from_the_checkpoint(tmp_path):
     state = TrainingState(LSTMPLanguageModel(hps, VOCAB))
     for perplexity in (50.0, 60.0, 61.0, 62.0):  # a decay after 61, one evaluation counted since
         state.lr_schedule.after_evaluation(perplexity)
-    run = checkpoints.RunCheckpoints(str(tmp_path), state, keep=2, ranks=ONE_PROCESS)
+    run = checkpoints.RunCheckpoints(str(tmp_path), state, keep=2, ranks=ONE_PROCESS, parts=CheckpointParts())
     run.save(RunPoint.start(7, state.model))
     resumed = TrainingState(LSTMPLanguageModel(hps, VOCAB))
-    checkpoints.RunCheckpoints(str(tmp_path), resumed, keep=2, ranks=ONE_PROCESS).restore(lambda _: None)
+    checkpoints.RunCheckpoints(str(tmp_path), resumed, keep=2, ranks=ONE_PROCESS,
+                               parts=CheckpointParts()).restore(lambda _: None)
     assert math.isclose(resumed.lr_schedule.learning_rate, 0.1, rel_tol=1e-6)
     assert resumed.lr_schedule.state() == {"best": 50.0, "evaluations_without_best": 1}
     assert resumed.lr_schedule.after_evaluation(55.0) is not None  # the second evaluation without a best

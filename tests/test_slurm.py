@@ -13,11 +13,10 @@ import pytest
 import tensorflow as tf
 
 from tests import slurm_cluster
-from tests.conftest import REPO_ROOT, write_tiny_demo_corpus
+from tests.helpers import REPO_ROOT, logged_step, ranks_of, train_flags
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 
-TINY = "batch_size=4,num_steps=5,emb_size=8,state_size=16,projected_size=8,num_sampled=16"
 JOB_ENV = {"LM1B_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2",
            "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
 
@@ -39,11 +38,6 @@ def cluster(tmp_path_factory):
         slurm.stop()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tiny_demo_corpus(tmp_path_factory.mktemp("slurm-corpus") / "demo")
-
-
 def submit(cluster, tmp_path, script, sbatch_args, script_args, env_extra=None):
     out = cluster.run("sbatch", "--parsable", f"--chdir={REPO_ROOT}", f"--output={tmp_path}/%x-%j.out",
                       *sbatch_args, str(REPO_ROOT / "slurm" / script), *script_args,
@@ -62,11 +56,10 @@ TRAIN_RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--c
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_sbatch_train_sh_then_eval_sh(cluster, corpus, tmp_path, launcher):
+def test_sbatch_train_sh_then_eval_sh(cluster, tiny_corpus, tmp_path, launcher):
     logdir = tmp_path / "log"
     train_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
-                      ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
-                       "--hpconfig", TINY, "--max_steps", "12", "--log_every", "4"],
+                      train_flags(tiny_corpus, logdir, "--log_every", 4, max_steps=12),
                       env_extra={"LM1B_LAUNCHER": launcher, "OMPI_ALLOW_RUN_AS_ROOT": "1",
                                  "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
     assert cluster.wait_for(train_id) == "COMPLETED", job_output(tmp_path, train_id)
@@ -77,7 +70,7 @@ def test_sbatch_train_sh_then_eval_sh(cluster, corpus, tmp_path, launcher):
     train_eval = float(re.search(r"step 12 \| heldout perplexity ([\d.]+)", log).group(1))
 
     eval_id = submit(cluster, tmp_path, "eval.sh", ["--gpus=0", "--cpus-per-task=1", "--time=10"],
-                     ["--logdir", str(logdir), "--datadir", str(corpus), "--once"])
+                     ["--logdir", str(logdir), "--datadir", str(tiny_corpus), "--once"])
     assert cluster.wait_for(eval_id) == "COMPLETED", job_output(tmp_path, eval_id)
     evaluated = float(re.search(r"eval_test_ave step 12 \| perplexity ([\d.]+)",
                                 job_output(tmp_path, eval_id)).group(1))
@@ -85,13 +78,12 @@ def test_sbatch_train_sh_then_eval_sh(cluster, corpus, tmp_path, launcher):
     assert os.listdir(logdir / "eval_test_ave")
 
 
-def test_a_job_whose_tasks_cannot_launch_fails(cluster, corpus, tmp_path):
+def test_a_job_whose_tasks_cannot_launch_fails(cluster, tiny_corpus, tmp_path):
     """srun itself exits 0 when its tasks fail to launch: the job must still end FAILED."""
     logdir = tmp_path / "log"
     # PMIx cannot make the step's directory under a parent that does not exist.
     job_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
-                    ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
-                     "--hpconfig", TINY, "--max_steps", "4"],
+                    train_flags(tiny_corpus, logdir, max_steps=4),
                     env_extra={"SLURM_PMIX_TMPDIR": str(tmp_path / "missing" / "dir"), "TMPDIR": str(tmp_path)})
     assert cluster.wait_for(job_id) == "FAILED", job_output(tmp_path, job_id)
     log = job_output(tmp_path, job_id)
@@ -101,12 +93,11 @@ def test_a_job_whose_tasks_cannot_launch_fails(cluster, corpus, tmp_path):
     assert not list(tmp_path.glob("lm1b-launched-*"))
 
 
-def test_a_job_given_gpus_tensorflow_cannot_see_stops_at_start_unless_allowed(cluster, corpus, tmp_path):
+def test_a_job_given_gpus_tensorflow_cannot_see_stops_at_start_unless_allowed(cluster, tiny_corpus, tmp_path):
     """The node declares 2 GPUs it does not have: a CPU-only TensorFlow must not quietly train."""
     logdir = tmp_path / "log"
     gpu_job = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
-    train_args = ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo", "--hpconfig", TINY,
-                  "--max_steps", "4", "--log_every", "2"]
+    train_args = train_flags(tiny_corpus, logdir, "--log_every", 2, max_steps=4)
     refused = submit(cluster, tmp_path, "train.sh", gpu_job, train_args)
     assert cluster.wait_for(refused) == "FAILED", job_output(tmp_path, refused)
     errors = [line for line in job_output(tmp_path, refused).splitlines() if line.startswith("error:")]
@@ -124,12 +115,10 @@ def test_a_job_given_gpus_tensorflow_cannot_see_stops_at_start_unless_allowed(cl
     assert "stopped at step 4 (max_steps)" in log
 
 
-def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):
+def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
     job_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
-                    ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
-                     "--hpconfig", TINY, "--max_steps", "600", "--log_every", "50",
-                     "--checkpoint_secs", "100000"])
+                    train_flags(tiny_corpus, logdir, "--log_every", 50, max_steps=600))
     cluster.wait_for(job_id, states=("RUNNING",), timeout=120)
     deadline = time.monotonic() + 180
     while "step 50 |" not in (job_output(tmp_path, job_id) if list(tmp_path.glob("*.out")) else ""):
@@ -149,13 +138,11 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, corpus, tm
     assert cluster.job_field(job_id, "Restarts") == "1"
 
 
-def test_a_stopped_rank_ends_the_job_which_requeues_and_resumes(cluster, corpus, tmp_path):
-    from tests.test_unattended import logged_step, ranks_of
+def test_a_stopped_rank_ends_the_job_which_requeues_and_resumes(cluster, tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
     job_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,
-                    ["--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
-                     "--hpconfig", TINY, "--max_steps", "800", "--log_every", "100", "--checkpoint_steps", "200",
-                     "--step_timeout", "15"])
+                    train_flags(tiny_corpus, logdir, "--log_every", 100, "--checkpoint_steps", 200, "--step_timeout", 15,
+                                max_steps=800))
     cluster.wait_for(job_id, states=("RUNNING",), timeout=120)
     deadline = time.monotonic() + 180
     while not (logged_step(logdir) >= 300 and len(ranks_of(logdir)) == 2):

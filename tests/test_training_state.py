@@ -1,20 +1,24 @@
 """run.state.TrainingState is the one list of what a run persists: every variable a training step
 writes is in one of its pieces, its checkpoint holds every piece it saves, rank 0's broadcast and
 the elastic commit take the pieces every rank shares."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from lm1b_hvd import hparams
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.exchange.vocab_parallel import VocabExchange
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.run.position import RunPoint
 from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.step import Trainer
+from tests.model_helpers import tiny_hparams
 
 VOCAB = 29
-TINY = dict(batch_size=3, num_steps=4, num_shards=2, emb_size=6, state_size=8, projected_size=6, num_sampled=7,
-            keep_prob=0.8)
+# Tied embeddings need emb_size == projected_size.
+SHAPE = dict(num_shards=2, emb_size=6, state_size=8, projected_size=6, num_sampled=7, keep_prob=0.8)
+BATCH = tiny_hparams().batch_size, tiny_hparams().num_steps
 CASES = {
     "demo-like": dict(tie_embeddings=True, average_tables=True),
     "untied, two layers, F-LSTM": dict(num_layers=2, lstm_factor=3, average_tables=True),
@@ -25,12 +29,12 @@ CASES = {
 
 def batch(seed):
     rng = np.random.default_rng(seed)
-    x, y = (rng.integers(0, VOCAB, (TINY["batch_size"], TINY["num_steps"])).astype(np.int32) for _ in range(2))
+    x, y = (rng.integers(0, VOCAB, BATCH).astype(np.int32) for _ in range(2))
     return x, y, np.ones(x.shape, np.float32)
 
 
 def state_of(case):
-    hps = hparams.validate(hparams.HParams(**TINY, **CASES[case]))
+    hps = tiny_hparams(**SHAPE, **CASES[case])
     ranks = collectives.init()  # one rank: vocab_parallel's exchange runs its collectives on itself
     exchange = VocabExchange(VOCAB, ranks) if hps.vocab_parallel else None
     return TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange)), ranks
@@ -40,7 +44,7 @@ def state_of(case):
 def test_every_variable_a_step_writes_is_in_the_state(case):
     state, ranks = state_of(case)
     trainer = Trainer(state, ranks)
-    row_state = state.model.zero_state(TINY["batch_size"])
+    row_state = state.model.zero_state(BATCH[0])
     row_state, _ = trainer.step(*batch(0), row_state)  # traces the step
     args = [tf.convert_to_tensor(t) for t in batch(1)]
     traced = trainer.traced_step((*args, row_state, tf.zeros([3])))
@@ -57,13 +61,20 @@ def test_every_variable_a_step_writes_is_in_the_state(case):
 def test_the_checkpoint_holds_every_saved_piece_and_restores_each(tmp_path):
     state, ranks = state_of("demo-like")
     trainer = Trainer(state, ranks)
-    row_state = state.model.zero_state(TINY["batch_size"])
+    row_state = state.model.zero_state(BATCH[0])
     for step in range(3):
         row_state, _ = trainer.step(*batch(step), row_state)
+    state.record_every_rank(RunPoint.start(3, state.model), ranks)
     path = state.write(str(tmp_path / "ckpt-3"))
     keys = [name for name, _ in tf.train.list_variables(path)]
+    records = json.loads(tf.train.load_checkpoint(path).get_tensor(
+        "run_position/streams/.ATTRIBUTES/VARIABLE_VALUE").decode())
     for piece in state.pieces:
-        assert any(key == piece.key or key.startswith(piece.key + "/") for key in keys), piece.key
+        if piece.kind == "json":  # a record beside the run position
+            assert piece.key.split("/")[-1] in records, piece.key
+            continue
+        saved_in = "optimizer" if piece.kind == "inside optimizer" else piece.key
+        assert any(key == saved_in or key.startswith(saved_in + "/") for key in keys), piece.key
     fresh, _ = state_of("demo-like")
     fresh.restore(path)
     for mine, theirs in zip(fresh.variables(), state.variables()):
@@ -90,11 +101,11 @@ def test_a_checkpoint_resumes_under_another_precision(tmp_path):
     """precision says how a step computes, not what it persists; Keras saves fp16's loss scale
     with the optimizer, and restores it when the scale is made, at the first step."""
     def trained(precision, steps, restore_from=None):
-        state = TrainingState(LSTMPLanguageModel(hparams.validate(hparams.HParams(**TINY, precision=precision)), VOCAB))
+        state = TrainingState(LSTMPLanguageModel(tiny_hparams(**SHAPE, precision=precision), VOCAB))
         if restore_from:
             state.restore(restore_from)
         trainer = Trainer(state)
-        row_state = state.model.zero_state(TINY["batch_size"])
+        row_state = state.model.zero_state(BATCH[0])
         for step in range(steps):
             row_state, _ = trainer.step(*batch(step), row_state)
         return state

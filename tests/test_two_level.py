@@ -7,9 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from tests import test_resume
-from tests.conftest import run, write_tiny_demo_corpus
-from tests.test_multiprocess import horovodrun
+from tests.helpers import (DROPOUT, assert_same_variables, horovodrun, run, saved_variables, train, train_command,
+                           without_run_position)
 from tests.workers import outer_step as worker
 
 pytestmark = pytest.mark.slow  # trains for minutes: not in `pytest -m "not slow"`
@@ -120,35 +119,31 @@ def check_outer_steps(ranks, vocab_parallel):
 
 
 # From the command line, as a user runs it.
-REPLICATED = test_resume.TINY
-VOCAB_PARALLEL = test_resume.TINY + ",vocab_parallel=true"
+REPLICATED = DROPOUT
+VOCAB_PARALLEL = DROPOUT + ",vocab_parallel=true"
 EVERY = 4
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tiny_demo_corpus(tmp_path_factory.mktemp("two-level-corpus") / "demo")
+def train_nodes(corpus, logdir, max_steps, hpconfig, ranks=4, ranks_per_node=2):
+    """A run of `ranks` ranks in simulated nodes of `ranks_per_node`."""
+    return train(corpus, logdir, "--ranks_per_node", ranks_per_node, max_steps=max_steps, hpconfig=hpconfig,
+                 ranks=ranks)
 
 
-def train(corpus, logdir, max_steps, hpconfig, ranks=4, ranks_per_node=2):
-    return test_resume.train(corpus, logdir, max_steps, "--hpconfig", hpconfig, "--ranks_per_node",
-                             str(ranks_per_node), ranks=ranks)
-
-
-def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(corpus, tmp_path):
+def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(tiny_corpus, tmp_path):
     steps = 30
     synchronous, one_node = tmp_path / "synchronous", tmp_path / "one-node"
-    train(corpus, synchronous, steps, REPLICATED, ranks=2, ranks_per_node=0)
-    out = train(corpus, one_node, steps, REPLICATED + ",outer_every=8,outer_lr=0.5,outer_momentum=0.5", ranks=2,
-                ranks_per_node=0)
+    train_nodes(tiny_corpus, synchronous, steps, REPLICATED, ranks=2, ranks_per_node=0)
+    out = train_nodes(tiny_corpus, one_node, steps, REPLICATED + ",outer_every=8,outer_lr=0.5,outer_momentum=0.5",
+                      ranks=2, ranks_per_node=0)
     assert ("outer_every=8: all 2 rank(s) are on one node, nothing to average between nodes: every step is "
             "synchronous") in out
-    test_resume.assert_same_variables(test_resume.saved_variables(synchronous, steps),
-                                      test_resume.saved_variables(one_node, steps), atol=1e-5)
+    assert_same_variables(saved_variables(synchronous, steps),
+                                      saved_variables(one_node, steps), atol=1e-5)
 
 
 @pytest.mark.parametrize("hpconfig", [REPLICATED, VOCAB_PARALLEL], ids=["replicated", "vocab_parallel"])
-def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchronous(corpus, tmp_path, hpconfig):
+def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchronous(tiny_corpus, tmp_path, hpconfig):
     """An outer step every 4 steps: a run stopped at step 10 keeps step 8's checkpoint and,
     resumed to 12, equals the unbroken run; replicated on 2 nodes of 1 rank (the formula's test
     splits a node's rows between 2 ranks), vocabulary-parallel on 2 x 2. Vocabulary-parallel
@@ -157,56 +152,51 @@ def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchrono
     two_level = hpconfig + f",outer_every={EVERY}"
     ranks, per_node = (2, 1) if hpconfig == REPLICATED else (4, 2)
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
-    out = train(corpus, unbroken, 3 * EVERY, two_level, ranks, per_node)
+    out = train_nodes(tiny_corpus, unbroken, 3 * EVERY, two_level, ranks, per_node)
     assert (f"two-level: 2 nodes x {per_node} rank(s); every step inside a node, an outer step between nodes every "
             f"{EVERY} steps") in out
-    out = train(corpus, resumed, 2 * EVERY + 2, two_level, ranks, per_node)
+    out = train_nodes(tiny_corpus, resumed, 2 * EVERY + 2, two_level, ranks, per_node)
     assert (f"stopped at step {2 * EVERY + 2}, between outer steps: the checkpoint is the last outer step's, step "
             f"{2 * EVERY} (a resume repeats steps {2 * EVERY + 1}-{2 * EVERY + 2})") in out
-    at_outer_step = test_resume.saved_variables(resumed, 2 * EVERY)
+    at_outer_step = saved_variables(resumed, 2 * EVERY)
     assert any(name.startswith("outer_momentum/") for name in at_outer_step)
     synchronous = shutil.copytree(resumed, tmp_path / "synchronous", ignore=shutil.ignore_patterns("eval", "train"))
-    out = train(corpus, resumed, 3 * EVERY, two_level, ranks, per_node)
+    out = train_nodes(tiny_corpus, resumed, 3 * EVERY, two_level, ranks, per_node)
     assert (f"resumed from {resumed}/ckpt-{2 * EVERY} at step {2 * EVERY} (epoch 0, the same data position and "
             "LSTM rows)") in out
-    test_resume.assert_same_variables(test_resume.saved_variables(unbroken, 3 * EVERY),
-                                      test_resume.saved_variables(resumed, 3 * EVERY))
+    assert_same_variables(saved_variables(unbroken, 3 * EVERY),
+                                      saved_variables(resumed, 3 * EVERY))
 
     if hpconfig == REPLICATED:
         return
     # Re-grouped: 4 nodes of 1 rank read the 2 x 2 checkpoint, each rank the momentum of the rows
     # it owns now, and save it again at its step: the same values.
     regrouped = shutil.copytree(synchronous, tmp_path / "regrouped")
-    out = train(corpus, regrouped, 2 * EVERY, two_level, ranks_per_node=1)
+    out = train_nodes(tiny_corpus, regrouped, 2 * EVERY, two_level, ranks_per_node=1)
     assert ("the checkpoint's run had 2 nodes x 2 ranks, this one 4 x 1: each rank reads the outer momentum of the "
             "rows it owns now") in out
-    test_resume.assert_same_variables(without_run_position(at_outer_step), without_run_position(
-        test_resume.saved_variables(regrouped, 2 * EVERY)))
+    assert_same_variables(without_run_position(at_outer_step), without_run_position(
+        saved_variables(regrouped, 2 * EVERY)))
     # Synchronous from the two-level checkpoint (saved again at its step: the same weights, no
     # momentum), and two-level from that synchronous one (the momentum starts at zero).
-    out = train(corpus, synchronous, 2 * EVERY, hpconfig)
+    out = train_nodes(tiny_corpus, synchronous, 2 * EVERY, hpconfig)
     assert "the checkpoint's run was two-level (2 nodes x 2 ranks): its outer momentum is not used" in out
-    again = test_resume.saved_variables(synchronous, 2 * EVERY)
-    test_resume.assert_same_variables(without_run_position({name: value for name, value in at_outer_step.items()
+    again = saved_variables(synchronous, 2 * EVERY)
+    assert_same_variables(without_run_position({name: value for name, value in at_outer_step.items()
                                                             if not name.startswith("outer_momentum/")}),
                                       without_run_position(again))
-    out = train(corpus, synchronous, 2 * EVERY, two_level)
+    out = train_nodes(tiny_corpus, synchronous, 2 * EVERY, two_level)
     assert "the checkpoint's run was synchronous: the outer momentum starts at zero" in out
-    test_resume.assert_same_variables(
+    assert_same_variables(
         without_run_position({name: np.zeros_like(value) if name.startswith("outer_momentum/") else value
                               for name, value in at_outer_step.items()}),
-        without_run_position(test_resume.saved_variables(synchronous, 2 * EVERY)))
+        without_run_position(saved_variables(synchronous, 2 * EVERY)))
 
 
-def without_run_position(variables):
-    """Saved variables but the run position, which names the nodes of the run that saved it."""
-    return {name: value for name, value in variables.items() if not name.startswith("run_position/")}
-
-
-def test_fp16_two_level_is_one_line_and_writes_nothing(corpus, tmp_path):
+def test_fp16_two_level_is_one_line_and_writes_nothing(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
-    result = run(test_resume.train_command(corpus, logdir, 4, "--hpconfig",
-                                           REPLICATED + ",outer_every=4,precision=fp16", "--ranks_per_node", "1"))
+    result = run(train_command(tiny_corpus, logdir, "--ranks_per_node", 1, max_steps=4,
+                               hpconfig=REPLICATED + ",outer_every=4,precision=fp16", ranks=2))
     assert result.returncode != 0
     assert ("error: outer_every=4 cannot be used with precision=fp16: each node's loss scale would drift from the "
             "others'; use precision=bf16 or fp32") in result.stderr

@@ -7,39 +7,21 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
-import tensorflow as tf
 
-from tests.conftest import REPO_ROOT, run, write_tiny_demo_corpus
-from tests.test_bad_input import snapshot
-from tests.test_multiprocess import HOROVODRUN
-from tests.test_resume import kill_tree
+from tests.helpers import (MPI_ENV, SLOW_TO_SAVE, kill_tree, latest_step, logged_step, ranks_of, run, snapshot,
+                           start, train_command)
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
 
-SHAPE = "batch_size=4,num_steps=5,emb_size=64,state_size=256,projected_size=64,num_sampled=16"
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
-           "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tiny_demo_corpus(tmp_path_factory.mktemp("unattended-corpus") / "demo")
-
-
-def train_args(corpus, logdir, *extra):
-    return ["-m", "lm1b_hvd.train", "--datadir", str(corpus), "--logdir", str(logdir), "--preset", "demo",
-            "--hpconfig", SHAPE, "--log_every", "100", *extra]
-
-
-def start(command, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})}
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def run_command(corpus, logdir, *extra, ranks=1, controller="--gloo"):
+    """This module's train command: a model slow to save, a progress line every 100 steps."""
+    return train_command(corpus, logdir, "--log_every", 100, *extra, hpconfig=SLOW_TO_SAVE, ranks=ranks,
+                         controller=controller)
 
 
 def wait_until(condition, seconds, what, process=None):
@@ -52,39 +34,6 @@ def wait_until(condition, seconds, what, process=None):
         time.sleep(0.1)
 
 
-def latest_step(logdir):
-    path = tf.train.latest_checkpoint(str(logdir))
-    return int(path.rsplit("-", 1)[1]) if path else 0
-
-
-def logged_step(logdir):
-    try:
-        return json.loads((logdir / "progress.json").read_text())["step"]
-    except (OSError, ValueError):
-        return 0
-
-
-def ranks_of(logdir):
-    """{rank: pid} of the training processes writing into `logdir` (their environment says
-    their rank: HOROVOD_RANK under Gloo, OMPI_COMM_WORLD_RANK under MPI, SLURM_PROCID under srun)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            command = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"lm1b_hvd.train" not in command or str(logdir).encode() not in command:
-            continue
-        for variable in environ:
-            name, _, value = variable.partition(b"=")
-            if name in (b"HOROVOD_RANK", b"OMPI_COMM_WORLD_RANK", b"SLURM_PROCID"):
-                found[int(value)] = int(entry)
-    return found
-
-
 def status(logdir):
     result = run([sys.executable, "-m", "lm1b_hvd.status", "--logdir", str(logdir), "--json"], timeout=60)
     assert result.returncode == 0, result.stderr
@@ -93,19 +42,19 @@ def status(logdir):
 
 # --- one run per log directory ----------------------------------------------------------------------------------------
 
-def test_a_second_trainer_is_refused_naming_the_holder_and_readers_never_wait(corpus, tmp_path):
+def test_a_second_trainer_is_refused_naming_the_holder_and_readers_never_wait(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
-    first = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "20", "--eval_every", "10")])
+    first = run(run_command(tiny_corpus, logdir, "--max_steps", "20", "--eval_every", "10"))
     assert first.returncode == 0, first.stderr[-2000:]
     # The holder resumes and trains on, writing nothing for a long while (no checkpoint, summary
     # or progress line due), so the directory can be compared before and after the second one.
-    holder = start([sys.executable, *train_args(corpus, logdir, "--max_steps", "10000000", "--log_every", "10000000",
-                                                "--summary_every", "10000000", "--checkpoint_secs", "100000")])
+    holder = start(run_command(tiny_corpus, logdir, "--max_steps", "10000000", "--log_every", "10000000",
+                           "--summary_every", "10000000"))
     try:
         wait_until(lambda: status(logdir)["running"], 120, "lock taken", holder)
         time.sleep(5)  # past its restore: the holder is in its loop now
         before = snapshot(logdir)
-        second = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "40")], timeout=120)
+        second = run(run_command(tiny_corpus, logdir, "--max_steps", "40"), timeout=120)
         assert second.returncode == 1
         assert "Traceback" not in second.stderr
         line = second.stderr.strip().splitlines()[-1]
@@ -116,10 +65,10 @@ def test_a_second_trainer_is_refused_naming_the_holder_and_readers_never_wait(co
         assert snapshot(logdir) == before, "the refused run wrote into the log directory"
 
         # The readers read while the run holds the directory, and never take its lock.
-        for command in (["lm1b_hvd.evaluate", "--logdir", str(logdir), "--datadir", str(corpus), "--once"],
-                        ["lm1b_hvd.score", "--logdir", str(logdir), "--datadir", str(corpus), "--input", "-"],
-                        ["lm1b_hvd.sample", "--logdir", str(logdir), "--datadir", str(corpus), "--num", "1"],
-                        ["lm1b_hvd.export", "--logdir", str(logdir), "--datadir", str(corpus),
+        for command in (["lm1b_hvd.evaluate", "--logdir", str(logdir), "--datadir", str(tiny_corpus), "--once"],
+                        ["lm1b_hvd.score", "--logdir", str(logdir), "--datadir", str(tiny_corpus), "--input", "-"],
+                        ["lm1b_hvd.sample", "--logdir", str(logdir), "--datadir", str(tiny_corpus), "--num", "1"],
+                        ["lm1b_hvd.export", "--logdir", str(logdir), "--datadir", str(tiny_corpus),
                          "--out", str(tmp_path / "exported")]):
             result = run([sys.executable, "-m", *command], timeout=180, stdin_text="w1 w2\n")
             assert result.returncode == 0, (command, result.stderr[-2000:])
@@ -130,18 +79,18 @@ def test_a_second_trainer_is_refused_naming_the_holder_and_readers_never_wait(co
 
     # kill -9 leaves no lock behind: the next run takes the directory and resumes.
     assert not status(logdir)["running"]
-    after = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "30")], timeout=180)
+    after = run(run_command(tiny_corpus, logdir, "--max_steps", "30"), timeout=180)
     assert after.returncode == 0, after.stderr[-2000:]
     assert f"resumed from {logdir}/ckpt-20 at step 20" in after.stdout
 
 
-def test_status_during_and_after_a_run(corpus, tmp_path):
+def test_status_during_and_after_a_run(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
     absent = run([sys.executable, "-m", "lm1b_hvd.status", "--logdir", str(tmp_path / "nowhere")])
     assert absent.returncode == 1 and absent.stderr.strip() == f"error: {tmp_path}/nowhere: no such log directory"
 
-    victim = start([sys.executable, *train_args(corpus, logdir, "--max_steps", "100000", "--eval_every", "100",
-                                                "--checkpoint_steps", "100")])
+    victim = start(run_command(tiny_corpus, logdir, "--max_steps", "100000", "--eval_every", "100",
+                           "--checkpoint_steps", "100"))
     try:
         wait_until(lambda: latest_step(logdir) >= 200 and (logdir / "progress.json").exists(), 240,
                    "checkpoint of step 200", victim)
@@ -184,12 +133,11 @@ GLOO_TIMEOUT_LINE = (r"error: rank {survivor}: a Horovod collective failed after
 # Rank 1 stopped: rank 0's watchdog ends the job; rank 0 stopped (the one that prints and saves),
 # under a longer limit: Gloo's timeout on rank 1 ends it first.
 @pytest.mark.parametrize("stopped_rank,timeout,expected", [(1, 15, STOPPED_LINE), (0, 120, GLOO_TIMEOUT_LINE)])
-def test_a_stopped_rank_ends_the_job_within_the_timeout_and_the_next_run_resumes(corpus, tmp_path, stopped_rank,
+def test_a_stopped_rank_ends_the_job_within_the_timeout_and_the_next_run_resumes(tiny_corpus, tmp_path, stopped_rank,
                                                                                  timeout, expected):
     logdir = tmp_path / "log"
-    job = start([HOROVODRUN, "-np", "2", "--gloo", sys.executable,
-                 *train_args(corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "200",
-                             "--step_timeout", str(timeout))])
+    job = start(run_command(tiny_corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "200", "--step_timeout",
+                        timeout, ranks=2))
     try:
         # Between checkpoints (at 200 and 400), where the limit is the plain --step_timeout.
         wait_until(lambda: latest_step(logdir) >= 200 and logged_step(logdir) >= 300, 240, "step 300", job)
@@ -211,8 +159,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_and_the_next_run_resumes
 
     if stopped_rank == 1:  # the next run resumes (one case: the job's end left an ordinary checkpoint)
         saved = latest_step(logdir)
-        resumed = run([HOROVODRUN, "-np", "2", "--gloo", sys.executable,
-                       *train_args(corpus, logdir, "--max_steps", str(saved + 20))], timeout=300)
+        resumed = run(run_command(tiny_corpus, logdir, "--max_steps", saved + 20, ranks=2), timeout=300)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resumed from {logdir}/ckpt-{saved} at step {saved} (epoch" in resumed.stdout
 
@@ -253,15 +200,12 @@ def test_the_watchdogs_limit_follows_the_runs_steps_and_allows_for_checkpoints(m
 
 @pytest.mark.parametrize("how", ["kill", "ctrl-c"])
 @pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
-def test_kill_or_ctrl_c_of_horovodrun_stops_every_rank_at_one_step_with_a_checkpoint(corpus, tmp_path, controller,
+def test_kill_or_ctrl_c_of_horovodrun_stops_every_rank_at_one_step_with_a_checkpoint(tiny_corpus, tmp_path, controller,
                                                                                     how):
     logdir = tmp_path / "log"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **MPI_ENV}
     # Its own process group, as a job started from a terminal has: Ctrl-C is SIGINT to that group.
-    job = subprocess.Popen([HOROVODRUN, "-np", "2", controller, sys.executable,
-                            *train_args(corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "100000")],
-                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    job = start(run_command(tiny_corpus, logdir, "--max_steps", "100000", "--checkpoint_steps", "100000", ranks=2,
+                        controller=controller), env_extra=MPI_ENV, start_new_session=True)
     try:
         wait_until(lambda: (logdir / "progress.json").exists(), 240, "first progress line", job)
         if how == "kill":
@@ -280,8 +224,7 @@ def test_kill_or_ctrl_c_of_horovodrun_stops_every_rank_at_one_step_with_a_checkp
     step = int(stopped.group(1))
     assert latest_step(logdir) == step
     if controller == "--mpi" and how == "ctrl-c":  # one case resumes: the stop's checkpoint is an ordinary one
-        resumed = run([HOROVODRUN, "-np", "2", "--gloo", sys.executable,
-                       *train_args(corpus, logdir, "--max_steps", str(step + 10))], timeout=300)
+        resumed = run(run_command(tiny_corpus, logdir, "--max_steps", step + 10, ranks=2), timeout=300)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resumed from {logdir}/ckpt-{step} at step {step} (epoch" in resumed.stdout
 
@@ -295,9 +238,9 @@ def flip_bytes(path, every=3000):
     path.write_bytes(bytes(data))
 
 
-def test_damaged_checkpoints_fall_back_to_the_newest_that_loads_and_none_is_one_line(corpus, tmp_path):
+def test_damaged_checkpoints_fall_back_to_the_newest_that_loads_and_none_is_one_line(tiny_corpus, tmp_path):
     logdir = tmp_path / "log"
-    first = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "20", "--checkpoint_steps", "5")])
+    first = run(run_command(tiny_corpus, logdir, "--max_steps", "20", "--checkpoint_steps", "5"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert [latest_step(logdir)] == [20]
     for data_file in logdir.glob("ckpt-20.data-*"):
@@ -306,7 +249,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_that_loads_and_none_is_one_
         data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])  # a truncated copy
     (logdir / "ckpt-10.index").unlink()  # a lost index
 
-    resumed = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "25", "--checkpoint_steps", "5")])
+    resumed = run(run_command(tiny_corpus, logdir, "--max_steps", "25", "--checkpoint_steps", "5"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     warnings = [line for line in resumed.stdout.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3, resumed.stdout
@@ -321,7 +264,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_that_loads_and_none_is_one_
     for index in logdir.glob("ckpt-*.index"):
         index.unlink()
     before = snapshot(logdir, but=("run.lock",))
-    refused = run([sys.executable, *train_args(corpus, logdir, "--max_steps", "40")], env_extra={
+    refused = run(run_command(tiny_corpus, logdir, "--max_steps", "40"), env_extra={
         "TF_CPP_MIN_LOG_LEVEL": "0"})  # TensorFlow's own warnings on: none may follow the error
     assert refused.returncode == 1
     errors = refused.stderr.strip().splitlines()

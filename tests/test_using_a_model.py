@@ -17,7 +17,7 @@ from tensorboard.plugins.projector import ProjectorConfig
 
 from lm1b_hvd.data import demo_corpus
 from lm1b_hvd.inference import TrainedModel
-from tests.conftest import run
+from tests.helpers import run
 from tests.model_helpers import whole
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`

@@ -8,11 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from tests import test_resume
-from tests.conftest import run, write_tiny_demo_corpus
-from tests.test_multiprocess import horovodrun
+from tests.helpers import (DROPOUT, assert_same_variables, horovodrun, run, saved_variables, scalars, train,
+                           train_command, without_run_position)
 from tests.workers import vocab_parallel as worker
 
 pytestmark = pytest.mark.slow  # trains or builds for minutes: not in `pytest -m "not slow"`
@@ -59,27 +57,19 @@ def test_sharded_vocabulary_gives_the_replicated_update(tmp_path, ranks, grad_co
 
 # Checkpoints across modes and rank counts, exact resume and bad input: the trainer from the
 # command line, as a user runs it.
-VOCAB_PARALLEL = test_resume.TINY + ",vocab_parallel=true"
+VOCAB_PARALLEL = DROPOUT + ",vocab_parallel=true"
 RUN_STEPS = 6
 
 
 def train_run(corpus, logdir, hpconfig, ranks, max_steps=RUN_STEPS):
     """Trains (or, at max_steps, only restores, saves and evaluates) and returns stdout."""
-    return test_resume.train(corpus, logdir, max_steps, "--hpconfig", hpconfig, ranks=ranks)
+    return train(corpus, logdir, max_steps=max_steps, hpconfig=hpconfig, ranks=ranks)
 
 
 def final_eval_perplexity(logdir):
     """The last eval/perplexity the run wrote to TensorBoard, at full precision."""
-    values = []
-    for path in sorted((logdir / "eval").glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            values += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value
-                       if v.tag == "eval/perplexity"]
-    return max(values)[1]
-
-
-def without_run_position(variables):
-    return {name: value for name, value in variables.items() if not name.startswith("run_position/")}
+    by_step = scalars(logdir / "eval")["eval/perplexity"]
+    return by_step[max(by_step)]
 
 
 def copy_run(source, destination):
@@ -88,49 +78,44 @@ def copy_run(source, destination):
     return destination
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_tiny_demo_corpus(tmp_path_factory.mktemp("vocab-parallel-corpus") / "demo")
-
-
-def test_a_checkpoint_resumes_in_either_mode_on_any_rank_count_with_the_same_weights(corpus, tmp_path):
+def test_a_checkpoint_resumes_in_either_mode_on_any_rank_count_with_the_same_weights(tiny_corpus, tmp_path):
     """4 vocabulary-parallel ranks write a checkpoint; 4 replicated, 2 vocabulary-parallel, 2
     replicated and 1 rank resume it in turn, each saving it again at the same step: every saved
     variable stays the same, and the final evaluation of the same rank count agrees to 1e-5."""
-    chain = [(4, VOCAB_PARALLEL), (4, test_resume.TINY), (2, VOCAB_PARALLEL), (2, test_resume.TINY),
-             (1, test_resume.TINY)]
+    chain = [(4, VOCAB_PARALLEL), (4, DROPOUT), (2, VOCAB_PARALLEL), (2, DROPOUT),
+             (1, DROPOUT)]
     first = tmp_path / "0"
-    train_run(corpus, first, chain[0][1], chain[0][0])
-    original = without_run_position(test_resume.saved_variables(first, RUN_STEPS))
+    train_run(tiny_corpus, first, chain[0][1], chain[0][0])
+    original = without_run_position(saved_variables(first, RUN_STEPS))
     assert any(name.startswith("tables/embedding") for name in original)
     perplexities, previous = {chain[0]: final_eval_perplexity(first)}, first
     for index, (ranks, hpconfig) in enumerate(chain[1:], start=1):
         logdir = copy_run(previous, tmp_path / str(index))
-        out = train_run(corpus, logdir, hpconfig, ranks)
+        out = train_run(tiny_corpus, logdir, hpconfig, ranks)
         assert f"resumed from {logdir}/ckpt-{RUN_STEPS} at step {RUN_STEPS}" in out
-        test_resume.assert_same_variables(original, without_run_position(
-            test_resume.saved_variables(logdir, RUN_STEPS)))
+        assert_same_variables(original, without_run_position(
+            saved_variables(logdir, RUN_STEPS)))
         perplexities[ranks, hpconfig] = final_eval_perplexity(logdir)
         previous = logdir
     for ranks in (4, 2):
-        assert perplexities[ranks, VOCAB_PARALLEL] == pytest.approx(perplexities[ranks, test_resume.TINY], rel=1e-5)
+        assert perplexities[ranks, VOCAB_PARALLEL] == pytest.approx(perplexities[ranks, DROPOUT], rel=1e-5)
 
     # A checkpoint the vocabulary-parallel ranks wrote reads as any other in evaluate.
-    evaluated = [run([sys.executable, "-m", "lm1b_hvd.evaluate", "--logdir", str(logdir), "--datadir", str(corpus),
+    evaluated = [run([sys.executable, "-m", "lm1b_hvd.evaluate", "--logdir", str(logdir), "--datadir", str(tiny_corpus),
                       "--once"]) for logdir in (first, tmp_path / "1")]
     assert all(result.returncode == 0 for result in evaluated), evaluated[0].stderr[-2000:]
     assert [result.stdout.split(" | ")[1] for result in evaluated][0].startswith("perplexity ")
     assert evaluated[0].stdout.split(" | ")[1:3] == evaluated[1].stdout.split(" | ")[1:3]
 
 
-def test_fewer_vocabulary_rows_than_ranks_is_one_line_and_writes_nothing(tmp_path):
+def test_fewer_vocabulary_rows_than_ranks_is_one_line_and_writes_nothing(tiny_corpus, tmp_path):
     corpus = tmp_path / "c"
-    shutil.copytree(write_tiny_demo_corpus(tmp_path / "demo"), corpus)
+    shutil.copytree(tiny_corpus, corpus)
     vocab = corpus / "1b_word_vocab.txt"
     kept = [line for line in vocab.read_text().splitlines() if line.split()[0] in ("<S>", "</S>", "<UNK>")]
     vocab.write_text("".join(line + "\n" for line in kept))
     logdir = tmp_path / "log"
-    result = run(test_resume.train_command(corpus, logdir, 3, "--hpconfig", VOCAB_PARALLEL, ranks=4), timeout=300)
+    result = run(train_command(corpus, logdir, max_steps=3, hpconfig=VOCAB_PARALLEL, ranks=4), timeout=300)
     assert result.returncode != 0
     assert (f"error: vocab_parallel=true needs at least one vocabulary row per rank: {len(kept)} row(s) for 4 ranks"
             in result.stderr), result.stderr[-2000:]

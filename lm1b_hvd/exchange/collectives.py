@@ -163,10 +163,17 @@ def node_groups(node_of):
                       index=mine)
 
 
+_PROCESS_SETS = {}  # the sets made so far, by their ranks: Horovod will not make one twice
+
+
 def _process_set(ranks):
-    """Horovod's process set of these global ranks (all of them: its global set, which it will
-    not make twice)."""
-    return hvd.global_process_set if len(ranks) == hvd.size() else hvd.add_process_set(ranks)
+    """Horovod's process set of these global ranks (all of them: its global set); one made
+    before is used again (a second training stack in the same processes, as tests make)."""
+    if len(ranks) == hvd.size():
+        return hvd.global_process_set
+    if tuple(ranks) not in _PROCESS_SETS:
+        _PROCESS_SETS[tuple(ranks)] = hvd.add_process_set(ranks)
+    return _PROCESS_SETS[tuple(ranks)]
 
 
 def _set(ranks):

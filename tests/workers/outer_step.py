@@ -10,12 +10,7 @@ import sys
 
 import numpy as np
 
-from lm1b_hvd.exchange import collectives
-from lm1b_hvd.exchange.vocab_parallel import VocabExchange
-from lm1b_hvd.model.language_model import LSTMPLanguageModel
-from lm1b_hvd.run.state import TrainingState
-from lm1b_hvd.update.outer import OuterStep
-from lm1b_hvd.update.step import Trainer
+from lm1b_hvd.run import stack
 from tests.workers.vocab_parallel import HPS, VOCAB, batches, held
 
 RANKS_PER_NODE = 2
@@ -26,36 +21,36 @@ MODES = ("replicated", "vocab_parallel", "vocab_parallel_fp16")
 
 
 def main(outdir, every, outer_lr, outer_momentum):
-    ranks = collectives.init(process_sets=True)
-    nodes = collectives.node_groups(RANKS_PER_NODE)
+    ranks = stack.start_ranks(HPS.replace(outer_every=every))
     for mode in MODES:
         hps = HPS.replace(outer_every=every, outer_lr=outer_lr, outer_momentum=outer_momentum,
                           vocab_parallel=mode.startswith("vocab_parallel"), outer_fp16=mode.endswith("fp16"),
                           average_tables=True)
-        saved = train(hps, ranks, nodes)
+        saved = train(hps, ranks)
         np.savez(f"{outdir}/{mode}{ranks.rank}.npz",
                  **{f"{when}/{name}": value for when, values in saved.items() for name, value in values.items()})
     ranks.sum(np.zeros(1, np.float32))  # no rank leaves (shutting Horovod down) while another still exchanges
 
 
-def train(hps, ranks, nodes):
+def train(hps, ranks):
     """{when: what this rank holds then}: at the start, and before and after each outer step;
-    under "exchange", each outer step's update.outer.OuterExchange."""
-    vocab_parallel, every = hps.vocab_parallel, hps.outer_every
-    exchange = VocabExchange(VOCAB, nodes.node) if vocab_parallel else None
-    state = TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange), nodes=nodes)
-    trainer = Trainer(state, ranks, nodes=nodes)
-    outer = OuterStep(state, nodes, hps)
-    state.broadcast_from_root(ranks)
-    outer.start()
-    saved, exchanges = {"start": held(state)}, []
+    under "exchange", each outer step's update.outer.OuterExchange. The training stack as a run
+    builds it, and its sync mode (run.modes.TwoLevel) after each step."""
+    every = hps.outer_every
+    built = stack.build(hps, VOCAB, ranks, stack.Launch(ranks_per_node=RANKS_PER_NODE))
+    state, mode = built.state, built.mode
+    mode.start()
+    saved = {"start": held(state)}
     row_state = state.model.zero_state(hps.batch_size)
     for step, (x, y, w) in enumerate(batches(ranks.rank, OUTER_STEPS * every), start=1):
-        row_state, _ = trainer.step(x, y, w, row_state)
+        row_state, _ = built.trainer.step(x, y, w, row_state)
         if step % every == 0:
             saved[f"before{step // every}"] = held(state)
-            exchanges.append(outer.step())
+        settled = mode.after_step(step, first=step == 1)
+        assert settled == (step % every == 0), (step, settled)
+        if settled:
             saved[f"after{step // every}"] = held(state)
+    exchanges = [timing.exchange for timing in mode.timings]
     saved["exchange"] = {field: np.array([getattr(exchange, field) for exchange in exchanges])
                          for field in exchanges[0]._fields}
     return saved

@@ -9,11 +9,7 @@ import sys
 import numpy as np
 
 from lm1b_hvd import hparams
-from lm1b_hvd.exchange import collectives
-from lm1b_hvd.exchange.vocab_parallel import VocabExchange
-from lm1b_hvd.model.language_model import LSTMPLanguageModel
-from lm1b_hvd.run.state import TrainingState
-from lm1b_hvd.update.step import Trainer
+from lm1b_hvd.run import stack
 from tests.model_helpers import whole
 
 VOCAB = 53  # divides evenly by neither 2 nor 4 ranks, nor by num_shards
@@ -35,15 +31,13 @@ def batches(rank, steps):
     return out
 
 
-def train(hps, exchange, steps, ranks):
-    state = TrainingState(LSTMPLanguageModel(hps, VOCAB, vocab_exchange=exchange))
-    trainer = Trainer(state, ranks)
-    row_state = state.model.zero_state(hps.batch_size)
-    for step, (x, y, w) in enumerate(batches(ranks.rank, steps)):
-        row_state, _ = trainer.step(x, y, w, row_state)
-        if step == 0:
-            state.broadcast_from_root(ranks)
-    return state
+def train(hps, steps, ranks):
+    built = stack.build(hps, VOCAB, ranks)
+    row_state = built.model.zero_state(hps.batch_size)
+    for step, (x, y, w) in enumerate(batches(ranks.rank, steps), start=1):
+        row_state, _ = built.trainer.step(x, y, w, row_state)
+        built.mode.after_step(step, first=step == 1)
+    return built.state
 
 
 def held(state):
@@ -63,10 +57,10 @@ def held(state):
 
 
 def main(outdir, grad_combine, steps, overrides=""):
-    ranks = collectives.init()
+    ranks = stack.start_ranks(HPS)
     hps = hparams.parse_overrides(HPS.replace(grad_combine=grad_combine), overrides)
-    replicated = held(train(hps, None, steps, ranks))
-    sharded = held(train(hps.replace(vocab_parallel=True), VocabExchange(VOCAB, ranks), steps, ranks))
+    replicated = held(train(hps, steps, ranks))
+    sharded = held(train(hps.replace(vocab_parallel=True), steps, ranks))
     rank = ranks.rank
     np.savez(f"{outdir}/replicated{rank}.npz", **replicated)
     np.savez(f"{outdir}/sharded{rank}.npz", **sharded)
