@@ -1,6 +1,7 @@
 """run.state.TrainingState is the one list of what a run persists: every variable a training step
 writes is in one of its pieces, its checkpoint holds every piece it saves, rank 0's broadcast and
 the elastic commit take the pieces every rank shares."""
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,11 @@ import tensorflow as tf
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.exchange.vocab_parallel import VocabExchange
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
+from lm1b_hvd.model.pieces import Travel
 from lm1b_hvd.run.position import RunPoint
 from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.outer import OuterStep
+from lm1b_hvd.update.outer_parts import OuterMomentum, owned_parts
 from lm1b_hvd.update.step import Trainer
 from tests.model_helpers import tiny_hparams
 
@@ -120,3 +124,58 @@ def test_a_checkpoint_resumes_under_another_precision(tmp_path):
     (good_steps,) = [v for v in again.variables() if v.name.startswith("good_steps")]
     assert int(again.step) == 6 and int(good_steps) == 4, "the saved scale's count went on"
     assert int(trained("fp32", 1, restore_from=fp16_path).step) == 6
+
+
+def outer_stepping(travel):
+    """A training state whose slots (Adagrad's accumulators) travel as `travel`, its trainer, and
+    its outer step over one node of this one process (the nodes' mean is the node's own)."""
+    hps = tiny_hparams(**SHAPE, **CASES["demo-like"], outer_every=2, outer_lr=0.5, outer_momentum=0.5, ema_decay=0.9,
+                       outer_fp16=False)
+    ranks = collectives.init()
+    state = TrainingState(LSTMPLanguageModel(hps, VOCAB))
+    state.pieces = [dataclasses.replace(piece, travel=travel) if piece.travel is Travel.AVERAGED else piece
+                    for piece in state.pieces]
+    one = collectives.HorovodRanks()
+    nodes = collectives.NodeGroups(node=one, across=one, count=1, index=0)
+    outer = OuterStep(state, nodes, hps, OuterMomentum(owned_parts(state.of(Travel.STEPPED), nodes.node)))
+    return state, Trainer(state, ranks, averages_each_step=False), outer
+
+
+def test_an_outer_step_takes_each_piece_as_it_travels_and_a_stop_goes_back_to_it():
+    """The outer step iterates the pieces: the weights stepped, the slots averaged (or kept,
+    and then not sent), the averages moved, what is alike remembered; a stop between outer
+    steps goes back to all of it."""
+    sent = {}
+    for travel in (Travel.AVERAGED, Travel.KEPT_PER_NODE):
+        state, trainer, outer = outer_stepping(travel)
+        outer.start()
+        row_state = state.model.zero_state(BATCH[0])
+        anchors = [v.numpy() for v in state.model.lstm_variables]
+        averages = [v.numpy() for v in state.ema.shadows]
+        for step in range(2):
+            row_state, _ = trainer.step(*batch(step), row_state)
+        slots = [v.numpy() for piece in state.of(travel) for v in piece.variables]
+        trained = [v.numpy() for v in state.model.lstm_variables]
+        sent[travel] = outer.step()
+        for anchor, theta, now in zip(anchors, trained, state.model.lstm_variables):
+            change = anchor - theta  # one node: the mean change is its own; the momentum starts at zero
+            np.testing.assert_allclose(now.numpy(), anchor - 0.5 * (change + 0.5 * change), rtol=0, atol=1e-6)
+        stepped = [v.numpy() for v in state.model.lstm_variables]
+        for average, before, weight in zip(state.ema.shadows, averages, stepped):  # two steps of the decay
+            np.testing.assert_allclose(average.numpy(), before - (1 - 0.9 ** 2) * (before - weight), atol=1e-6)
+        for slot, before in zip([v for piece in state.of(travel) for v in piece.variables], slots):
+            np.testing.assert_allclose(slot.numpy(), before, rtol=0, atol=1e-6)  # one node's own, either way
+
+        row_state, _ = trainer.step(*batch(2), row_state)
+        assert int(state.step) == 3
+        outer.roll_back()
+        assert int(state.step) == 2
+        for now, then in zip(state.model.lstm_variables, stepped):
+            np.testing.assert_array_equal(now.numpy(), then)
+        for slot, then in zip([v for piece in state.of(travel) for v in piece.variables], slots):
+            np.testing.assert_allclose(slot.numpy(), then, rtol=0, atol=1e-6)
+    averaged, kept = sent[Travel.AVERAGED], sent[Travel.KEPT_PER_NODE]
+    assert averaged.rows_changed == kept.rows_changed > 0
+    # 4 bytes a value (fp32 here): the kept slots' increments are not sent, the same row flags are.
+    assert kept.across_bytes < averaged.across_bytes
+    assert (averaged.across_bytes - kept.across_bytes) % 4 == 0

@@ -5,7 +5,7 @@ the vocabulary read as `<UNK>`.
 Ids are line numbers (from 0), so frequent words get small ids and the
 log-uniform candidate sampler of the sampled softmax is the right proposal.
 Words are kept as bytes: sentences are matched against them byte for byte
-(see data.py), so a file that is not valid UTF-8 still reads.
+(data/dataset.py), so a file that is not valid UTF-8 still reads.
 """
 import numpy as np
 

@@ -2,9 +2,9 @@
 
 No TensorFlow import here: lm1b_hvd.status reads these files on login nodes, quickly.
 """
-HPARAMS_FILE = "hparams.json"  # the record the run started with (checkpoints.py)
+HPARAMS_FILE = "hparams.json"  # the record the run started with (run/checkpoints.py)
 CHECKPOINT_STATE_FILE = "checkpoint"  # TensorFlow's list of the latest checkpoints
 BEST_DIR = "best"  # the best checkpoint by heldout perplexity, and BEST_FILE beside it
 BEST_FILE = "best.json"
-PROGRESS_FILE = "progress.json"  # the figures of the latest progress line (reporting.py)
-LOCK_FILE = "run.lock"  # the lock rank 0 holds for the run's life (run_lock.py)
+PROGRESS_FILE = "progress.json"  # the figures of the latest progress line (run/reporting.py)
+LOCK_FILE = "run.lock"  # the lock rank 0 holds for the run's life (run/lock.py)

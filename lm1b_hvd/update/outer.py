@@ -2,7 +2,7 @@
 
 Inside a node every step is the synchronous step (update.step), over the node's ranks. Between
 nodes nothing moves for `outer_every` steps; then the ranks that hold the same parameters (one
-per node, exchange.ranks.NodeGroups.across) average what each node changed since the last outer
+per node, exchange.collectives.NodeGroups.across) average what each node changed since the last outer
 step and take an outer step on that average, with Nesterov momentum as DiLoCo does:
 
     g = mean over nodes of (A - theta_node)     A: the weights of the last outer step
