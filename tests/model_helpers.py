@@ -19,6 +19,20 @@ def tiny_hparams(**changes):
     return hparams.validate(hparams.HParams(**{**base, **changes}))
 
 
+def batches_with_a_short_row(hps, steps, seed, draw_ids):
+    """`steps` batches (x, y, w) from numpy's generator of `seed`: in each, row 0's sentence ends
+    at a random step (its weights 0 after it), and `draw_ids(rng, [batch, steps])` draws x and y."""
+    rng = np.random.default_rng(seed)
+    shape = (hps.batch_size, hps.num_steps)
+    out = []
+    for _ in range(steps):
+        w = np.ones(shape, np.float32)
+        w[0, rng.integers(0, hps.num_steps):] = 0.0
+        x, y = draw_ids(rng, shape)
+        out.append((x, y, w))
+    return out
+
+
 def whole(table):
     """The rows a tables.VocabTable holds, block after block, as one array (no padding rows)."""
     return np.concatenate([variable.numpy()[:rows.count] for rows, variable in table.blocks])

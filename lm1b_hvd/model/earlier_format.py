@@ -31,8 +31,8 @@ def restore(state, path, saved, optimizer_slots):
         if name == "softmax_b":
             _read_blocks(reader, table, [pinned_stack.checkpoint_value_key("model/softmax_b")], model.vocab_size)
         else:
-            _read_blocks(reader, table, [pinned_stack.checkpoint_value_key(f"model/{name}/{b}") for b in range(old_blocks)],
-                         old_rows)
+            keys = [pinned_stack.checkpoint_value_key(f"model/{name}/{b}") for b in range(old_blocks)]
+            _read_blocks(reader, table, keys, old_rows)
     if optimizer is not None:
         optimizer.iterations.assign(reader.get_tensor(pinned_stack.keras_optimizer_iterations_key()))
         for index, accumulator in enumerate(optimizer.accumulators()):

@@ -74,42 +74,76 @@ class NodeLayout:
                 "each rank reads the outer momentum of the rows it owns now")
 
 
-class Synchronous:
-    """Every step over every rank (`ranks`); `note`, what the start line says of it (or None)."""
+class SyncMode:
+    """What every sync mode answers, with the answers they share."""
     period = 1  # steps from one settled point to the next
-    averages_each_step = True
+    averages_each_step = True  # the trainer moves the EMA after each step
     step_exchange_where = ""  # what the bench says of where a step's exchange runs: between every rank
 
-    def __init__(self, hps, ranks, note=None):
-        self.hps, self.ranks, self.note = hps, ranks, note
+    def __init__(self, hps, ranks):
+        self.hps, self.ranks = hps, ranks
         self.stepping = ranks  # the ranks a step's gradients travel between
         self.state = None
 
     def training_state(self, model):
-        """The TrainingState of `model` with this mode's pieces, which the mode keeps."""
+        """The TrainingState of `model` with this mode's pieces; the mode keeps it."""
+        raise NotImplementedError
+
+    def start(self):
+        """Before the first step (after any restore)."""
+
+    def after_step(self, step, first):
+        """After step `step` (`first`: this process's first): whether the point it reached is
+        settled (every rank may evaluate, checkpoint or stop here)."""
+        raise NotImplementedError
+
+    def roll_back(self, point, settled):
+        """(the point to save at a stop at `point`, and a line that says what was done, or
+        None); `settled`, the last settled point."""
+        return point, None
+
+    def describe(self, max_steps=0):
+        """The start line that says how the ranks keep together, or None."""
+        return None
+
+    def checkpoint_parts(self):
+        """Who writes parts of the tables before a checkpoint is merged (CheckpointParts)."""
+        raise NotImplementedError
+
+    def start_timing(self):
+        """The bench times from here."""
+
+    def seconds_beside_steps(self):
+        """What this mode spent beside the steps since start_timing."""
+        return 0.0
+
+    def bench_lines(self, timed_steps, step_seconds):
+        """The bench's figures of what this mode did beside the `timed_steps` steps since
+        start_timing (a collective); `step_seconds`, a step's time with it."""
+        return []
+
+
+class Synchronous(SyncMode):
+    """Every step over every rank (`ranks`); `note`, what the start line says of it (or None)."""
+
+    def __init__(self, hps, ranks, note=None):
+        super().__init__(hps, ranks)
+        self.note = note
+
+    def training_state(self, model):
         self.state = TrainingState(model)
         # The run's nodes: none (a two-level checkpoint's momentum is not used, and the restore says so).
         self.state.add([Piece("run_position/nodes", "json", NodeLayout(None), [], travel=Travel.OUTER)])
         return self.state
 
-    def start(self):
-        """Before the first step (after any restore): nothing; rank 0's state is broadcast after
-        the first step, which makes what Keras builds lazily."""
-
     def after_step(self, step, first):
-        """After step `step` (`first`: this process's first): whether the point it reached is
-        settled (every rank may evaluate, checkpoint or stop here)."""
+        """Rank 0's state to every rank after this process's first step, which makes what Keras
+        builds lazily (the optimizer's slots); every point is settled."""
         if first:
             self.state.broadcast_from_root(self.ranks)
         return True
 
-    def roll_back(self, point, settled):
-        """(the point to save at a stop at `point`, and a line saying so, or None); `settled`,
-        the last settled point."""
-        return point, None
-
     def describe(self, max_steps=0):
-        """The start line that says how the ranks keep together, or None."""
         return self.note
 
     def checkpoint_parts(self):
@@ -117,18 +151,6 @@ class Synchronous:
         if self.state.model.vocab_parallel:
             return CheckpointParts(self.ranks.size, self.ranks.rank)
         return CheckpointParts()
-
-    def bench_lines(self, timed_steps, step_seconds):
-        """The bench's figures of what this mode did beside the `timed_steps` steps since
-        start_timing (a collective); `step_seconds`, a step's time with it."""
-        return []
-
-    def seconds_beside_steps(self):
-        """What this mode spent beside the timed steps, since the bench started timing."""
-        return 0.0
-
-    def start_timing(self):
-        """The bench times from here."""
 
 
 class OuterTiming(typing.NamedTuple):
@@ -138,7 +160,7 @@ class OuterTiming(typing.NamedTuple):
     seconds: float
 
 
-class TwoLevel(Synchronous):
+class TwoLevel(SyncMode):
     """Synchronous inside each node of `nodes` (exchange.collectives.NodeGroups), an outer step
     between the nodes every hparam outer_every steps."""
     averages_each_step = False  # the averages move at outer steps (update.outer)
@@ -148,7 +170,8 @@ class TwoLevel(Synchronous):
         super().__init__(hps, ranks)
         self.nodes, self.period = nodes, hps.outer_every
         self.stepping = nodes.node
-        self.outer, self.timings = None, []
+        self.outer = None
+        self.timings = None  # the outer steps since start_timing: the bench's, none in a run
 
     def training_state(self, model):
         state = TrainingState(model)
@@ -172,7 +195,8 @@ class TwoLevel(Synchronous):
         if step % self.period == 0:
             started = time.perf_counter()
             exchange = self.outer.step()
-            self.timings.append(OuterTiming(exchange, time.perf_counter() - started))
+            if self.timings is not None:
+                self.timings.append(OuterTiming(exchange, time.perf_counter() - started))
         return self.outer.last_step == step
 
     def roll_back(self, point, settled):
@@ -182,9 +206,10 @@ class TwoLevel(Synchronous):
 
     def describe(self, max_steps=0):
         hps, nodes = self.hps, self.nodes
+        sent_in = "fp16" if hps.outer_fp16 else "fp32"
         line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
                 f"step between nodes every {self.period} steps (outer_lr {hps.outer_lr}, Nesterov "
-                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {'fp16' if hps.outer_fp16 else 'fp32'}); "
+                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {sent_in}); "
                 "evaluations and checkpoints at outer steps")
         if max_steps % self.period:
             line += f"; --max_steps {max_steps} ends with step {max_steps - max_steps % self.period}'s outer step"

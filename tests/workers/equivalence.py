@@ -8,18 +8,15 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from lm1b_hvd import hparams
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.step import Trainer
+from tests.model_helpers import batches_with_a_short_row, tiny_hparams
 
 VOCAB = 31
 STEPS = 4
-HPS = hparams.validate(hparams.HParams(
-    batch_size=3, num_steps=4, num_shards=3, num_layers=1, emb_size=8, state_size=12,
-    projected_size=6, num_sampled=5, keep_prob=1.0, max_grad_norm=0.05, learning_rate=0.2,
-    ema_decay=0.9))
+HPS = tiny_hparams(max_grad_norm=0.05, learning_rate=0.2, ema_decay=0.9)
 
 
 def fixed_sampler(tower):
@@ -34,15 +31,9 @@ def fixed_sampler(tower):
 
 
 def tower_batches(tower):
-    rng = np.random.default_rng(2000 + tower)
-    shape = (HPS.batch_size, HPS.num_steps)
-    out = []
-    for _ in range(STEPS):
-        w = np.ones(shape, np.float32)
-        w[0, rng.integers(0, HPS.num_steps):] = 0.0
-        out.append((rng.integers(0, VOCAB, shape).astype(np.int32),
-                    rng.integers(0, VOCAB, shape).astype(np.int32), w))
-    return out
+    def uniform(rng, shape):
+        return tuple(rng.integers(0, VOCAB, shape).astype(np.int32) for _ in range(2))
+    return batches_with_a_short_row(HPS, STEPS, 2000 + tower, uniform)
 
 
 def main(outdir):

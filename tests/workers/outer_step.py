@@ -40,6 +40,7 @@ def train(hps, ranks):
     built = stack.build(hps, VOCAB, ranks, stack.Launch(ranks_per_node=RANKS_PER_NODE))
     state, mode = built.state, built.mode
     mode.start()
+    mode.start_timing()  # the mode keeps what each outer step sent
     saved = {"start": held(state)}
     row_state = state.model.zero_state(hps.batch_size)
     for step, (x, y, w) in enumerate(batches(ranks.rank, OUTER_STEPS * every), start=1):
