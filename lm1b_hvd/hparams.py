@@ -54,6 +54,8 @@ class HParams:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_fp16: bool = True  # the outer step's deltas and accumulator increments cross between nodes as fp16
+    outer_bits: int = 16  # 16: as outer_fp16 says | 8, 4: the deltas row-wise quantized, with error feedback
+    outer_slots: str = "averaged"  # averaged: Adagrad's accumulators averaged over nodes at outer steps | local: kept per node
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -69,6 +71,7 @@ CHOICES = {
     "kernels": ("auto", "cpu", "portable"),
     "precision": ("fp32", "bf16", "fp16"),
     "grad_combine": ("rank_clip", "tape"),
+    "outer_slots": ("averaged", "local"),
 }
 
 # Shapes that decide what a checkpoint holds: a resumed run must agree on them.
@@ -170,6 +173,8 @@ def validate(hps):
     if hps.outer_lr <= 0 or not 0.0 <= hps.outer_momentum < 1.0:
         raise HParamsError(f"hparams 'outer_lr' must be > 0 and 'outer_momentum' in [0, 1), got {hps.outer_lr} "
                            f"and {hps.outer_momentum}")
+    if hps.outer_bits not in (4, 8, 16):
+        raise HParamsError(f"hparam 'outer_bits' expects 4, 8 or 16, got {hps.outer_bits}")
     if hps.lr_patience < 1:
         raise HParamsError(f"hparam 'lr_patience' must be >= 1, got {hps.lr_patience}")
     _validate_lstm(hps)

@@ -17,7 +17,7 @@ from lm1b_hvd.model.ops import FORGET_BIAS
 from lm1b_hvd.model.step_seeds import RECURRENT_DROPOUT_STREAM, step_seed, sub_seed
 from lm1b_hvd.ranks import ONE_PROCESS
 from lm1b_hvd.run import checkpoints
-from lm1b_hvd.run.modes import CheckpointParts
+from lm1b_hvd.run.checkpoints import CheckpointParts
 from lm1b_hvd.run.position import RunPoint
 from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.optimizer import PlateauDecay

@@ -40,13 +40,23 @@ def test_each_outer_step_is_the_average_of_the_nodes_deltas_with_nesterov_moment
                         np_=4, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = {mode: [dict(np.load(tmp_path / f"{mode}{rank}.npz")) for rank in range(4)] for mode in worker.MODES}
-    for mode in ("replicated", "vocab_parallel"):
-        check_outer_steps(saved[mode], vocab_parallel=mode == "vocab_parallel")
+    for mode, setting in worker.MODES.items():
+        if setting.get("outer_fp16"):
+            continue
+        check_outer_steps(saved[mode], vocab_parallel=setting.get("vocab_parallel", False),
+                          kept_slots=setting.get("outer_slots") == "local", bits=setting.get("outer_bits", 16))
         changed = np.array([rank["exchange/rows_changed"] for rank in saved[mode]])
         owned = np.array([rank["exchange/rows_owned"] for rank in saved[mode]])
         # Some rows were changed by neither node, and did not travel: the formula held for them too.
-        assert (changed <= owned).all() and (changed < owned).any(), (changed, owned)
+        assert (changed <= owned).all() and (changed < owned).any(), (mode, changed, owned)
     check_fp16_outer_step(saved["vocab_parallel"], saved["vocab_parallel_fp16"])
+    # A delta's value in 1 byte at 8 bits and half a byte at 4 instead of fp32's 4, and a float a
+    # row for its scale, which weighs much on this model's narrow rows; Adagrad's accumulators
+    # kept per node send nothing, averaged ones their increments (in fp32 here).
+    for mode, plain, at_most in (("replicated_local_8", "replicated_local", 0.6),
+                                 ("vocab_parallel_4", "vocab_parallel", 0.7), ("replicated_local", "replicated", 0.6)):
+        for quantized_rank, plain_rank in zip(saved[mode], saved[plain]):
+            assert quantized_rank["exchange/across_bytes"][0] < at_most * plain_rank["exchange/across_bytes"][0], mode
 
 
 def check_fp16_outer_step(fp32, fp16):
@@ -81,7 +91,36 @@ def check_fp16_outer_step(fp32, fp16):
     assert differs, "the fp16 outer step gave the fp32 one's weights exactly: nothing was rounded"
 
 
-def check_outer_steps(ranks, vocab_parallel):
+def quantized_mean(deltas, bits, sent_residuals, received_residual):
+    """The nodes' mean of `deltas` (one fp32 matrix a node) as update.outer_exchange sends it in
+    `bits`: each node's rows plus its residual quantized, their mean in float32 plus the
+    residual of the node that averages the row quantized again; the residuals updated in place.
+    Which node averages a row does not change its numbers: a row is quantized alone."""
+    def quantized(rows):
+        flat = rows.reshape(len(rows), -1)
+        scales = (np.abs(flat).max(axis=1) / quantized_levels[bits]).astype(np.float32)
+        levels = np.clip(np.round(flat / np.where(scales > 0, scales, 1)[:, None]), -quantized_levels[bits],
+                         quantized_levels[bits])
+        return (levels.astype(np.float32) * scales[:, None]).reshape(rows.shape)
+
+    quantized_levels = {8: 127, 4: 7}
+    summed = np.zeros_like(deltas[0])
+    for node, delta in enumerate(deltas):
+        owing = delta + sent_residuals[node]
+        sent = quantized(owing)
+        sent_residuals[node] = owing - sent
+        summed = summed + sent
+    owing = summed / np.float32(len(deltas)) + received_residual
+    mean = quantized(owing)
+    received_residual[...] = owing - mean
+    return mean
+
+
+def check_outer_steps(ranks, vocab_parallel, kept_slots=False, bits=16):
+    """Each outer step from the weights each node held before it (fp32, as the nodes subtract
+    them): the average of the nodes' changes in fp32 (or quantized in `bits`, with each node's
+    residuals), Nesterov's momentum, every node from the result; the slots averaged (or each
+    node's kept), the averages moved."""
     nodes = [ranks[:worker.RANKS_PER_NODE], ranks[worker.RANKS_PER_NODE:]]
     weights = weight_names(ranks[0])
     assert len(weights) >= 6
@@ -90,37 +129,48 @@ def check_outer_steps(ranks, vocab_parallel):
     slots = {name: f"lstm_slot_{name.split('_')[1]}" if name.startswith("lstm_") else f"{name}_slot"
              for name in weights}
 
-    anchors = {name: node_matrix(nodes[0], "start", name, vocab_parallel) for name in weights}
+    def matrix(node, when, name):
+        return node_matrix(node, when, name, vocab_parallel)
+
     for name in weights:  # every node starts from the same weights
-        np.testing.assert_array_equal(node_matrix(nodes[1], "start", name, vocab_parallel), anchors[name])
-    momentum = {name: np.zeros_like(value) for name, value in anchors.items()}
+        np.testing.assert_array_equal(matrix(nodes[1], "start", name), matrix(nodes[0], "start", name))
+    momentum = {name: np.zeros_like(matrix(nodes[0], "start", name)) for name in weights}
+    residuals = {name: ([np.zeros_like(momentum[name], np.float32) for _ in nodes],
+                        np.zeros_like(momentum[name], np.float32)) for name in weights}
     ema_rate = 1.0 - worker.HPS.ema_decay ** H
     for outer in range(1, worker.OUTER_STEPS + 1):
-        before, after = f"before{outer}", f"after{outer}"
+        before, after, last = f"before{outer}", f"after{outer}", "start" if outer == 1 else f"after{outer - 1}"
         for name in weights:
-            thetas = [node_matrix(node, before, name, vocab_parallel) for node in nodes]
+            anchor = matrix(nodes[0], last, name)
+            thetas = [matrix(node, before, name) for node in nodes]
             assert not np.allclose(thetas[0], thetas[1]), f"the nodes trained alike before outer step {outer}: {name}"
-            delta = np.mean([anchors[name] - theta for theta in thetas], axis=0)
+            changes = [(anchor.astype(np.float32) - theta.astype(np.float32)) for theta in thetas]
+            delta = (np.mean(changes, axis=0) if bits == 16
+                     else quantized_mean(changes, bits, *residuals[name]).astype(np.float64))
             momentum[name] = OUTER_MOMENTUM * momentum[name] + delta
-            anchors[name] = anchors[name] - OUTER_LR * (delta + OUTER_MOMENTUM * momentum[name])
-            accumulator = np.mean([node_matrix(node, before, slots[name], vocab_parallel) for node in nodes], axis=0)
-            average_before = node_matrix(nodes[0], before, averages[name], vocab_parallel)
-            for node in nodes:
-                np.testing.assert_allclose(node_matrix(node, after, name, vocab_parallel), anchors[name],
+            expected = anchor - OUTER_LR * (delta + OUTER_MOMENTUM * momentum[name])
+            accumulators = [matrix(node, before, slots[name]) for node in nodes]
+            average_before = matrix(nodes[0], before, averages[name])
+            for node, accumulator in zip(nodes, accumulators):
+                np.testing.assert_allclose(matrix(node, after, name), expected,
                                            rtol=0, atol=1e-5, err_msg=f"{name} after outer step {outer}")
-                np.testing.assert_allclose(node_matrix(node, after, slots[name], vocab_parallel), accumulator,
+                np.testing.assert_allclose(matrix(node, after, slots[name]),
+                                           accumulator if kept_slots else np.mean(accumulators, axis=0),
                                            rtol=0, atol=1e-5, err_msg=f"{slots[name]} after outer step {outer}")
-                np.testing.assert_allclose(node_matrix(node, after, averages[name], vocab_parallel),
-                                           average_before + ema_rate * (anchors[name] - average_before),
+                np.testing.assert_allclose(matrix(node, after, averages[name]),
+                                           average_before + ema_rate * (expected - average_before),
                                            rtol=0, atol=1e-5, err_msg=f"{averages[name]} after outer step {outer}")
+            if kept_slots:
+                assert not np.allclose(accumulators[0], accumulators[1]), f"the nodes' {slots[name]} are alike"
             if outer > 1:  # the average stands still between outer steps
-                previous = node_matrix(nodes[0], f"after{outer - 1}", averages[name], vocab_parallel)
+                previous = matrix(nodes[0], f"after{outer - 1}", averages[name])
                 np.testing.assert_array_equal(average_before, previous)
 
 
 # From the command line, as a user runs it.
 REPLICATED = DROPOUT
 VOCAB_PARALLEL = DROPOUT + ",vocab_parallel=true"
+KEPT_PER_NODE = DROPOUT + ",outer_slots=local,outer_bits=8"  # Adagrad's accumulators, and the residuals
 EVERY = 4
 
 
@@ -138,19 +188,19 @@ def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(tiny
                       ranks=2, ranks_per_node=0)
     assert ("outer_every=8: all 2 rank(s) are on one node, nothing to average between nodes: every step is "
             "synchronous") in out
-    assert_same_variables(saved_variables(synchronous, steps),
-                                      saved_variables(one_node, steps), atol=1e-5)
+    assert_same_variables(saved_variables(synchronous, steps), saved_variables(one_node, steps), atol=1e-5)
 
 
-@pytest.mark.parametrize("hpconfig", [REPLICATED, VOCAB_PARALLEL], ids=["replicated", "vocab_parallel"])
+@pytest.mark.parametrize("hpconfig", [KEPT_PER_NODE, VOCAB_PARALLEL], ids=["kept_per_node", "vocab_parallel"])
 def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchronous(tiny_corpus, tmp_path, hpconfig):
     """An outer step every 4 steps: a run stopped at step 10 keeps step 8's checkpoint and,
-    resumed to 12, equals the unbroken run; replicated on 2 nodes of 1 rank (the formula's test
-    splits a node's rows between 2 ranks), vocabulary-parallel on 2 x 2. Vocabulary-parallel
-    (its tables and momentum written in parts), that checkpoint resumes re-grouped as 4 nodes of
-    1 rank and synchronous, and a synchronous checkpoint resumes two-level, with the same weights."""
+    resumed to 12, equals the unbroken run; replicated on 2 nodes of 1 rank, each keeping its
+    own Adagrad accumulators and the residuals of an 8-bit exchange (each node's copy in the
+    checkpoint), and on one node the run takes node 0's; vocabulary-parallel on 2 x 2 (its
+    tables and momentum written in parts), that checkpoint resumes re-grouped as 4 nodes of 1
+    rank and synchronous, and a synchronous checkpoint resumes two-level, with the same weights."""
     two_level = hpconfig + f",outer_every={EVERY}"
-    ranks, per_node = (2, 1) if hpconfig == REPLICATED else (4, 2)
+    ranks, per_node = (2, 1) if hpconfig == KEPT_PER_NODE else (4, 2)
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
     out = train_nodes(tiny_corpus, unbroken, 3 * EVERY, two_level, ranks, per_node)
     assert (f"two-level: 2 nodes x {per_node} rank(s); every step inside a node, an outer step between nodes every "
@@ -164,10 +214,19 @@ def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchrono
     out = train_nodes(tiny_corpus, resumed, 3 * EVERY, two_level, ranks, per_node)
     assert (f"resumed from {resumed}/ckpt-{2 * EVERY} at step {2 * EVERY} (epoch 0, the same data position and "
             "LSTM rows)") in out
-    assert_same_variables(saved_variables(unbroken, 3 * EVERY),
-                                      saved_variables(resumed, 3 * EVERY))
+    assert_same_variables(saved_variables(unbroken, 3 * EVERY), saved_variables(resumed, 3 * EVERY))
 
-    if hpconfig == REPLICATED:
+    if hpconfig == KEPT_PER_NODE:
+        copies = {name.split("/")[1] for name in at_outer_step if name.startswith("nodes/")}
+        assert copies == {"0", "1"}, "each node's copy of what it keeps"
+        assert not np.array_equal(at_outer_step["nodes/0/tables/embedding/adagrad_accumulator"],
+                                  at_outer_step["nodes/1/tables/embedding/adagrad_accumulator"])
+        out = train_nodes(tiny_corpus, synchronous, 2 * EVERY, REPLICATED, ranks=2, ranks_per_node=0)
+        assert ("the checkpoint's run was two-level (2 nodes x 1 ranks): its outer momentum is not used; the "
+                "checkpoint's 2 nodes kept their own Adagrad accumulators: this run starts from node 0's") in out
+        again = saved_variables(synchronous, 2 * EVERY)
+        np.testing.assert_array_equal(again["tables/embedding/adagrad_accumulator"],
+                                      at_outer_step["nodes/0/tables/embedding/adagrad_accumulator"])
         return
     # Re-grouped: 4 nodes of 1 rank read the 2 x 2 checkpoint, each rank the momentum of the rows
     # it owns now, and save it again at its step: the same values.

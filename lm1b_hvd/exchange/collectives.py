@@ -233,6 +233,34 @@ def allgather(tensor, ranks=None):
     return hvd.allgather(tensor, process_set=_set(ranks))
 
 
+class Across:
+    """The collectives of an outer step (update.outer_exchange) over `ranks` (a HorovodRanks of
+    the set across the nodes): its rank and size, and the collectives it needs."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    @property
+    def rank(self):
+        return self.ranks.rank
+
+    @property
+    def size(self):
+        return self.ranks.size
+
+    def maximum(self, tensor):
+        return maximum(tensor, self.ranks)
+
+    def average(self, tensors, fp16=False):
+        return average_dense(tensors, fp16=fp16, ranks=self.ranks)
+
+    def alltoall(self, tensor, splits):
+        return alltoall(tensor, splits, self.ranks)
+
+    def allgather(self, tensor):
+        return allgather(tensor, self.ranks)
+
+
 # What the run tells about the exchange.
 
 def exchange_description(on_gpu):

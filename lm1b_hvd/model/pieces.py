@@ -28,6 +28,7 @@ from lm1b_hvd.model import averaging, tables
 from lm1b_hvd.model import earlier_format
 
 PARTS_SUFFIX = "_parts"  # the folder a checkpoint's parts are written to before they are merged
+NODE_COPIES = "nodes/"  # nodes/N/KEY: node N's own copy of KEY, in a two-level run that keeps state per node
 ACCUMULATOR_SUFFIX = "/adagrad_accumulator"  # tables/NAME + this: Adagrad's accumulator of a table
 AVERAGE_SUFFIX = "/exponential_moving_average"  # tables/NAME + this: the EMA of a table (average_tables)
 
@@ -62,7 +63,8 @@ class Piece:
     return a line for the run to say). `shared`: every rank holds the same values (broadcast from rank 0);
     `if_missing`: what a restore does when the checkpoint lacks the piece (None: the restore
     fails); `travel`: what an outer step does with it; `slot_of`: for a slot or an average, the
-    weights its `variables` belong to, in the same order."""
+    weights its `variables` belong to, in the same order; `restore`: a table's own restore,
+    restore(path, the checkpoint's keys), in place of reading `key` (a node's copy: run.modes)."""
     key: str
     kind: str
     value: object
@@ -72,6 +74,7 @@ class Piece:
     shared: bool = True
     if_missing: typing.Callable = None
     slot_of: list = None
+    restore: typing.Callable = None
 
 
 class StatePieces:
@@ -115,14 +118,15 @@ class StatePieces:
     def table_pieces(self):
         return [piece for piece in self.pieces if piece.kind == "table"]
 
-    def write_tables_part(self, file_prefix, part=0):
-        """This process's rows of every table, as part `part` of the checkpoint `file_prefix`
-        (the tables every rank holds alike: part 0 alone)."""
+    def write_tables_part(self, file_prefix, part=0, writes=None):
+        """This process's rows of the tables, as part `part` of the checkpoint `file_prefix`:
+        those `writes(piece)` says, or by default those it holds alone, and in part 0 those every
+        rank holds alike."""
         parts = file_prefix + PARTS_SUFFIX
         tf.io.gfile.makedirs(parts)  # SaveV2 makes no folders; each rank may be the first here
-        tables.save_slices(os.path.join(parts, f"tables-{part}"), [(piece.value, piece.key)
-                                                                   for piece in self.table_pieces()
-                                                                   if part == 0 or not piece.shared])
+        writes = writes or (lambda piece: part == 0 or not piece.shared)
+        tables.save_slices(os.path.join(parts, f"tables-{part}"),
+                           [(piece.value, piece.key) for piece in self.table_pieces() if writes(piece)])
 
     def write(self, file_prefix, table_parts=1):
         """Writes the checkpoint `file_prefix`. `table_parts` 1: this process holds every row and
@@ -147,7 +151,9 @@ class StatePieces:
         saved = dict(tf.train.list_variables(path))
         self.restore_objects(path, saved)
         for piece in self.table_pieces():
-            if piece.key in saved:
+            if piece.restore:
+                piece.restore(path, saved)
+            elif piece.key in saved:
                 piece.value.restore(path, piece.key)
             else:
                 missing(piece)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import typing
 
 import tensorflow as tf
 
@@ -32,6 +33,15 @@ class CheckpointError(console.UserError):
     """A log directory that cannot be resumed with the requested settings."""
 
 
+class CheckpointParts(typing.NamedTuple):
+    """How a checkpoint's tables are written before they are merged: in `count` parts (1: rank
+    0 writes them all), of which this rank writes part `mine` (None: none), holding the pieces
+    `writes(piece)` says (None: those it holds alone, and part 0 those every rank holds)."""
+    count: int = 1
+    mine: int = None
+    writes: typing.Callable = None
+
+
 class RunCheckpoints:
     """A training run's checkpoints of its run.state.TrainingState, which rank 0 writes; every
     rank's RunPoint rides in them. `parts` (the sync mode's run.modes.CheckpointParts): when
@@ -41,7 +51,7 @@ class RunCheckpoints:
 
     def __init__(self, logdir, state, keep, ranks, parts):
         self.state, self.ranks = state, ranks
-        self.keeper = CheckpointKeeper(logdir, state, keep, ranks, table_parts=parts.count, table_part=parts.mine)
+        self.keeper = CheckpointKeeper(logdir, state, keep, ranks, parts)
 
     def restore(self, log, announce_new_run=True):
         """The RunPoint to start from: the latest checkpoint's, exactly, when it was written by as
@@ -152,13 +162,11 @@ def load_run_hparams(logdir):
 
 class CheckpointKeeper:
     """Latest-N checkpoints of `state` plus the best-by-heldout one; only rank 0 saves, after
-    the ranks wrote their parts of the tables when there are `table_parts` (RunCheckpoints):
-    this rank part number `table_part`, or none."""
+    the ranks wrote their parts of the tables when there are several (`parts`, CheckpointParts)."""
 
-    def __init__(self, logdir, state, max_to_keep, ranks=ONE_PROCESS, table_parts=1, table_part=None):
-        self.logdir, self.state, self.ranks, self.table_parts = logdir, state, ranks, table_parts
-        self.table_part = table_part
-        target = pinned_stack.ManagedWrite(lambda prefix: state.write(prefix, table_parts), state.save_counter)
+    def __init__(self, logdir, state, max_to_keep, ranks=ONE_PROCESS, parts=CheckpointParts()):
+        self.logdir, self.state, self.ranks, self.parts = logdir, state, ranks, parts
+        target = pinned_stack.ManagedWrite(lambda prefix: state.write(prefix, parts.count), state.save_counter)
         self.latest = tf.train.CheckpointManager(target, logdir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(target, os.path.join(logdir, BEST_DIR), max_to_keep=1)
 
@@ -217,7 +225,7 @@ class CheckpointKeeper:
     def _save(self, manager, step):
         previous = manager.latest_checkpoint
         try:
-            if self.table_parts > 1:
+            if self.parts.count > 1:
                 self._write_table_parts(manager, step)
             if self.ranks.is_root:
                 manager.save(checkpoint_number=step)
@@ -233,9 +241,9 @@ class CheckpointKeeper:
         when one rank's write fails, every rank stops."""
         failure = None
         try:
-            if self.table_part is not None:
+            if self.parts.mine is not None:
                 self.state.write_tables_part(os.path.join(manager.directory, f"{CHECKPOINT_NAME}-{step}"),
-                                             self.table_part)
+                                             self.parts.mine, self.parts.writes)
         except (tf.errors.OpError, OSError) as err:
             failure = err
         if self.ranks.any(failure is not None):
@@ -262,7 +270,7 @@ class CheckpointKeeper:
         """Keeps this step under best/ when its heldout perplexity beats the best so far (a
         collective when the ranks write parts of the tables: rank 0 decides for all)."""
         best = self.ranks.is_root and perplexity < self.best_perplexity()
-        if self.table_parts > 1:
+        if self.parts.count > 1:
             best = self.ranks.root_decides(best)
         if not best:
             return False

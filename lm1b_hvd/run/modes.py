@@ -14,21 +14,17 @@ settled, the roll-back of a stop, the start line, which checkpoint parts each ra
 its share of the bench's figures. The loop (run.loop), the bench and the checkpoints ask the
 mode, never the hparams.
 """
+import dataclasses
 import statistics
 import time
 import typing
 
-from lm1b_hvd.model.pieces import Piece, Travel
+from lm1b_hvd.model.pieces import NODE_COPIES, Piece, Travel
+from lm1b_hvd.run.checkpoints import CheckpointParts
 from lm1b_hvd.run.state import TrainingState
 from lm1b_hvd.update.outer import OuterStep
+from lm1b_hvd.update.outer_exchange import RESIDUAL_KEY
 from lm1b_hvd.update.outer_parts import OuterMomentum, owned_parts
-
-
-class CheckpointParts(typing.NamedTuple):
-    """How many parts of the tables are written apart before a checkpoint is merged (1: rank 0
-    writes them all), and which one this rank writes (None: none)."""
-    count: int = 1
-    mine: int = None
 
 
 def may_span_nodes(hps):
@@ -49,29 +45,66 @@ def choose(hps, ranks, nodes=None):
     return Synchronous(hps, ranks, note)
 
 
-class NodeLayout:
-    """The nodes of a two-level run, [count, ranks per node] (None: synchronous), as a record
-    beside the run position; loading the saved one says what a restore on other nodes does."""
-
-    def __init__(self, layout):
-        self.layout = layout
+class NodeLayout(typing.NamedTuple):
+    """The nodes of a two-level run and what each keeps of its own (the keys of its kept slots),
+    as the record beside the run position holds them; `count` 0: a synchronous run."""
+    count: int = 0
+    ranks_per_node: int = 0
+    kept: tuple = ()
 
     def state(self):
-        return self.layout
+        if not self.count:
+            return None
+        return {"nodes": self.count, "ranks_per_node": self.ranks_per_node, "kept_per_node": list(self.kept)}
+
+    @classmethod
+    def of(cls, saved):
+        """The layout of a saved record (a list [nodes, ranks per node] before nodes kept state)."""
+        if not saved:
+            return cls()
+        if isinstance(saved, list):
+            return cls(*saved)
+        return cls(saved["nodes"], saved["ranks_per_node"], tuple(saved.get("kept_per_node", ())))
 
     def load(self, saved):
-        """The line that says what becomes of the checkpoint's outer momentum ('' when the run's
-        nodes are the checkpoint's, or neither is two-level)."""
-        now = self.layout
-        if saved == now:
+        """The line that says what a restore did with the checkpoint's outer state ('' when the
+        run's nodes are the checkpoint's, or neither is two-level)."""
+        then, now = NodeLayout.of(saved), self
+        if then == now:
             return ""
-        if now is None:
-            return (f"the checkpoint's run was two-level ({saved[0]} nodes x {saved[1]} ranks): its outer momentum is "
-                    "not used")
-        if saved is None:
-            return "the checkpoint's run was synchronous: the outer momentum starts at zero"
-        return (f"the checkpoint's run had {saved[0]} nodes x {saved[1]} ranks, this one {now[0]} x {now[1]}: "
-                "each rank reads the outer momentum of the rows it owns now")
+        if not now.count:
+            said = (f"the checkpoint's run was two-level ({then.count} nodes x {then.ranks_per_node} ranks): its "
+                    "outer momentum is not used")
+        elif not then.count:
+            said = "the checkpoint's run was synchronous: the outer momentum starts at zero"
+        elif (then.count, then.ranks_per_node) != (now.count, now.ranks_per_node):
+            said = (f"the checkpoint's run had {then.count} nodes x {then.ranks_per_node} ranks, this one "
+                    f"{now.count} x {now.ranks_per_node}: each rank reads the outer momentum of the rows it owns now")
+        else:
+            said = ""
+        return "; ".join(line for line in (said, self._kept_slots(then)) if line)
+
+    def _kept_slots(self, then):
+        """What became of what the checkpoint's nodes kept of their own, or this run's nodes keep."""
+        said, same_nodes = [], then.count == self.count
+        (then_slots, then_residuals), (now_slots, now_residuals) = then.kept_kinds(), self.kept_kinds()
+        if then_slots and now_slots and same_nodes:
+            said.append("each node reads its own Adagrad accumulators")
+        elif then_slots:
+            said.append(f"the checkpoint's {then.count} nodes kept their own Adagrad accumulators: this run starts from "
+                        "node 0's")
+        elif now_slots:
+            said.append("every node starts from the checkpoint's Adagrad accumulators and keeps its own from here")
+        if then_residuals and now_residuals and same_nodes:
+            said.append("each node reads its own residuals of the quantized exchange")
+        elif now_residuals:
+            said.append("the residuals of the quantized exchange start at zero")
+        return "; ".join(said)
+
+    def kept_kinds(self):
+        """(whether the nodes keep slots of their own, whether they keep residuals)."""
+        residual = [key.startswith(RESIDUAL_KEY) for key in self.kept]
+        return (not all(residual), any(residual))
 
 
 class SyncMode:
@@ -133,7 +166,7 @@ class Synchronous(SyncMode):
     def training_state(self, model):
         self.state = TrainingState(model)
         # The run's nodes: none (a two-level checkpoint's momentum is not used, and the restore says so).
-        self.state.add([Piece("run_position/nodes", "json", NodeLayout(None), [], travel=Travel.OUTER)])
+        self.state.add([Piece("run_position/nodes", "json", NodeLayout(), [], travel=Travel.OUTER)])
         return self.state
 
     def after_step(self, step, first):
@@ -170,25 +203,54 @@ class TwoLevel(SyncMode):
         super().__init__(hps, ranks)
         self.nodes, self.period = nodes, hps.outer_every
         self.stepping = nodes.node
-        self.outer = None
+        self.outer, self.copies = None, []
+        self.copies_read = False  # whether a restore gave this node its own copies
         self.timings = None  # the outer steps since start_timing: the bench's, none in a run
 
     def training_state(self, model):
         state = TrainingState(model)
+        if self.hps.outer_slots == "local":  # each node goes on with its own Adagrad accumulators
+            state.pieces = [dataclasses.replace(piece, travel=Travel.KEPT_PER_NODE)
+                            if piece.travel is Travel.AVERAGED else piece for piece in state.pieces]
         # The outer momentum of the rows each rank owns at outer steps (missing, a synchronous
-        # run's checkpoint: none yet), and the nodes.
+        # run's checkpoint: none yet).
         momentum = OuterMomentum(owned_parts(state.of(Travel.STEPPED), self.nodes.node))
-        state.add([*(Piece(key, "table", table, table.variables, shared=False, if_missing=momentum.zero,
-                           travel=Travel.OUTER) for key, table in momentum.named()),
-                   Piece("run_position/nodes", "json", NodeLayout([self.nodes.count, self.nodes.node.size]), [],
-                         travel=Travel.OUTER)])
+        state.add([Piece(key, "table", table, table.variables, shared=False, if_missing=momentum.zero,
+                         travel=Travel.OUTER) for key, table in momentum.named()])
         self.state, self.outer = state, OuterStep(state, self.nodes, self.hps, momentum)
+        # The residuals of what each node averages for the others (bits below 16), each node its
+        # range of rows; this node's copies of what it keeps of its own; the nodes.
+        state.add([Piece(key, "table", table, table.variables, shared=False, if_missing=self.outer.mean.zero_received,
+                         travel=Travel.OUTER) for key, table in self.outer.mean.received_residuals_named()])
+        self.copies = self.outer.node_copies()
+        state.add([Piece(f"{NODE_COPIES}{self.nodes.index}/{copy.key}", "table", table, table.variables, shared=False,
+                         travel=Travel.KEPT_PER_NODE, restore=self._restore_copy(copy, table))
+                   for copy in self.copies for table in [copy.table(f"node_{copy.logical.name}")]])
+        layout = NodeLayout(self.nodes.count, self.nodes.node.size, tuple(copy.key for copy in self.copies))
+        state.add([Piece("run_position/nodes", "json", layout, [], travel=Travel.OUTER)])
         return state
+
+    def _restore_copy(self, copy, table):
+        """A restore of this node's copy: its own when the checkpoint's run had as many nodes and
+        kept it, else the slots' values as restored (node 0's)."""
+        def restore(path, saved):
+            key = f"{NODE_COPIES}{self.nodes.index}/{copy.key}"
+            saved_nodes = {name.split("/")[1] for name in saved if name.startswith(NODE_COPIES)}
+            if len(saved_nodes) == self.nodes.count and key in saved:
+                table.restore(path, key)
+                self.copies_read = True
+            else:
+                copy.reset()
+        return restore
 
     def start(self):
         """Every node starts from rank 0's state (before the first step, since the nodes differ
-        after it), and that is the first anchor of the outer steps."""
+        after it), and that is the first anchor of the outer steps; what a node keeps of its own
+        starts from its copy in the checkpoint, if it had one."""
         self.state.broadcast_from_root(self.ranks)
+        if not self.copies_read:
+            for copy in self.copies:
+                copy.reset()
         self.outer.start()
 
     def after_step(self, step, first):
@@ -206,20 +268,36 @@ class TwoLevel(SyncMode):
 
     def describe(self, max_steps=0):
         hps, nodes = self.hps, self.nodes
-        sent_in = "fp16" if hps.outer_fp16 else "fp32"
+        sent_in = self.sent_in()
+        slots = "kept per node" if hps.outer_slots == "local" else "averaged"
         line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
                 f"step between nodes every {self.period} steps (outer_lr {hps.outer_lr}, Nesterov "
-                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {sent_in}); "
-                "evaluations and checkpoints at outer steps")
+                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {sent_in}; Adagrad's accumulators "
+                f"{slots}); evaluations and checkpoints at outer steps")
         if max_steps % self.period:
             line += f"; --max_steps {max_steps} ends with step {max_steps - max_steps % self.period}'s outer step"
         return line
 
+    def sent_in(self):
+        """How the changed rows' deltas travel between nodes (hparams outer_bits, outer_fp16)."""
+        if self.hps.outer_bits < 16:
+            return f"{self.hps.outer_bits} bits with error feedback"
+        return "fp16" if self.hps.outer_fp16 else "fp32"
+
     def checkpoint_parts(self):
-        """Every node holds the same state at an outer step: the ranks of the first node write
-        the parts, each the momentum of its own rows (and, vocabulary-parallel, its tables' rows)."""
-        node = self.nodes.node
-        return CheckpointParts(node.size, node.rank if self.nodes.index == 0 else None)
+        """At an outer step every node holds the same state but what it keeps of its own: the
+        ranks of the first node write the parts, each the momentum of its own rows (and,
+        vocabulary-parallel, its tables' rows); with kept slots, every node's ranks write their
+        node's copies too."""
+        node, index = self.nodes.node, self.nodes.index
+        if not self.copies:
+            return CheckpointParts(node.size, node.rank if index == 0 else None)
+
+        def writes(piece):  # the first node as without copies; every node its copies and its received residuals
+            if piece.key.startswith((NODE_COPIES, f"{RESIDUAL_KEY}/received/")):
+                return True
+            return index == 0 and (node.rank == 0 or not piece.shared)
+        return CheckpointParts(self.nodes.count * node.size, index * node.size + node.rank, writes)
 
     def start_timing(self):
         self.timings = []
@@ -239,8 +317,7 @@ class TwoLevel(SyncMode):
             f"{step_seconds * 1e3:,.1f} ms a step",
             f"between nodes, outer allreduce: sent {statistics.mean(across) / 1e6:,.3f} MB, received "
             f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {every}; "
-            f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, "
-            f"{'fp16' if self.hps.outer_fp16 else 'fp32'})",
+            f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, {self.sent_in()})",
             f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "
             f"rank per step (each outer step's / {every})",
         ]

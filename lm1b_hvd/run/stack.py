@@ -52,6 +52,14 @@ REFUSALS = (
             "outer_every={outer_every} cannot be used with precision=fp16: each node's loss scale would drift from "
             "the others'; use precision=bf16 or fp32",
             dict(hpconfig="outer_every=4,precision=fp16", nodes=2)),
+    Refusal(lambda c: not c.hps.outer_every and c.hps.outer_slots != "averaged",
+            "hparam 'outer_slots={outer_slots}' needs outer_every: there are no outer steps to keep them through; set "
+            "outer_every or drop it",
+            dict(hpconfig="outer_slots=local")),
+    Refusal(lambda c: not c.hps.outer_every and c.hps.outer_bits != 16,
+            "hparam 'outer_bits={outer_bits}' needs outer_every: only outer steps are sent in fewer bits; set "
+            "outer_every or drop it",
+            dict(hpconfig="outer_bits=8")),
     Refusal(lambda c: c.hps.vocab_parallel and c.hps.sparse_as_dense,
             "hparam 'vocab_parallel' cannot be combined with sparse_as_dense=true: the vocabulary's rows and their "
             "gradients travel between their owners, outside any compiled part",

@@ -38,12 +38,12 @@ row for row.
 """
 import typing
 
-import numpy as np
 import tensorflow as tf
 
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.model import averaging, tables
 from lm1b_hvd.model.pieces import Travel
+from lm1b_hvd.update.outer_exchange import RESIDUAL_KEY, NodesMean
 from lm1b_hvd.update.outer_parts import OwnedPart, owned
 
 
@@ -71,54 +71,74 @@ class Family(typing.NamedTuple):
 
 class OuterStep:
     """The outer steps of a run.state.TrainingState between the nodes of `nodes`
-    (exchange.collectives.NodeGroups), with hparams outer_lr, outer_momentum, outer_fp16 and
-    ema_decay, on the rows `momentum` (update.outer_parts.OuterMomentum) owns of the state's
-    STEPPED pieces; every other piece as its travel says."""
+    (exchange.collectives.NodeGroups), with hparams outer_lr, outer_momentum, outer_bits,
+    outer_fp16 and ema_decay, on the rows `momentum` (update.outer_parts.OuterMomentum) owns of
+    the state's STEPPED pieces; every other piece as its travel says."""
 
     def __init__(self, state, nodes, hps, momentum):
         self.state, self.nodes = state, nodes
-        self.lr, self.momentum_rate, self.fp16 = hps.outer_lr, hps.outer_momentum, hps.outer_fp16
+        self.lr, self.momentum_rate = hps.outer_lr, hps.outer_momentum
         self.ema_decay = hps.ema_decay
         self.momentum = momentum.variables
         slots = _slots_by_weight(state.of(Travel.AVERAGED, Travel.KEPT_PER_NODE))
-        self.families = []
+        self.families, self.kept_pieces = [], []
         for part in momentum.parts:
-            averaged, kept = (slots.get((part.variable.ref(), travel), [])
+            averaged, kept = ([slot for slot, _ in slots.get((part.variable.ref(), travel), [])]
                               for travel in (Travel.AVERAGED, Travel.KEPT_PER_NODE))
             anchors = [tf.Variable(owned(target, part.rows), trainable=False)
                        for target in (part.variable, *averaged, *kept)]
             self.families.append(Family(part, averaged, kept, anchors))
+            self.kept_pieces.append([piece for _, piece in slots.get((part.variable.ref(), Travel.KEPT_PER_NODE), [])])
         self.followers = [(average, weight) for piece in state.of(Travel.FOLLOWS)
                           for average, weight in zip(piece.variables, piece.slot_of)]
         self.alike = state.of(Travel.ALIKE)
         self.alike_then = []  # the ALIKE pieces' values at the last outer step
         self.last_step = None
+        self.mean = NodesMean(momentum.parts, [family.averaged for family in self.families],
+                              collectives.Across(nodes.across), hps)
 
     def start(self):
-        """Every node takes node 0's weights and slots (after a restore or at the first step),
-        and they become the anchors. A collective over every rank."""
+        """Every node takes node 0's weights and averaged slots (after a restore or at the first
+        step), and they become the anchors; what each node keeps of its own stays as it is (its
+        copy in a checkpoint, or the slots: run.modes). A collective over every rank."""
         root = self.nodes.across.global_ranks[0]
-        rows = [owned(target, family.part.rows) for family in self.families for target in family.targets]
-        synced = iter(collectives.broadcast_tensors(rows, root, self.nodes.across))
-        for family in self.families:
-            for anchor in family.anchors:
-                anchor.assign(next(synced))
+        shared = [(anchor, target) for family in self.families
+                  for anchor, target in zip(family.anchors[:1 + len(family.averaged)], family.targets)]
+        synced = collectives.broadcast_tensors([owned(target, family.part.rows) for family in self.families
+                                                for target in family.targets[:1 + len(family.averaged)]],
+                                               root, self.nodes.across)
+        for (anchor, _), value in zip(shared, synced):
+            anchor.assign(value)
         self._settle()
         self._remember_alike()
+
+    def node_copies(self):
+        """This node's copies of what it keeps of its own (its kept slots, as at the last outer
+        step, and the quantized exchange's residuals), as NodeCopy records keyed by the
+        checkpoint key of what they copy, a logical matrix each."""
+        by_key = {}
+        for family, pieces in zip(self.families, self.kept_pieces):
+            part = family.part
+            for piece, anchor, slot in zip(pieces, family.kept_anchors, family.kept):
+                key = piece.key if piece.kind == "table" else f"{piece.key}/{part.logical.name}"
+                copy = by_key.setdefault(key, NodeCopy(key, part.logical, [], []))
+                copy.blocks.append((part.logical_rows, anchor))
+                copy.sources.append((slot, part.rows))
+        for key, logical, rows, residual in self.mean.residual_copies():
+            copy = by_key.setdefault(key, NodeCopy(key, logical, [], []))
+            copy.blocks.append((rows, residual))
+            copy.sources.append((None, None))
+        return list(by_key.values())
 
     def step(self):
         """The outer step at this step (every rank calls it at the same step); returns what
         crossed between the nodes (an OuterExchange)."""
         step = int(self.state.step)
-        # What this node changed since the last outer step, and the rows any node changed.
+        # What this node changed since the last outer step; the nodes' mean of the rows any changed.
         deltas = [family.anchors[0] - owned(family.part.variable, family.part.rows) for family in self.families]
         increments = [[owned(slot, family.part.rows) - anchor
                        for slot, anchor in zip(family.averaged, family.averaged_anchors)] for family in self.families]
-        changed, scales = self._union([row_scales(delta, slot_increments)
-                                       for delta, slot_increments in zip(deltas, increments)])
-
-        # The nodes' average of those rows, the others' being 0.
-        mean_deltas, mean_increments, exchange = self._average(deltas, increments, changed, scales)
+        changed, mean_deltas, mean_increments, exchange = self.mean.mean(deltas, increments)
 
         # The outer update, and every node from its result.
         for family, momentum, delta in zip(self.families, self.momentum, mean_deltas):
@@ -133,53 +153,6 @@ class OuterStep:
         averaging.move_towards(self.followers, self.ema_decay, steps=step - self.last_step)
         self._remember_alike()
         return exchange
-
-    def _average(self, deltas, increments, changed, scales):
-        """The average over the nodes of each family's delta (whole) and averaged slots'
-        increments (of its `changed` rows), from one grouped allreduce of the changed rows of
-        all. In fp16, an increment travels divided by its row's `scales`: a frequent word's
-        accumulator increments over an outer period pass fp16's largest value (65,504) many
-        times over."""
-        sending = [index for index, rows in enumerate(changed) if rows.shape[0]]
-        divisors = {(index, slot): tables.per_row(scales[index][slot], increments[index][slot]) if self.fp16 else 1.0
-                    for index in sending for slot in range(len(increments[index]))}
-        sent = ([tf.gather(deltas[index], changed[index]) for index in sending]
-                + [tf.gather(increments[index][slot], changed[index]) / divisor
-                   for (index, slot), divisor in divisors.items()])
-        averaged = collectives.average_dense(sent, fp16=self.fp16, ranks=self.nodes.across) if sent else []
-        mean_deltas = [tf.zeros_like(delta) for delta in deltas]
-        mean_increments = [[tf.gather(increment, rows) for increment in slot_increments]  # empty ones
-                           for slot_increments, rows in zip(increments, changed)]
-        for index, delta in zip(sending, averaged[:len(sending)]):
-            mean_deltas[index] = tf.scatter_nd(changed[index][:, None], delta, deltas[index].shape)
-        for ((index, slot), divisor), increment in zip(divisors.items(), averaged[len(sending):]):
-            mean_increments[index][slot] = increment * divisor
-        exchange = OuterExchange(
-            rows_changed=sum(int(rows.shape[0]) for rows in changed),
-            rows_owned=sum(family.part.rows.count for family in self.families),
-            across_bytes=4 * self.flag_count() + sum(tensor.shape.num_elements() for tensor in sent) * (
-                2 if self.fp16 else 4))
-        return mean_deltas, mean_increments, exchange
-
-    def flag_count(self):
-        """The floats per outer step that say which rows changed: one per owned row and averaged
-        slot (one per row where nothing is averaged)."""
-        return sum(family.part.rows.count * max(1, len(family.averaged)) for family in self.families)
-
-    def _union(self, scales):
-        """Each family's rows (int64 numbers, sorted) that any node changed, and their scales
-        (the largest of the nodes' row_scales, a vector per averaged slot): one allreduce (max)
-        of flag_count() floats."""
-        vectors = [vector for family_scales in scales for vector in family_scales]
-        largest = iter(tf.split(collectives.maximum(tf.concat(vectors, 0), self.nodes.across),
-                                [int(vector.shape[0]) for vector in vectors]))
-        changed, gathered = [], []
-        for family_scales in scales:
-            mine = [next(largest) for _ in family_scales]
-            rows = tf.where(tf.reduce_any(tf.stack([vector > 0 for vector in mine]), axis=0))[:, 0]
-            changed.append(rows)
-            gathered.append([tf.gather(vector, rows) for vector in mine])
-        return changed, gathered
 
     def roll_back(self):
         """Every rank back to the last outer step: its weights, slots and what is alike on every
@@ -213,29 +186,35 @@ class OuterStep:
                    for family in self.families if family.part.gathered)
 
 
-class OuterExchange(typing.NamedTuple):
-    """What one rank's outer step sent between the nodes: its owned rows, how many of them some
-    node had changed, and the bytes it sent to be allreduced: the flags of the owned rows, then
-    every changed row's delta and averaged slots' increments."""
-    rows_changed: int
-    rows_owned: int
-    across_bytes: int
+class NodeCopy(typing.NamedTuple):
+    """A node's copy of something it keeps of its own: this rank's rows of it (`blocks`,
+    (logical rows, variable)) in the logical matrix shaped as `logical`, under `key`; `sources`,
+    what each variable copies ((slot, owned rows): a kept slot's anchor), or (None, None): a
+    residual of the quantized exchange."""
+    key: str
+    logical: tables.VocabTable
+    blocks: list
+    sources: list
 
+    def table(self, name):
+        """The copy as a logical matrix of the rows this rank owns, for a checkpoint."""
+        return tables.VocabTable(name, self.logical.vocab_size, self.logical.width, self.blocks)
 
-def row_scales(delta, increments):
-    """Per row, for each averaged slot's `increments` (or once, with none), 0 where the row did
-    not change (its delta and every slot's increment 0), else the slot's largest increment (the
-    smallest float if that is 0): what its increments are divided by in fp16."""
-    def per_row(tensor):
-        return tf.reduce_max(tf.abs(tf.reshape(tensor, [tensor.shape[0], -1])), axis=1)
-    changed = tf.cast(per_row(delta) > 0, tf.float32) * np.finfo(np.float32).tiny
-    return [tf.maximum(per_row(increment), changed) for increment in increments] or [changed]
+    @property
+    def is_residual(self):
+        return self.key.startswith(RESIDUAL_KEY)
+
+    def reset(self):
+        """What a node takes when the checkpoint held no copy of its own: a kept slot, the
+        slot's values as restored (node 0's); a residual, zero."""
+        for (_, variable), (slot, rows) in zip(self.blocks, self.sources):
+            variable.assign(owned(slot, rows) if slot is not None else tf.zeros_like(variable))
 
 
 def _slots_by_weight(pieces):
-    """{(a weight's ref, travel): its slots of that travel, in the pieces' order}."""
+    """{(a weight's ref, travel): its slots of that travel and their pieces, in the pieces' order}."""
     slots = {}
     for piece in pieces:
         for slot, weight in zip(piece.variables, piece.slot_of):
-            slots.setdefault((weight.ref(), piece.travel), []).append(slot)
+            slots.setdefault((weight.ref(), piece.travel), []).append((slot, piece))
     return slots

@@ -1,7 +1,8 @@
 """Run under `horovodrun -np 4`: two simulated nodes of two ranks train with an outer step every
-H steps (update.outer), replicated, vocabulary-parallel, and vocabulary-parallel with the
-outer exchange in fp16; each rank saves what it holds at the start and just before and just
-after each of the first three outer steps, and what each outer step sent between the nodes.
+H steps (update.outer), in each of MODES (replicated or vocabulary-parallel; the exchange in
+fp32, fp16, 8 or 4 bits; Adagrad's accumulators averaged or kept per node); each rank saves
+what it holds at the start and just before and just after each of the first three outer steps,
+and what each outer step sent between the nodes.
 
 Shared with tests/test_two_level.py, which checks each outer step against its formula.
 Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM
@@ -17,15 +18,22 @@ RANKS_PER_NODE = 2
 OUTER_STEPS = 3
 
 
-MODES = ("replicated", "vocab_parallel", "vocab_parallel_fp16")
+# Each mode's hparams beside outer_every, outer_lr and outer_momentum; fp32 between nodes unless it says.
+MODES = {
+    "replicated": {},
+    "vocab_parallel": dict(vocab_parallel=True),
+    "vocab_parallel_fp16": dict(vocab_parallel=True, outer_fp16=True),
+    "replicated_local": dict(outer_slots="local"),
+    "replicated_local_8": dict(outer_slots="local", outer_bits=8),
+    "vocab_parallel_4": dict(vocab_parallel=True, outer_bits=4),
+}
 
 
 def main(outdir, every, outer_lr, outer_momentum):
     ranks = stack.start_ranks(HPS.replace(outer_every=every))
-    for mode in MODES:
-        hps = HPS.replace(outer_every=every, outer_lr=outer_lr, outer_momentum=outer_momentum,
-                          vocab_parallel=mode.startswith("vocab_parallel"), outer_fp16=mode.endswith("fp16"),
-                          average_tables=True)
+    for mode, setting in MODES.items():
+        hps = HPS.replace(**{"outer_fp16": False, **setting}, outer_every=every, outer_lr=outer_lr,
+                          outer_momentum=outer_momentum, average_tables=True)
         saved = train(hps, ranks)
         np.savez(f"{outdir}/{mode}{ranks.rank}.npz",
                  **{f"{when}/{name}": value for when, values in saved.items() for name, value in values.items()})
