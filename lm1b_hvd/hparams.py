@@ -56,6 +56,7 @@ class HParams:
     outer_fp16: bool = True  # the outer step's deltas and accumulator increments cross between nodes as fp16
     outer_bits: int = 16  # 16: as outer_fp16 says | 8, 4: the deltas row-wise quantized, with error feedback
     outer_slots: str = "averaged"  # averaged: Adagrad's accumulators averaged over nodes at outer steps | local: kept per node
+    outer_overlap: bool = False  # the outer exchange travels during the next period (eager updates; an MPI launch)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -69,7 +69,7 @@ class BenchFigures:
                    for kind, sent, received in re.findall(
                        r"^(allreduce|allgather|alltoall): sent ([\d,.]+) MB, received ([\d,.]+) MB per rank per step",
                        text, re.M)}
-        outer = re.search(r"^between nodes, outer allreduce: sent ([\d,.]+) MB", text, re.M)
+        outer = re.search(r"^between nodes, outer [a-z ]+: sent ([\d,.]+) MB", text, re.M)
         if not (traffic or outer):
             raise ValueError("not a bench output of several ranks (no allreduce, allgather or alltoall line)")
         ranks = int(words.group(2))

@@ -1,15 +1,17 @@
 """Two levels against synchronous at equal steps: heldout perplexity against training words.
 
-Trains one run per outer setting (H, or H/OUTER_LR/OUTER_MOMENTUM, either with +fp16 or +fp32
-for hparam outer_fp16; H 0: synchronous) on the
-same ranks grouped into simulated nodes, each for the same steps with a heldout evaluation
-every --eval_every steps, then writes the curves (JSON), a markdown table (best and final
-heldout perplexity, and the best against the synchronous run's) and a picture: what
-docs/performance.md shows under "Across nodes".
+Trains one run per outer setting on the same ranks grouped into simulated nodes, each for the
+same steps with a heldout evaluation every --eval_every steps, then writes the curves (JSON), a
+markdown table (best and final heldout perplexity, and the best against the synchronous run's)
+and a picture: what docs/performance.md shows under "Across nodes". A setting is
+H[/OUTER_LR/OUTER_MOMENTUM][+LEVER...] (H 0: synchronous), a lever one of fp16 or fp32 (hparam
+outer_fp16), 8 or 4 (outer_bits), local (outer_slots=local), overlap (outer_overlap).
 
   .venv/bin/pip install matplotlib
   .venv/bin/python scripts/two_level_quality.py --preset demo --steps 4096 --eval_every 256 \\
       --runs 0,16+fp32,64+fp32,256+fp32,64/1/0+fp32,64+fp16,256+fp16,1024+fp16 --out runs/two-level-demo
+  .venv/bin/python scripts/two_level_quality.py --preset demo --steps 8192 --eval_every 512 \\
+      --runs 0,64,64+local,64+local+8,64+local+4,256,256+local+4 --out runs/two-level-levers
 """
 import argparse
 import os
@@ -20,29 +22,38 @@ from lm1b_hvd import hparams
 from run_curves import heldout_curve, save_comparison
 
 
+LEVERS = {"fp16": ("outer_fp16", "true", "fp16 between nodes"), "fp32": ("outer_fp16", "false", "fp32 between nodes"),
+          "8": ("outer_bits", "8", "8 bits"), "4": ("outer_bits", "4", "4 bits"),
+          "local": ("outer_slots", "local", "accumulators kept per node"),
+          "overlap": ("outer_overlap", "true", "overlapped")}
+
+
 def parse(setting):
-    """(H, [OUTER_LR, OUTER_MOMENTUM], 'fp16' or 'fp32' or '') of 'H[/OUTER_LR/OUTER_MOMENTUM][+fp16|+fp32]'."""
-    outer, _, bits = setting.partition("+")
+    """(H, [OUTER_LR, OUTER_MOMENTUM], [LEVER, ...]) of 'H[/OUTER_LR/OUTER_MOMENTUM][+LEVER...]'."""
+    outer, *levers = setting.split("+")
     period, *rates = outer.split("/")
-    return period, rates, bits
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise SystemExit(f"--runs {setting}: unknown lever(s) {', '.join(unknown)} (known: {', '.join(LEVERS)})")
+    return period, rates, levers
 
 
 def outer_hpconfig(setting):
     """The hparams of a run setting; H 0 is synchronous."""
-    period, rates, bits = parse(setting)
+    period, rates, levers = parse(setting)
     if period == "0":
         return ""
     names = ("outer_every", "outer_lr", "outer_momentum")
     return ",".join([f"{name}={value}" for name, value in zip(names, [period, *rates])]
-                    + ([f"outer_fp16={str(bits == 'fp16').lower()}"] if bits else []))
+                    + [f"{LEVERS[lever][0]}={LEVERS[lever][1]}" for lever in levers])
 
 
 def label(setting):
-    period, rates, bits = parse(setting)
+    period, rates, levers = parse(setting)
     if period == "0":
         return "synchronous"
-    return (f"H = {period}" + (f", outer_lr {rates[0]}, momentum {rates[1]}" if rates else "")
-            + (f", {bits} between nodes" if bits else ""))
+    return ", ".join([f"H = {period}"] + ([f"outer_lr {rates[0]}, momentum {rates[1]}"] if rates else [])
+                     + [LEVERS[lever][2] for lever in levers])
 
 
 def train(args, setting, logdir):
@@ -99,8 +110,8 @@ def main():
     parser.add_argument("--steps", type=int, default=4096)
     parser.add_argument("--eval_every", type=int, default=256)
     parser.add_argument("--runs", default="0,16,64,256",
-                        help="outer settings, H or H/OUTER_LR/OUTER_MOMENTUM (default rates: the hparams'), either "
-                             "with +fp16 or +fp32 (outer_fp16); 0: synchronous")
+                        help="outer settings, H[/OUTER_LR/OUTER_MOMENTUM][+LEVER...] (default rates: the hparams'; "
+                             "levers: " + ", ".join(LEVERS) + "); 0: synchronous")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--ranks_per_node", type=int, default=2)
     args = parser.parse_args()
@@ -109,6 +120,7 @@ def main():
     curves = {}
     for setting in args.runs.split(","):
         logdir = os.path.join(args.out, "H" + setting.replace("/", "-").replace("+", "-"))
+        parse(setting)
         if not os.path.exists(os.path.join(logdir, f"ckpt-{args.steps}.index")):  # not run to its end yet
             train(args, setting, logdir)
         curves[setting] = heldout_curve(logdir)

@@ -10,8 +10,8 @@ from lm1b_hvd.run.stack import REFUSALS, Combination, Launch, check_combination
 def combination(example):
     example = dict(example)
     hps = hparams.build("demo", example.pop("hpconfig", ""))
-    nodes = example.pop("nodes", 1)
-    return Combination(hps, Launch(**example), nodes)
+    nodes, no_mpi_beside = example.pop("nodes", 1), example.pop("no_mpi_beside", "")
+    return Combination(hps, Launch(**example), nodes, no_mpi_beside)
 
 
 @pytest.mark.parametrize("refusal", REFUSALS, ids=[refusal.example["hpconfig"] + "".join(
@@ -29,6 +29,8 @@ def test_each_refused_combination_says_its_own_reason_in_one_line(refusal):
     {}, {"hpconfig": "vocab_parallel=true"}, {"hpconfig": "outer_every=4", "nodes": 2},
     {"hpconfig": "outer_every=4,precision=fp16", "nodes": 1},  # one node: every step synchronous
     {"hpconfig": "vocab_parallel=true,xla=true"}, {"hpconfig": "outer_every=0", "elastic": True},
+    {"hpconfig": "outer_every=4,outer_slots=local,outer_overlap=true", "nodes": 2},
+    {"hpconfig": "outer_every=4,outer_slots=local,outer_overlap=true", "nodes": 1, "no_mpi_beside": "Gloo"},
     {"exchange": False}])
 def test_what_is_not_in_the_table_is_accepted(accepted):
     check_combination(combination(accepted))

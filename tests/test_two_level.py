@@ -59,6 +59,62 @@ def test_each_outer_step_is_the_average_of_the_nodes_deltas_with_nesterov_moment
             assert quantized_rank["exchange/across_bytes"][0] < at_most * plain_rank["exchange/across_bytes"][0], mode
 
 
+def test_an_overlapped_outer_step_is_the_eager_update_with_the_mean_one_period_late(tmp_path):
+    """Under MPI, the exchange beside the next period (hparam outer_overlap): each node's start of
+    the next period from the anchor, its fresh change and the others' of the period before; the
+    anchor by the true mean one period late (update.eager_outer), in fp32 and in 8 bits."""
+    result = horovodrun(["-m", "tests.workers.outer_step", str(tmp_path), str(H), str(OUTER_LR), str(OUTER_MOMENTUM),
+                         "overlapped"], np_=4, controller="--mpi", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for mode, setting in worker.OVERLAPPED.items():
+        saved = [dict(np.load(tmp_path / f"{mode}{rank}.npz")) for rank in range(4)]
+        check_eager_outer_steps(saved, vocab_parallel=setting.get("vocab_parallel", False),
+                                bits=setting.get("outer_bits", 16))
+
+
+def check_eager_outer_steps(ranks, vocab_parallel, bits):
+    nodes = [ranks[:worker.RANKS_PER_NODE], ranks[worker.RANKS_PER_NODE:]]
+    weights = weight_names(ranks[0])
+
+    def matrix(node, when, name):
+        return node_matrix(node, when, name, vocab_parallel)
+
+    anchor = {name: matrix(nodes[0], "start", name) for name in weights}
+    momentum = {name: np.zeros_like(value) for name, value in anchor.items()}
+    last = {name: np.zeros_like(value) for name, value in anchor.items()}
+    own = {name: [np.zeros_like(value) for _ in nodes] for name, value in anchor.items()}
+    in_flight = {name: None for name in weights}
+    residuals = {name: ([np.zeros_like(value, np.float32) for _ in nodes], np.zeros_like(value, np.float32))
+                 for name, value in anchor.items()}
+    average = {name: matrix(nodes[0], "start", f"ema_{name.split('_')[1]}" if name.startswith("lstm_")
+                            else f"{name}_average") for name in weights}
+    ema_rate = 1.0 - worker.HPS.ema_decay ** H
+    for outer in range(1, worker.OUTER_STEPS + 1):
+        before, after, last_when = f"before{outer}", f"after{outer}", "start" if outer == 1 else f"after{outer - 1}"
+        for name in weights:
+            average_name = f"ema_{name.split('_')[1]}" if name.startswith("lstm_") else f"{name}_average"
+            changes = [matrix(node, last_when, name).astype(np.float32) - matrix(node, before, name).astype(np.float32)
+                       for node in nodes]
+            if in_flight[name] is not None:  # the period before's mean arrived: the anchor takes it
+                momentum[name] = OUTER_MOMENTUM * momentum[name] + in_flight[name]
+                anchor[name] = anchor[name] - OUTER_LR * (in_flight[name] + OUTER_MOMENTUM * momentum[name])
+                last[name] = in_flight[name]
+                average[name] = average[name] + ema_rate * (anchor[name] - average[name])
+            in_flight[name] = (np.mean(changes, axis=0) if bits == 16
+                               else quantized_mean(changes, bits, *residuals[name]).astype(np.float64))
+            for index, (node, change) in enumerate(zip(nodes, changes)):
+                estimate = last[name] + (change - own[name][index]) / len(nodes)
+                expected = anchor[name] - OUTER_LR * (estimate + OUTER_MOMENTUM * (OUTER_MOMENTUM * momentum[name]
+                                                                                  + estimate))
+                np.testing.assert_allclose(matrix(node, after, name), expected, rtol=0, atol=1e-5,
+                                           err_msg=f"{name} of node {index} after outer step {outer}")
+                np.testing.assert_allclose(matrix(node, after, average_name), average[name], rtol=0, atol=1e-5,
+                                           err_msg=f"{average_name} after outer step {outer}")
+                own[name][index] = change
+            assert not np.allclose(matrix(nodes[0], after, name), matrix(nodes[1], after, name)), (
+                f"the nodes start the next period alike: {name}")
+
+
 def check_fp16_outer_step(fp32, fp16):
     """With outer_fp16 the first outer step starts from the same weights as in fp32, sends half
     the bytes per changed row, and lands within fp16's rounding of the deltas and (scaled by
@@ -170,14 +226,17 @@ def check_outer_steps(ranks, vocab_parallel, kept_slots=False, bits=16):
 # From the command line, as a user runs it.
 REPLICATED = DROPOUT
 VOCAB_PARALLEL = DROPOUT + ",vocab_parallel=true"
-KEPT_PER_NODE = DROPOUT + ",outer_slots=local,outer_bits=8"  # Adagrad's accumulators, and the residuals
+# Each node its own Adagrad accumulators, the residuals of an 8-bit exchange, and its start and
+# change of an overlapped exchange (an MPI launch).
+KEPT_PER_NODE = DROPOUT + ",outer_slots=local,outer_bits=8,outer_overlap=true"
 EVERY = 4
 
 
 def train_nodes(corpus, logdir, max_steps, hpconfig, ranks=4, ranks_per_node=2):
-    """A run of `ranks` ranks in simulated nodes of `ranks_per_node`."""
+    """A run of `ranks` ranks in simulated nodes of `ranks_per_node` (through MPI when it overlaps
+    its outer exchange)."""
     return train(corpus, logdir, "--ranks_per_node", ranks_per_node, max_steps=max_steps, hpconfig=hpconfig,
-                 ranks=ranks)
+                 ranks=ranks, controller="--mpi" if "outer_overlap=true" in hpconfig else "--gloo")
 
 
 def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(tiny_corpus, tmp_path):
@@ -195,10 +254,12 @@ def test_on_one_node_outer_steps_are_off_and_the_run_is_the_synchronous_one(tiny
 def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchronous(tiny_corpus, tmp_path, hpconfig):
     """An outer step every 4 steps: a run stopped at step 10 keeps step 8's checkpoint and,
     resumed to 12, equals the unbroken run; replicated on 2 nodes of 1 rank, each keeping its
-    own Adagrad accumulators and the residuals of an 8-bit exchange (each node's copy in the
-    checkpoint), and on one node the run takes node 0's; vocabulary-parallel on 2 x 2 (its
-    tables and momentum written in parts), that checkpoint resumes re-grouped as 4 nodes of 1
-    rank and synchronous, and a synchronous checkpoint resumes two-level, with the same weights."""
+    own Adagrad accumulators, the residuals of an 8-bit exchange and its overlapped exchange's
+    start and change (each node's copy in the checkpoint; the exchange in flight at the stop
+    finished and its mean saved), and on one node the run takes node 0's; vocabulary-parallel on
+    2 x 2 (its tables and momentum written in parts), that checkpoint resumes re-grouped as 4
+    nodes of 1 rank and synchronous, and a synchronous checkpoint resumes two-level, with the
+    same weights."""
     two_level = hpconfig + f",outer_every={EVERY}"
     ranks, per_node = (2, 1) if hpconfig == KEPT_PER_NODE else (4, 2)
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
@@ -250,6 +311,21 @@ def test_stopped_between_outer_steps_resumes_exactly_and_either_way_to_synchrono
         without_run_position({name: np.zeros_like(value) if name.startswith("outer_momentum/") else value
                               for name, value in at_outer_step.items()}),
         without_run_position(saved_variables(synchronous, 2 * EVERY)))
+
+
+def test_an_overlapped_exchange_under_gloo_is_one_line_that_says_how_to_launch_and_writes_nothing(tiny_corpus,
+                                                                                                   tmp_path):
+    logdir = tmp_path / "log"
+    result = run(train_command(tiny_corpus, logdir, "--ranks_per_node", 1, max_steps=4,
+                               hpconfig=REPLICATED + ",outer_every=4,outer_slots=local,outer_overlap=true", ranks=2))
+    assert result.returncode != 0
+    said = [line.split(">:", 1)[1] for line in result.stderr.splitlines() if ">:error: " in line]
+    assert said and set(said) == {
+        "error: hparam 'outer_overlap' needs a launch through MPI (horovodrun --mpi, mpirun, or srun --mpi=pmix): "
+        "its exchange runs on an MPI communicator of its own beside Horovod's collectives, which run on one thread; "
+        "launch so, or drop outer_overlap"}, result.stderr[-2000:]
+    assert not [line for line in result.stderr.splitlines() if ">:Traceback" in line]  # horovodrun's own aside
+    assert not logdir.exists()
 
 
 def test_fp16_two_level_is_one_line_and_writes_nothing(tiny_corpus, tmp_path):

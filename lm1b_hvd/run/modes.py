@@ -19,9 +19,11 @@ import statistics
 import time
 import typing
 
+from lm1b_hvd.exchange.mpi_across import MpiAcross
 from lm1b_hvd.model.pieces import NODE_COPIES, Piece, Travel
 from lm1b_hvd.run.checkpoints import CheckpointParts
 from lm1b_hvd.run.state import TrainingState
+from lm1b_hvd.update.eager_outer import EagerOuterStep
 from lm1b_hvd.update.outer import OuterStep
 from lm1b_hvd.update.outer_exchange import RESIDUAL_KEY
 from lm1b_hvd.update.outer_parts import OuterMomentum, owned_parts
@@ -186,6 +188,20 @@ class Synchronous(SyncMode):
         return CheckpointParts()
 
 
+class ExchangeRecord:
+    """Whether the mean of an overlapped run's last exchange had arrived when its checkpoint was
+    taken (a checkpoint waits for it), as a record beside the run position."""
+
+    def __init__(self, outer):
+        self.outer = outer
+
+    def state(self):
+        return {"mean_arrived": self.outer.mean_arrived}
+
+    def load(self, saved):
+        self.outer.mean_arrived = bool(saved and saved.get("mean_arrived"))
+
+
 class OuterTiming(typing.NamedTuple):
     """An outer step: what crossed between the nodes (update.outer.OuterExchange), and how long
     it took."""
@@ -203,44 +219,63 @@ class TwoLevel(SyncMode):
         super().__init__(hps, ranks)
         self.nodes, self.period = nodes, hps.outer_every
         self.stepping = nodes.node
-        self.outer, self.copies = None, []
-        self.copies_read = False  # whether a restore gave this node its own copies
+        self.outer, self.copies, self.overlap_tables = None, [], []
+        self.copies_read, self.shared_read = set(), set()  # what a restore read of the node's own, and of the overlap's
         self.timings = None  # the outer steps since start_timing: the bench's, none in a run
 
     def training_state(self, model):
+        hps, nodes = self.hps, self.nodes
         state = TrainingState(model)
-        if self.hps.outer_slots == "local":  # each node goes on with its own Adagrad accumulators
+        if hps.outer_slots == "local":  # each node goes on with its own Adagrad accumulators
             state.pieces = [dataclasses.replace(piece, travel=Travel.KEPT_PER_NODE)
                             if piece.travel is Travel.AVERAGED else piece for piece in state.pieces]
         # The outer momentum of the rows each rank owns at outer steps (missing, a synchronous
         # run's checkpoint: none yet).
-        momentum = OuterMomentum(owned_parts(state.of(Travel.STEPPED), self.nodes.node))
+        momentum = OuterMomentum(owned_parts(state.of(Travel.STEPPED), nodes.node))
         state.add([Piece(key, "table", table, table.variables, shared=False, if_missing=momentum.zero,
                          travel=Travel.OUTER) for key, table in momentum.named()])
-        self.state, self.outer = state, OuterStep(state, self.nodes, self.hps, momentum)
+        if hps.outer_overlap:  # the outer step's exchange beside the next period, on a communicator of its own
+            self.outer = EagerOuterStep(state, nodes, hps, momentum, MpiAcross(nodes.node.rank, nodes.index))
+            self.overlap_tables = self.outer.shared_tables()
+            state.add([Piece(key, "table", table, table.variables, shared=False, travel=Travel.OUTER,
+                             restore=self._restore_shared(key, table)) for key, table in self.overlap_tables])
+            state.add([Piece("run_position/outer_exchange", "json", ExchangeRecord(self.outer), [],
+                             travel=Travel.OUTER)])
+            state.before_saving.append(self.outer.wait_for_exchange)
+        else:
+            self.outer = OuterStep(state, nodes, hps, momentum)
+        self.state = state
         # The residuals of what each node averages for the others (bits below 16), each node its
         # range of rows; this node's copies of what it keeps of its own; the nodes.
         state.add([Piece(key, "table", table, table.variables, shared=False, if_missing=self.outer.mean.zero_received,
                          travel=Travel.OUTER) for key, table in self.outer.mean.received_residuals_named()])
         self.copies = self.outer.node_copies()
-        state.add([Piece(f"{NODE_COPIES}{self.nodes.index}/{copy.key}", "table", table, table.variables, shared=False,
+        state.add([Piece(f"{NODE_COPIES}{nodes.index}/{copy.key}", "table", table, table.variables, shared=False,
                          travel=Travel.KEPT_PER_NODE, restore=self._restore_copy(copy, table))
                    for copy in self.copies for table in [copy.table(f"node_{copy.logical.name}")]])
-        layout = NodeLayout(self.nodes.count, self.nodes.node.size, tuple(copy.key for copy in self.copies))
+        layout = NodeLayout(nodes.count, nodes.node.size, tuple(copy.key for copy in self.copies))
         state.add([Piece("run_position/nodes", "json", layout, [], travel=Travel.OUTER)])
         return state
 
     def _restore_copy(self, copy, table):
         """A restore of this node's copy: its own when the checkpoint's run had as many nodes and
-        kept it, else the slots' values as restored (node 0's)."""
+        kept it, else what the node takes without one (NodeCopy.reset)."""
         def restore(path, saved):
             key = f"{NODE_COPIES}{self.nodes.index}/{copy.key}"
             saved_nodes = {name.split("/")[1] for name in saved if name.startswith(NODE_COPIES)}
             if len(saved_nodes) == self.nodes.count and key in saved:
                 table.restore(path, key)
-                self.copies_read = True
+                self.copies_read.add(copy.key)
             else:
                 copy.reset()
+        return restore
+
+    def _restore_shared(self, key, table):
+        """A restore of what every node of an overlapped run holds alike, when the checkpoint has it."""
+        def restore(path, saved):
+            if key in saved:
+                table.restore(path, key)
+                self.shared_read.add(key)
         return restore
 
     def start(self):
@@ -251,6 +286,9 @@ class TwoLevel(SyncMode):
         if not self.copies_read:
             for copy in self.copies:
                 copy.reset()
+        if self.hps.outer_overlap:
+            self.outer.restored = (self.copies_read == {copy.key for copy in self.copies}
+                                   and self.shared_read == {key for key, _ in self.overlap_tables})
         self.outer.start()
 
     def after_step(self, step, first):
@@ -272,8 +310,9 @@ class TwoLevel(SyncMode):
         slots = "kept per node" if hps.outer_slots == "local" else "averaged"
         line = (f"two-level: {nodes.count} nodes x {nodes.node.size} rank(s); every step inside a node, an outer "
                 f"step between nodes every {self.period} steps (outer_lr {hps.outer_lr}, Nesterov "
-                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {sent_in}; Adagrad's accumulators "
-                f"{slots}); evaluations and checkpoints at outer steps")
+                f"outer_momentum {hps.outer_momentum}; the changed rows sent in {sent_in}"
+                f"{', beside the next period' if hps.outer_overlap else ''}; Adagrad's accumulators {slots}); "
+                "evaluations and checkpoints at outer steps")
         if max_steps % self.period:
             line += f"; --max_steps {max_steps} ends with step {max_steps - max_steps % self.period}'s outer step"
         return line
@@ -315,7 +354,8 @@ class TwoLevel(SyncMode):
             f"outer steps: {len(self.timings)} in the {timed_steps} timed steps (one every {every}), median "
             f"{statistics.median(timing.seconds for timing in self.timings) * 1e3:,.1f} ms each; with them, "
             f"{step_seconds * 1e3:,.1f} ms a step",
-            f"between nodes, outer allreduce: sent {statistics.mean(across) / 1e6:,.3f} MB, received "
+            f"between nodes, outer {'allreduce' if self.hps.outer_bits == 16 else 'alltoall and allgather'}: sent "
+            f"{statistics.mean(across) / 1e6:,.3f} MB, received "
             f"{statistics.mean(across) / 1e6:,.3f} MB per rank per step (each outer step's / {every}; "
             f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, {self.sent_in()})",
             f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "

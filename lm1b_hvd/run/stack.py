@@ -6,7 +6,7 @@ is built or written.
 import typing
 
 from lm1b_hvd import console
-from lm1b_hvd.exchange import collectives
+from lm1b_hvd.exchange import collectives, mpi_across
 from lm1b_hvd.exchange.vocab_parallel import vocab_exchange
 from lm1b_hvd.model.language_model import LSTMPLanguageModel
 from lm1b_hvd.run import modes
@@ -23,11 +23,13 @@ class Launch(typing.NamedTuple):
 
 
 class Combination(typing.NamedTuple):
-    """What the refusals look at: the hparams, the launch, and how many nodes the ranks are on
-    (1 when the hparams ask for no outer steps)."""
+    """What the refusals look at: the hparams, the launch, how many nodes the ranks are on (1
+    when the hparams ask for no outer steps), and why MPI cannot carry a second exchange beside
+    Horovod's here ('' when it can)."""
     hps: object
     launch: Launch
     nodes: int = 1
+    no_mpi_beside: str = ""
 
 
 class Refusal(typing.NamedTuple):
@@ -60,6 +62,24 @@ REFUSALS = (
             "hparam 'outer_bits={outer_bits}' needs outer_every: only outer steps are sent in fewer bits; set "
             "outer_every or drop it",
             dict(hpconfig="outer_bits=8")),
+    Refusal(lambda c: not c.hps.outer_every and c.hps.outer_overlap,
+            "hparam 'outer_overlap' needs outer_every: there is no outer exchange to overlap; set outer_every or "
+            "drop it",
+            dict(hpconfig="outer_overlap=true")),
+    Refusal(lambda c: c.hps.outer_overlap and c.hps.outer_slots != "local",
+            "hparam 'outer_overlap' needs outer_slots=local: averaged Adagrad accumulators would arrive a period "
+            "late; keep them per node",
+            dict(hpconfig="outer_every=4,outer_overlap=true")),
+    Refusal(lambda c: c.hps.outer_overlap and not c.hps.average_params,
+            "hparam 'outer_overlap' needs average_params=true: between outer steps the nodes' weights differ, "
+            "and only their averages are one model to evaluate",
+            dict(hpconfig="outer_every=4,outer_slots=local,outer_overlap=true,average_params=false")),
+    Refusal(lambda c: c.hps.outer_overlap and c.nodes > 1 and c.no_mpi_beside,
+            "hparam 'outer_overlap' needs a launch through MPI (horovodrun --mpi, mpirun, or srun --mpi=pmix): its "
+            "exchange runs on an MPI communicator of its own beside Horovod's collectives, which run on one thread; "
+            "launch so, or drop outer_overlap",
+            dict(hpconfig="outer_every=4,outer_slots=local,outer_overlap=true", nodes=2,
+                 no_mpi_beside="a Gloo launch")),
     Refusal(lambda c: c.hps.vocab_parallel and c.hps.sparse_as_dense,
             "hparam 'vocab_parallel' cannot be combined with sparse_as_dense=true: the vocabulary's rows and their "
             "gradients travel between their owners, outside any compiled part",
@@ -106,7 +126,7 @@ def build(hps, vocab_size, ranks, launch=Launch()):
         except ValueError as err:
             raise console.UserError(f"outer_every={hps.outer_every}: {err}") from None
     node_count = max(node_of) + 1 if node_of else 1
-    check_combination(Combination(hps, launch, node_count))
+    check_combination(Combination(hps, launch, node_count, mpi_across.can_run_beside_horovod()))
     mode = modes.choose(hps, ranks, collectives.node_groups(node_of) if node_count > 1 else None)
     model = LSTMPLanguageModel(hps, vocab_size, vocab_exchange=vocab_exchange(hps, vocab_size, mode.stepping))
     state = mode.training_state(model)

@@ -32,6 +32,7 @@ class TrainingState(ModelWeights):
         self.lr_schedule = PlateauDecay(self.optimizer, hps.lr_decay, hps.lr_patience)
         self.position = RunPosition()
         self.loss_scaler, self._loss_scale_variables = None, []
+        self.before_saving = []  # what must be done before the state is saved (an overlapped exchange's end)
         self.add(self._training_pieces())
         # The count of saves tf.train.CheckpointManager keeps (this state numbers them by step).
         self.save_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="save_counter")
@@ -95,6 +96,8 @@ class TrainingState(ModelWeights):
         """Every rank's data position and LSTM rows, into the checkpoint rank 0 will write (a
         collective: every rank calls it), with the records beside them."""
         hps = self.model.hps
+        for prepare in self.before_saving:
+            prepare()
         entries = ranks.gather_objects((point.position.to_dict(), row_state_to_array(point.row_state)))
         if ranks.is_root:
             self.position.store(hps.seed, hps.batch_size, [entry[0] for entry in entries],

@@ -75,7 +75,7 @@ class OuterStep:
     outer_fp16 and ema_decay, on the rows `momentum` (update.outer_parts.OuterMomentum) owns of
     the state's STEPPED pieces; every other piece as its travel says."""
 
-    def __init__(self, state, nodes, hps, momentum):
+    def __init__(self, state, nodes, hps, momentum, across=None):
         self.state, self.nodes = state, nodes
         self.lr, self.momentum_rate = hps.outer_lr, hps.outer_momentum
         self.ema_decay = hps.ema_decay
@@ -95,7 +95,7 @@ class OuterStep:
         self.alike_then = []  # the ALIKE pieces' values at the last outer step
         self.last_step = None
         self.mean = NodesMean(momentum.parts, [family.averaged for family in self.families],
-                              collectives.Across(nodes.across), hps)
+                              across or collectives.Across(nodes.across), hps)
 
     def start(self):
         """Every node takes node 0's weights and averaged slots (after a restore or at the first
@@ -171,12 +171,14 @@ class OuterStep:
                            for piece in self.alike]
         self.last_step = int(self.state.step)
 
-    def _settle(self):
-        """The node's variables take the anchors: a rank's own rows, and the rows its node's
-        other ranks own of what every rank of the node holds whole."""
-        for family in self.families:
-            for target, anchor in zip(family.targets, family.anchors):
-                target.assign(collectives.allgather(anchor, self.nodes.node) if family.part.gathered else anchor)
+    def _settle(self, weights=None):
+        """The node's variables take the anchors (the weights `weights`, one a family, when
+        given): a rank's own rows, and the rows its node's other ranks own of what every rank
+        of the node holds whole."""
+        for index, family in enumerate(self.families):
+            sources = family.anchors if weights is None else [weights[index], *family.anchors[1:]]
+            for target, source in zip(family.targets, sources):
+                target.assign(collectives.allgather(source, self.nodes.node) if family.part.gathered else source)
 
     def inside_bytes(self):
         """Bytes this rank receives from its node's ranks after an outer step (the rows they own

@@ -5,7 +5,7 @@ what it holds at the start and just before and just after each of the first thre
 and what each outer step sent between the nodes.
 
 Shared with tests/test_two_level.py, which checks each outer step against its formula.
-Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM
+Usage: python -m tests.workers.outer_step OUTDIR H OUTER_LR OUTER_MOMENTUM [plain|overlapped]
 """
 import sys
 
@@ -27,11 +27,16 @@ MODES = {
     "replicated_local_8": dict(outer_slots="local", outer_bits=8),
     "vocab_parallel_4": dict(vocab_parallel=True, outer_bits=4),
 }
+# Under an MPI launch (their exchange on a communicator of its own, beside Horovod's).
+OVERLAPPED = {
+    "replicated_overlapped": dict(outer_slots="local", outer_overlap=True),
+    "vocab_parallel_overlapped_8": dict(vocab_parallel=True, outer_slots="local", outer_overlap=True, outer_bits=8),
+}
 
 
-def main(outdir, every, outer_lr, outer_momentum):
+def main(outdir, every, outer_lr, outer_momentum, which="plain"):
     ranks = stack.start_ranks(HPS.replace(outer_every=every))
-    for mode, setting in MODES.items():
+    for mode, setting in (OVERLAPPED if which == "overlapped" else MODES).items():
         hps = HPS.replace(**{"outer_fp16": False, **setting}, outer_every=every, outer_lr=outer_lr,
                           outer_momentum=outer_momentum, average_tables=True)
         saved = train(hps, ranks)
@@ -59,11 +64,11 @@ def train(hps, ranks):
         assert settled == (step % every == 0), (step, settled)
         if settled:
             saved[f"after{step // every}"] = held(state)
-    exchanges = [timing.exchange for timing in mode.timings]
+    exchanges = [timing.exchange for timing in mode.timings if timing.exchange is not None]
     saved["exchange"] = {field: np.array([getattr(exchange, field) for exchange in exchanges])
                          for field in exchanges[0]._fields}
     return saved
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), *sys.argv[5:])
