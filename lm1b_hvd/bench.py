@@ -10,7 +10,9 @@ per step, counted from the tensors, and peak memory per rank. Two-level
 (--hpconfig outer_every=H, nodes from the hosts or --ranks_per_node): the timed
 steps are whole outer periods, the outer steps are timed apart and shared out
 over the steps (words/s counts them), and the bytes are split into what stays
-inside a node and what crosses between nodes, averaged over an outer period.
+inside a node and what crosses between nodes, averaged over an outer period; an overlapped
+exchange (outer_overlap) is timed from its send to its arrival, and the steps while one travels
+apart from the others.
 
 The compute a shared machine gives a process can change from one second to
 the next, so the steps are timed in blocks of about half a second with the
@@ -25,7 +27,10 @@ Examples:
   python -m lm1b_hvd.bench --hpconfig precision=bf16,xla=true
   horovodrun -np 2 python -m lm1b_hvd.bench --preset big_g4 --vocab 20000 --hpconfig batch_size=8 --steps 2
   horovodrun -np 4 python -m lm1b_hvd.bench --preset demo --steps 64 --ranks_per_node 2 --hpconfig outer_every=16
+  horovodrun -np 4 --mpi python -m lm1b_hvd.bench --preset demo --steps 64 --ranks_per_node 2 \\
+      --hpconfig outer_every=16,outer_slots=local,outer_bits=4,outer_overlap=true --steps_timeline timeline.json
 """
+import json
 import math
 import resource
 import statistics
@@ -91,6 +96,7 @@ class Block(typing.NamedTuple):
     step_times: list  # seconds
     step_stats: list  # training.StepStats, summed over ranks
     peak: float  # this rank's FLOP/s
+    step_starts: list  # time.perf_counter() at each step's start
 
     @property
     def words(self):
@@ -104,15 +110,15 @@ def timed_blocks(trainer, batches, row_state, steps, steps_per_block, peak, afte
     blocks, done = [], 0
     while done < steps:
         before = peak.sample()
-        times, step_stats = [], []
+        times, step_stats, starts = [], [], []
         for _ in range(min(steps_per_block, steps - done)):
-            start = time.perf_counter()
+            starts.append(time.perf_counter())
             row_state, stats = trainer.step(*batches[done % len(batches)], row_state)
-            times.append(time.perf_counter() - start)  # trainer.step returns host numbers: synchronous
+            times.append(time.perf_counter() - starts[-1])  # trainer.step returns host numbers: synchronous
             after_step()
             step_stats.append(stats)
             done += 1
-        blocks.append(Block(times, step_stats, max(before, peak.sample())))
+        blocks.append(Block(times, step_stats, max(before, peak.sample()), starts))
     return blocks
 
 
@@ -134,6 +140,8 @@ def parse_args(argv):
     parser.add_argument("--profile_dir", default="", help="write a TF profiler trace of the timed steps here "
                         "(between blocks it also shows the peak's matmuls, as _peak_matmul)")
     parser.add_argument("--allow_cpu", action="store_true", help="run on the CPU even if the job was given GPUs")
+    parser.add_argument("--steps_timeline", default="", help="write rank 0's timed steps, outer steps and overlapped "
+                        "exchanges to this JSON file (scripts/plot_timeline.py draws it)")
     parser.add_argument("--ranks_per_node", type=int, default=0,
                         help="two-level (outer_every): ranks 0..K-1, K..2K-1, ... form the nodes; 0: the hosts")
     args = parser.parse_args(argv)
@@ -182,6 +190,8 @@ def bench(args):
         mode.after_step(int(built.state.step), first=index == 0)
     warm_step = max(ranks.gather_numbers([time.perf_counter() - began]))
     steps_per_block = max(1, math.floor(BLOCK_SECONDS / warm_step))  # the same on every rank
+    if args.steps_timeline:  # the steps back to back: the peak measured before and after them only
+        steps_per_block = args.steps
 
     peak = MatmulPeak(PEAK_DTYPES[hps.precision])
     ranks.sum(tf.zeros([1])).numpy()  # every rank starts timing at once
@@ -190,12 +200,28 @@ def bench(args):
     mode.start_timing()
     blocks = timed_blocks(trainer, batches, row_state, args.steps, steps_per_block, peak,
                           after_step=lambda: mode.after_step(int(built.state.step), first=False))
+    mode.finish()
     if args.profile_dir and rank == 0:
         tf.profiler.experimental.stop()
+    if args.steps_timeline and rank == 0:
+        write_timeline(args.steps_timeline, blocks, mode)
 
     setting = Setting(hps, vocab_size, ranks, exchange=size > 1 and not args.no_exchange,
                       reduced_vocab=0 < args.vocab < LM1B_VOCAB, mode=mode)
     report_figures(blocks, setting, say)
+
+
+def write_timeline(path, blocks, mode):
+    """The timed steps, and what the sync mode did beside them (its outer steps, its overlapped
+    exchanges), as [start, end] seconds from the first step's start: JSON, for
+    scripts/plot_timeline.py."""
+    starts = [start for block in blocks for start in block.step_starts]
+    times = [seconds for block in blocks for seconds in block.step_times]
+    origin = starts[0]
+    record = {"steps": [[start - origin, start - origin + seconds] for start, seconds in zip(starts, times)],
+              "period": mode.period, **mode.timeline(origin)}
+    with open(path, "w") as handle:
+        json.dump(record, handle)
 
 
 class Setting(typing.NamedTuple):
@@ -251,7 +277,7 @@ def report_figures(blocks, setting, say):
             if sent or received:
                 say(f"{mode.step_exchange_where}{kind}: sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB "
                     "per rank per step")
-    for line in mode.bench_lines(len(times), step_time):
+    for line in mode.bench_lines(times, step_time):
         say(line)
     if exchange:
         saved = statistics.median(stats.duplicate_bytes / size for stats in step_stats)

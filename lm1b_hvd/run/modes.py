@@ -23,7 +23,7 @@ from lm1b_hvd.exchange.mpi_across import MpiAcross
 from lm1b_hvd.model.pieces import NODE_COPIES, Piece, Travel
 from lm1b_hvd.run.checkpoints import CheckpointParts
 from lm1b_hvd.run.state import TrainingState
-from lm1b_hvd.update.eager_outer import EagerOuterStep
+from lm1b_hvd.update.eager_outer import OVERLAP_KEYS, EagerOuterStep
 from lm1b_hvd.update.outer import OuterStep
 from lm1b_hvd.update.outer_exchange import RESIDUAL_KEY
 from lm1b_hvd.update.outer_parts import OuterMomentum, owned_parts
@@ -89,24 +89,31 @@ class NodeLayout(typing.NamedTuple):
     def _kept_slots(self, then):
         """What became of what the checkpoint's nodes kept of their own, or this run's nodes keep."""
         said, same_nodes = [], then.count == self.count
-        (then_slots, then_residuals), (now_slots, now_residuals) = then.kept_kinds(), self.kept_kinds()
-        if then_slots and now_slots and same_nodes:
+        kept_then, kept_now = then.kept_kinds(), self.kept_kinds()
+        if {"slots"} <= kept_then & kept_now and same_nodes:
             said.append("each node reads its own Adagrad accumulators")
-        elif then_slots:
-            said.append(f"the checkpoint's {then.count} nodes kept their own Adagrad accumulators: this run starts from "
-                        "node 0's")
-        elif now_slots:
+        elif "slots" in kept_then:
+            said.append(f"the checkpoint's {then.count} nodes kept their own Adagrad accumulators: this run starts "
+                        "from node 0's")
+        elif "slots" in kept_now:
             said.append("every node starts from the checkpoint's Adagrad accumulators and keeps its own from here")
-        if then_residuals and now_residuals and same_nodes:
+        if {"residuals"} <= kept_then & kept_now and same_nodes:
             said.append("each node reads its own residuals of the quantized exchange")
-        elif now_residuals:
+        elif "residuals" in kept_now:
             said.append("the residuals of the quantized exchange start at zero")
+        if {"overlap"} <= kept_then & kept_now and same_nodes:
+            said.append("each node goes on from its own start of the overlapped exchange")
+        elif "overlap" in kept_now:
+            said.append("the overlapped exchange starts afresh from the checkpoint's weights")
         return "; ".join(said)
 
     def kept_kinds(self):
-        """(whether the nodes keep slots of their own, whether they keep residuals)."""
-        residual = [key.startswith(RESIDUAL_KEY) for key in self.kept]
-        return (not all(residual), any(residual))
+        """What the nodes keep of their own: a set of 'slots', 'residuals', 'overlap'."""
+        def kind(key):
+            if key.startswith(RESIDUAL_KEY):
+                return "residuals"
+            return "overlap" if key.startswith(OVERLAP_KEYS) else "slots"
+        return {kind(key) for key in self.kept}
 
 
 class SyncMode:
@@ -148,13 +155,20 @@ class SyncMode:
     def start_timing(self):
         """The bench times from here."""
 
+    def finish(self):
+        """After the bench's steps: what is still travelling arrives."""
+
+    def timeline(self, origin):
+        """What the mode did beside the steps since start_timing, for the bench's --steps_timeline."""
+        return {}
+
     def seconds_beside_steps(self):
         """What this mode spent beside the steps since start_timing."""
         return 0.0
 
-    def bench_lines(self, timed_steps, step_seconds):
-        """The bench's figures of what this mode did beside the `timed_steps` steps since
-        start_timing (a collective); `step_seconds`, a step's time with it."""
+    def bench_lines(self, step_times, step_seconds):
+        """The bench's figures of what this mode did beside the steps since start_timing, whose
+        times are `step_times` (a collective); `step_seconds`, a step's time with it."""
         return []
 
 
@@ -203,10 +217,16 @@ class ExchangeRecord:
 
 
 class OuterTiming(typing.NamedTuple):
-    """An outer step: what crossed between the nodes (update.outer.OuterExchange), and how long
-    it took."""
+    """An outer step: what crossed between the nodes (update.outer_exchange.OuterExchange; with
+    outer_overlap, the exchange of the period before, if one), when it started and ended
+    (time.perf_counter), and whether an exchange was travelling when it ended."""
     exchange: object
-    seconds: float
+    started: float
+    ended: float
+
+    @property
+    def seconds(self):
+        return self.ended - self.started
 
 
 class TwoLevel(SyncMode):
@@ -296,8 +316,14 @@ class TwoLevel(SyncMode):
             started = time.perf_counter()
             exchange = self.outer.step()
             if self.timings is not None:
-                self.timings.append(OuterTiming(exchange, time.perf_counter() - started))
+                self.timings.append(OuterTiming(exchange, started, time.perf_counter()))
+        if self.timings is not None:
+            self.travelling.append(self._travelling())
         return self.outer.last_step == step
+
+    def _travelling(self):
+        """Whether an outer exchange is travelling now (beside the steps, with outer_overlap)."""
+        return self.hps.outer_overlap and self.outer.exchange_in_flight()
 
     def roll_back(self, point, settled):
         self.outer.roll_back()
@@ -339,14 +365,28 @@ class TwoLevel(SyncMode):
         return CheckpointParts(self.nodes.count * node.size, index * node.size + node.rank, writes)
 
     def start_timing(self):
-        self.timings = []
+        self.timings, self.travelling, self.timing_origin = [], [self._travelling()], time.perf_counter()
+
+    def finish(self):
+        if self.hps.outer_overlap:
+            self.outer.wait_for_exchange()
 
     def seconds_beside_steps(self):
         return sum(timing.seconds for timing in self.timings)
 
-    def bench_lines(self, timed_steps, step_seconds):
-        ranks, every = self.ranks, self.period
-        exchanges = [timing.exchange for timing in self.timings]
+    def timeline(self, origin):
+        """The outer steps and the overlapped exchanges since start_timing, as [start, end]
+        seconds from `origin` (time.perf_counter), for the bench's --steps_timeline."""
+        exchanges = self.timed_exchanges() if self.hps.outer_overlap else []
+        return {"outer_steps": [[timing.started - origin, timing.ended - origin] for timing in self.timings],
+                "exchanges": [[sent - origin, arrived - origin] for _, sent, arrived in exchanges]}
+
+    def bench_lines(self, step_times, step_seconds):
+        ranks, every, timed_steps = self.ranks, self.period, len(step_times)
+        lines = self._overlap_lines(step_times) if self.hps.outer_overlap else []
+        exchanges = [timing.exchange for timing in self.timings if timing.exchange is not None]
+        if self.hps.outer_overlap:
+            exchanges = [exchange for exchange, _, _ in self.timed_exchanges()]
         across = ranks.gather_numbers([statistics.mean(e.across_bytes for e in exchanges) / every])
         inside = ranks.gather_numbers([self.outer.inside_bytes() / every])
         changed = ranks.gather_numbers([sum(e.rows_changed for e in exchanges), sum(e.rows_owned for e in exchanges)])
@@ -360,4 +400,21 @@ class TwoLevel(SyncMode):
             f"{100 * sum(changed[0::2]) / sum(changed[1::2]):.0f}% of the rows changed, {self.sent_in()})",
             f"inside a node after an outer step, allgather: received {statistics.mean(inside) / 1e6:,.3f} MB per "
             f"rank per step (each outer step's / {every})",
-        ]
+        ] + lines
+
+    def _overlap_lines(self, step_times):
+        """How long the overlapped exchanges travelled, and the steps' time while one did and
+        while none did (an exchange in flight when a step started counts it as beside one)."""
+        travelled = [arrived - sent for _, sent, arrived in self.timed_exchanges()]
+        beside = [seconds for seconds, flag in zip(step_times, self.travelling) if flag]
+        alone = [seconds for seconds, flag in zip(step_times, self.travelling) if not flag]
+
+        def median_ms(values):
+            return f"{statistics.median(values) * 1e3:,.1f} ms" if values else "-"
+        return [f"outer exchanges beside the steps: {len(travelled)}, median {median_ms(travelled)} from send to "
+                f"arrival; steps while one travelled: median {median_ms(beside)} over {len(beside)}; while none "
+                f"did: median {median_ms(alone)} over {len(alone)}"]
+
+    def timed_exchanges(self):
+        """The overlapped exchanges sent since start_timing: (OuterExchange, sent, arrived)."""
+        return [entry for entry in self.outer.exchanges if entry[1] >= self.timing_origin]

@@ -37,6 +37,9 @@ from lm1b_hvd.update.outer_exchange import weight_name
 from lm1b_hvd.update.outer_parts import owned
 
 
+OVERLAP_KEYS = ("outer_start/", "outer_delta/")  # a node's own start and change, in its copy in a checkpoint
+
+
 class EagerOuterStep(OuterStep):
     """OuterStep with its exchange overlapped (module docstring); `across`, the exchange's
     collectives on a communicator of their own (exchange.mpi_across.MpiAcross)."""
@@ -53,7 +56,7 @@ class EagerOuterStep(OuterStep):
         self.mean_arrived = False  # whether arrived_means holds a mean the anchor has yet to take
         self.restored = False  # whether a checkpoint gave this node its overlapped state (run.modes)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="outer-exchange")
-        self.exchanges = []  # (OuterExchange, seconds from its send to its arrival), each as it arrives
+        self.exchanges = []  # (OuterExchange, when it was sent, when it arrived: time.perf_counter), as they arrive
 
     def start(self):
         """Every node takes node 0's weights as the anchor and as its start, unless a checkpoint
@@ -66,8 +69,8 @@ class EagerOuterStep(OuterStep):
                 last.assign(tf.zeros_like(last))
             self.mean_arrived = False
         self.in_flight = None
-        self._settle(self.starts)
-        self._remember_alike()
+        self.settle(self.starts)
+        self.remember_alike()
 
     def step(self):
         """The outer step ending this period (every rank calls it at the same step): the mean of
@@ -92,24 +95,24 @@ class EagerOuterStep(OuterStep):
             own.assign(delta)
             for anchor, slot in zip(family.kept_anchors, family.kept):
                 anchor.assign(owned(slot, family.part.rows))
-        self._settle(self.starts)
-        self._remember_alike()
+        self.settle(self.starts)
+        self.remember_alike()
         return arrived
 
     def _exchange(self, deltas, sent):
         """In the background: the nodes' mean of `deltas` (no slot travels)."""
         _, means, _, exchange = self.mean.mean(deltas, [[] for _ in deltas])
-        return means, exchange, sent
+        return means, exchange, sent, time.perf_counter()
 
     def wait_for_exchange(self):
         """The exchange in flight finishes, if one is: its mean is kept for the anchor to take
         (and for a checkpoint, which calls this first). Returns its OuterExchange, or None."""
         if self.in_flight is None:
             return None
-        means, exchange, sent = self.in_flight.result()
+        means, exchange, sent, arrived_at = self.in_flight.result()
         for arrived, mean in zip(self.arrived_means, means):
             arrived.assign(mean)
-        self.exchanges.append((exchange, time.perf_counter() - sent))
+        self.exchanges.append((exchange, sent, arrived_at))
         self.in_flight, self.mean_arrived = None, True
         return exchange
 
@@ -123,14 +126,14 @@ class EagerOuterStep(OuterStep):
         for family, momentum, mean in zip(self.families, self.momentum, means):
             momentum.assign(self.momentum_rate * momentum + mean)
             family.anchors[0].assign_sub(self.lr * (mean + self.momentum_rate * momentum))
-        self._settle()
+        self.settle()
         averaging.move_towards(self.followers, self.ema_decay, steps=steps)
 
     def roll_back(self):
         """Back to the last outer step: the node's start, its slots and what is alike; the
         exchange sent then is still the one in flight."""
         super().roll_back()
-        self._settle(self.starts)
+        self.settle(self.starts)
 
     def shared_tables(self):
         """(key, VocabTable) of what every node holds alike: the anchor, g(t-1), and g(t) once it
@@ -150,8 +153,8 @@ class EagerOuterStep(OuterStep):
     def node_copies(self):
         """OuterStep's, and the node's start (reset: the anchor) and own change (reset: 0)."""
         copies = super().node_copies()
-        for name, variables, from_anchor in (("outer_start", self.starts, True),
-                                             ("outer_delta", self.own_deltas, False)):
+        for name, variables, from_anchor in ((OVERLAP_KEYS[0][:-1], self.starts, True),
+                                             (OVERLAP_KEYS[1][:-1], self.own_deltas, False)):
             by_key = {}
             for family, variable in zip(self.families, variables):
                 part = family.part

@@ -109,8 +109,8 @@ class OuterStep:
                                                root, self.nodes.across)
         for (anchor, _), value in zip(shared, synced):
             anchor.assign(value)
-        self._settle()
-        self._remember_alike()
+        self.settle()
+        self.remember_alike()
 
     def node_copies(self):
         """This node's copies of what it keeps of its own (its kept slots, as at the last outer
@@ -149,16 +149,16 @@ class OuterStep:
                 anchor.scatter_nd_add(rows[:, None], increment)
             for anchor, slot in zip(family.kept_anchors, family.kept):
                 anchor.assign(owned(slot, family.part.rows))
-        self._settle()
+        self.settle()
         averaging.move_towards(self.followers, self.ema_decay, steps=step - self.last_step)
-        self._remember_alike()
+        self.remember_alike()
         return exchange
 
     def roll_back(self):
         """Every rank back to the last outer step: its weights, slots and what is alike on every
         node (the step count: a stop between outer steps, whose checkpoint is the last outer
         step's). A collective over the node's ranks."""
-        self._settle()
+        self.settle()
         for piece, then in zip(self.alike, self.alike_then):
             if piece.kind == "json":
                 piece.value.load(then)
@@ -166,12 +166,12 @@ class OuterStep:
             for variable, value in zip(piece.variables, then):
                 variable.assign(value)
 
-    def _remember_alike(self):
+    def remember_alike(self):
         self.alike_then = [piece.value.state() if piece.kind == "json" else [v.numpy() for v in piece.variables]
                            for piece in self.alike]
         self.last_step = int(self.state.step)
 
-    def _settle(self, weights=None):
+    def settle(self, weights=None):
         """The node's variables take the anchors (the weights `weights`, one a family, when
         given): a rank's own rows, and the rows its node's other ranks own of what every rank
         of the node holds whole."""
