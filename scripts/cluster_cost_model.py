@@ -182,6 +182,47 @@ def draws_for_unique(probabilities, unique):
     return high
 
 
+@dataclasses.dataclass
+class OuterLevers:
+    """What an outer step sends and how (project's --outer_* flags): `bits` 16 (fp16), 32 (fp32),
+    8 or 4 (row-wise, a float32 scale a row, error feedback); `slots` averaged (their increments
+    travel beside the deltas, at 16 or 32 bits) or local; `overlap` 0 (none) or the overhead
+    factor of an overlapped period over the larger of its compute and its exchange."""
+    bits: int = 16
+    slots: str = "averaged"
+    overlap: float = 0.0
+
+    def __str__(self):
+        sent = {32: "fp32", 16: "fp16"}.get(self.bits, f"{self.bits} bits")
+        return (f"deltas in {sent}, accumulators {self.slots}"
+                + (f", overlapped (a period x {self.overlap:g})" if self.overlap else ""))
+
+
+def outer_levers(args):
+    bits = 32 if args.outer_precision == "fp32" and args.outer_bits == 16 else args.outer_bits
+    return OuterLevers(bits, args.outer_slots, args.overlap)
+
+
+def outer_bytes(levers, values, rows, row_count):
+    """Bytes one node's outer step hands to its collectives: a float per row saying which
+    changed, the changed rows' deltas (in 8 or 4 bits with a float32 scale a row), and with
+    averaged accumulators their increments (fp16 but with fp32 deltas)."""
+    if levers.bits >= 16:
+        deltas = values * levers.bits / 8
+    else:
+        deltas = values * levers.bits / 8 + 4 * rows
+    increments = 0.0 if levers.slots == "local" else values * (4 if levers.bits == 32 else 2)
+    return 4 * row_count + deltas + increments
+
+
+def outer_state_floats(levers):
+    """Floats of outer state per parameter a GPU owns: anchors and momentum, accumulators at
+    the anchors (averaged) or kept (local), the residuals of a quantized exchange (what it sent,
+    and the 1/N it averages: counted whole), and an overlapped exchange's start, own change and
+    two means."""
+    return 3 + (2 if levers.bits < 16 else 0) + (4 if levers.overlap else 0)
+
+
 def project(args):
     """Nodes of --gpus GPUs: every byte a GPU receives crosses its NVLink port; what comes from
     other nodes crosses the node's one link first. The allreduce is hierarchical
@@ -209,16 +250,15 @@ def project(args):
     tables = 2 * (figures["replicated"].peak_gib - figures["vocab_parallel"].peak_gib)  # the half VP does not hold
     default = hparams.build("default")
     counts = parameter_count(default, args.vocab)
-    value_bytes = 2 if args.outer_precision == "fp16" else 4
     zipf = log_uniform(args.vocab)
     candidate_draws = draws_for_unique(zipf, default.num_sampled)
     row_count = 3 * args.vocab  # the embedding's, softmax weights' and bias' rows (the LSTM's few thousand aside)
     g, nvlink = args.gpus, args.nvlink_gbyte * 1e9
+    levers = outer_levers(args)
     print(f"compute {compute * 1e3:.2f} ms per step ({words_per_gpu:,.0f} words per GPU at {args.gpu_words:,.0f} "
           f"words/s); NVLink {args.nvlink_gbyte:g} GB/s per GPU; an outer step moves the changed rows of "
-          f"{2 * 4 * counts.total / 1e9:.2f} GB of deltas and accumulators (fp32), in "
-          f"{args.outer_precision}; the sampler draws {candidate_draws:,.0f} ids a step for "
-          f"{default.num_sampled:,} candidates")
+          f"{2 * 4 * counts.total / 1e9:.2f} GB of deltas and accumulators (fp32), as {levers}; the sampler draws "
+          f"{candidate_draws:,.0f} ids a step for {default.num_sampled:,} candidates")
 
     def synchronous(nodes, mode, link):
         n = nodes * g
@@ -233,29 +273,36 @@ def project(args):
             memory = figures["replicated"].peak_gib - tables + tables / n
         return inside, between, compute + inside / nvlink + between / link, memory
 
-    def changed_values(nodes, every):
-        """The values an outer step sends per node: the changed rows' (deltas, or increments)."""
+    def changed(nodes, every):
+        """(the values, the rows an outer step sends per node: the changed rows'; and the
+        fractions of the embedding's and the softmax's rows that changed)."""
         read = nodes * g * every * words_per_gpu
         embedding = rows_seen(zipf, read) / args.vocab
         softmax = rows_seen(zipf, read + nodes * g * every * candidate_draws) / args.vocab
-        return counts.lstm + embedding * counts.embedding + softmax * counts.softmax, embedding, softmax
+        values = counts.lstm + embedding * counts.embedding + softmax * counts.softmax
+        rows = (embedding + 2 * softmax) * args.vocab + (default.emb_size + default.projected_size + 2)
+        return values, rows, embedding, softmax
 
     def two_level(nodes, every, link):
         """Vocabulary-parallel inside each node (the better mode there)."""
         inside, _, step, memory = synchronous(1, "vocab_parallel", link)
         if nodes == 1:
             return inside, 0.0, step, memory
-        values = changed_values(nodes, every)[0]
-        outer = 2 * value_bytes * values + 4 * row_count  # the rows' values, and a float per row
+        values, rows = changed(nodes, every)[:2]
+        outer = outer_bytes(levers, values, rows, row_count)
         between = 2 * (nodes - 1) / nodes * outer / every
         gathered = (g - 1) / g * 2 * 4 * counts.lstm / every  # the node gathers the LSTM rows its GPUs own
-        # Each GPU keeps the outer state of its 1/g: anchors, accumulators at them, momentum.
-        memory += 3 * 4 * counts.total / g / 2 ** 30
-        return inside + gathered, between, step + gathered / nvlink + between / link, memory
+        computed = step + gathered / nvlink
+        if levers.overlap:  # a period costs the larger of its compute and its exchange, times the overhead
+            step = max(computed, between / link) * levers.overlap
+        else:
+            step = computed + between / link
+        memory += outer_state_floats(levers) * 4 * counts.total / g / 2 ** 30  # each GPU's 1/g of the rows
+        return inside + gathered, between, step, memory
 
     print("rows changed in an outer period (embedding, softmax): " + "; ".join(
-        f"{nodes} nodes H={every} {100 * changed_values(nodes, every)[1]:.0f}%, "
-        f"{100 * changed_values(nodes, every)[2]:.0f}%" for nodes in args.nodes[1:2] + args.nodes[-1:]
+        f"{nodes} nodes H={every} {100 * changed(nodes, every)[2]:.0f}%, "
+        f"{100 * changed(nodes, every)[3]:.0f}%" for nodes in args.nodes[1:2] + args.nodes[-1:]
         for every in args.outer_every))
     for gbit in args.link_gbit:
         link = gbit * 1e9 / 8
@@ -309,7 +356,14 @@ def main(argv=None):
     proj.add_argument("--outer_every", type=int, nargs="*", default=[64, 256, 1024],
                       help="two-level outer periods H to project (default: 64 256 1024)")
     proj.add_argument("--outer_precision", choices=["fp16", "fp32"], default="fp16",
-                      help="what the outer step sends between nodes (hparam outer_fp16; default: fp16)")
+                      help="16 bits as fp16 or fp32 between nodes (hparam outer_fp16; default: fp16)")
+    proj.add_argument("--outer_bits", type=int, choices=[16, 8, 4], default=16,
+                      help="the deltas between nodes in 16 bits, or row-wise in 8 or 4 (hparam outer_bits)")
+    proj.add_argument("--outer_slots", choices=["averaged", "local"], default="averaged",
+                      help="Adagrad's accumulators averaged between nodes or kept per node (hparam outer_slots)")
+    proj.add_argument("--overlap", type=float, default=0.0,
+                      help="the exchange overlapped with the next period (hparam outer_overlap): the overhead factor "
+                           "of a period over the larger of its compute and its exchange, as measured (0: none)")
     proj.add_argument("--vocab", type=int, default=793_470, help="the vocabulary (default: lm1b's 793,470)")
     proj.add_argument("--nvlink_gbyte", type=float, default=150.0,
                       help="what a GPU's exchange reaches over NVLink, GB/s (default: 150)")

@@ -80,16 +80,19 @@ trap 'exit 143' TERM HUP
 
 say() { echo "local_cluster: $*"; }
 
-# Runs a command on host N: in its network namespace, with its own /etc/hosts (bind-mounted in a
-# mount namespace of its own; the file on disk is not touched) that resolves this machine's
-# name to the host's address, as a node's name resolves on a real cluster. Horovod 0.28's Gloo
-# process sets find their address by the host name, not by HOROVOD_GLOO_IFACE.
+# Runs a command on host N: in its network namespace, under a host name of its own (a UTS
+# namespace: what MPI and Horovod take a node to be), with its own /etc/hosts (bind-mounted in a
+# mount namespace of its own; the file on disk is not touched) that resolves that name to the
+# host's address, as a node's name resolves on a real cluster. Horovod 0.28's Gloo process sets
+# find their address by the host name, not by HOROVOD_GLOO_IFACE.
 on_host() {
   local n=$1
   shift
-  ip netns exec "${prefix}h$n" unshare --mount sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' \
-    "$work/hosts-$n" "$@"
+  ip netns exec "${prefix}h$n" unshare --mount --uts sh -c 'hostname "$1" && mount --bind "$0" /etc/hosts && shift && exec "$@"' \
+    "$work/hosts-$n" "$(host_name "$n")" "$@"
 }
+
+host_name() { echo "${prefix}-host$1"; }
 
 add_namespace() {
   ip netns add "$1"
@@ -122,7 +125,7 @@ for n in $(seq 1 "$hosts"); do
   limit_rate "$host" eth0                 # what host n sends
   limit_rate "$switch" "${prefix}b$n"     # what host n receives
   host_list+=("$subnet.$n:1")
-  printf '127.0.0.1 localhost\n%s %s\n' "$subnet.$n" "$(hostname)" >"$work/hosts-$n"
+  printf '127.0.0.1 localhost\n%s %s\n' "$subnet.$n" "$(host_name "$n")" >"$work/hosts-$n"
 done
 
 # --- ssh: one key for the cluster, one sshd per host listening on its own address only
