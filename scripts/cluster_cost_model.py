@@ -58,7 +58,7 @@ class BenchFigures:
 
     @classmethod
     def parse(cls, text):
-        text = re.sub(r"^\[\d+\]<stdout>:", "", text, flags=re.M)
+        text = re.sub(r"^\[[\d,]+\]<stdout>:", "", text, flags=re.M)
         step = (re.search(r"^outer steps: .*; with them, ([\d,.]+) ms a step", text, re.M)
                 or re.search(r"^step time: median ([\d,.]+) ms", text, re.M))
         words = re.search(r"^words/s: ([\d,]+) over (\d+) rank\(s\) \(([\d,]+) words per rank per step\)", text, re.M)
@@ -117,7 +117,7 @@ def predicted_words_per_second(fast, mbit, efficiency=1.0, per_host=1):
 
 def run_bench(hosts, mbit, args, mode):
     per_host = args.ranks_per_host
-    name = f"{hosts}hosts{f'x{per_host}' if per_host > 1 else ''}-{mbit}mbit-{mode}"
+    name = f"{hosts}hosts{f'x{per_host}' if per_host > 1 else ''}-{mbit}mbit-{mode}{args.label}"
     saved = os.path.join(args.save, f"{name}.log") if args.save else ""
     if args.reuse and os.path.exists(saved):
         return BenchFigures.parse(open(saved).read())
@@ -125,9 +125,12 @@ def run_bench(hosts, mbit, args, mode):
     hpconfig = ",".join(part for part in (levels, args.hpconfig) if part)
     host_list = ",".join(f"10.251.0.{host}:{per_host}" for host in range(1, hosts + 1))  # local_cluster.sh's
     # Over a slow link the first broadcast of rank 0's weights takes minutes; Gloo gives an op 30 s.
-    bench = (f"HOROVOD_GLOO_TIMEOUT_SECONDS=900 {os.path.join(os.path.dirname(sys.executable), 'horovodrun')} "
+    # The cluster's ranks share this machine's cores: MPI must yield them while it waits (it spins
+    # by default, which doubles the step's time here).
+    bench = (f"HOROVOD_GLOO_TIMEOUT_SECONDS=900 OMPI_MCA_mpi_yield_when_idle=1 "
+             f"{os.path.join(os.path.dirname(sys.executable), 'horovodrun')} "
              f"-np {hosts * per_host} -H {host_list} "
-             f"--network-interface eth0 --gloo {sys.executable} -m lm1b_hvd.bench --preset {args.preset} "
+             f"--network-interface eth0 --{args.controller} {sys.executable} -m lm1b_hvd.bench --preset {args.preset} "
              f"--vocab {args.vocab} --steps {args.steps} --ranks_per_node {per_host}"
              + (f" --hpconfig {hpconfig}" if hpconfig else ""))
     result = subprocess.run(["bash", os.path.join(REPO, "scripts", "local_cluster.sh"), str(hosts), str(mbit), bench],
@@ -337,6 +340,9 @@ def main(argv=None):
     run.add_argument("--budget", type=float, default=12.5e9 / (8 * 1e6),
                      help="link bytes per computed word (default: 1562.5, 100 Gb/s for 8 GPUs at 1M words/s each)")
     run.add_argument("--save", default="", help="a folder to keep each bench's output in")
+    run.add_argument("--label", default="", help="added to the names of the saved outputs (runs of other --hpconfig)")
+    run.add_argument("--controller", choices=["gloo", "mpi"], default="gloo",
+                     help="how horovodrun launches (mpi: for hparam outer_overlap; default: gloo)")
     run.add_argument("--reuse", action="store_true", help="read the outputs already in --save instead of running")
     run.add_argument("--efficiency", type=float, default=0.75,
                      help="the part of a link's rate the collectives reach, for the last columns (default: 0.75, "

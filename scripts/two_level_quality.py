@@ -58,7 +58,8 @@ def label(setting):
 
 def train(args, setting, logdir):
     hpconfig = ",".join(part for part in (args.hpconfig, outer_hpconfig(setting)) if part)
-    command = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(args.ranks), "--gloo",
+    controller = "--mpi" if "overlap" in parse(setting)[2] else "--gloo"  # an overlapped exchange needs MPI
+    command = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(args.ranks), controller,
                sys.executable, "-m", "lm1b_hvd.train", "--logdir", logdir, "--preset", args.preset,
                "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--log_every", "1000",
                "--ranks_per_node", str(args.ranks_per_node), "--checkpoint_secs", "0"]
