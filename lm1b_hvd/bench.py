@@ -243,8 +243,9 @@ def report_figures(blocks, setting, say):
     size = ranks.size
     times = [t for block in blocks for t in block.step_times]
     step_stats = [stats for block in blocks for stats in block.step_stats]
-    # What the sync mode did beside the steps (a two-level run's outer steps) shared out over them.
-    step_time = statistics.median(times) + mode.seconds_beside_steps() / len(times)
+    # What the sync mode did beside the steps (a two-level run's outer steps, the steps an overlapped
+    # exchange slowed) shared out over them.
+    step_time = statistics.median(times) + mode.seconds_beside_steps(times) / len(times)
     words_per_step = sum(stats.words for stats in step_stats) / len(times)  # all ranks together
     flops_per_word = training_flops_per_word(hps, vocab_size)
     achieved = words_per_step * flops_per_word / step_time
