@@ -1,4 +1,5 @@
 """`python -m lm1b_hvd.bench`: its figures, alone and under horovodrun, with and without the exchange."""
+import json
 import re
 import sys
 import typing
@@ -179,3 +180,34 @@ def test_two_level_splits_the_bytes_between_inside_a_node_and_across_nodes():
     assert sent == received and changed < 100 and changed / 100 * per_step / 2 <= sent < per_step / 2 + 0.001
     gathered = re.search(r"inside a node after an outer step, allgather: received ([\d.]+) MB", result.stdout).group(1)
     assert float(gathered) == pytest.approx(per_step, abs=0.0006)
+
+
+@pytest.mark.slow
+def test_an_overlapped_exchange_is_timed_beside_the_steps_and_drawn_as_a_timeline(tmp_path):
+    """Under MPI, 2 nodes of 1 rank, accumulators kept per node, 4 bits, the exchange beside the
+    next period: the bench says how long each exchange travelled and how the steps beside it
+    went, counts what it slowed them by in words/s, and --steps_timeline writes rank 0's steps,
+    outer steps and exchanges (each sent at an outer step, arriving after it)."""
+    timeline = tmp_path / "timeline.json"
+    hpconfig = BENCH[3] + ",outer_every=2,outer_slots=local,outer_bits=4,outer_overlap=true"
+    args = [*BENCH[:3], hpconfig, "--vocab", "500", "--steps", "6", "--warmup", "1", "--ranks_per_node", "1",
+            "--steps_timeline", str(timeline)]
+    result = horovodrun(["-m", "lm1b_hvd.bench", *args], np_=2, controller="--mpi")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = re.sub(r"^\[[\d,]+\]<stdout>:", "", result.stdout, flags=re.M)
+    assert "the changed rows sent in 4 bits with error feedback, beside the next period" in out
+    median = float(re.search(r"^step time: median ([\d.,]+) ms over 6 steps", out, re.M).group(1))
+    with_outer = float(re.search(r"outer steps: 3 in the 6 timed steps \(one every 2\), median [\d.,]+ ms each; "
+                                 r"with them, ([\d.,]+) ms a step", out).group(1))
+    assert with_outer > median
+    words = float(re.search(r"^words/s: ([\d,]+) over 2 rank", out, re.M).group(1).replace(",", ""))
+    assert words == pytest.approx(2 * 8 * 20 / (with_outer / 1e3), rel=0.01)  # batch 8 x 20 per rank
+    travelled, beside, alone = re.search(
+        r"outer exchanges beside the steps: (\d+), median [\d.,]+ ms from send to arrival; steps while one "
+        r"travelled: median [\d.,-]+(?: ms)? over (\d+); while none did: median [\d.,]+ ms over (\d+)", out).groups()
+    assert int(beside) + int(alone) == 6 and int(travelled) >= 2
+    record = json.loads(timeline.read_text())
+    assert record["period"] == 2 and len(record["steps"]) == 6 and len(record["outer_steps"]) == 3
+    assert all(start < end for start, end in record["steps"] + record["outer_steps"] + record["exchanges"])
+    for sent, arrived in record["exchanges"]:
+        assert any(start <= sent <= end for start, end in record["outer_steps"])
