@@ -5,6 +5,7 @@ pieces gets the next tag in its middle. So every line goes out in one write.
 """
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -70,6 +71,8 @@ def option(default, help, minimum=None, **argparse_options):
 def _at_least(convert, minimum):
     def parse(text):
         value = convert(text)
+        if not math.isfinite(value):  # nan passes every comparison; inf is no duration
+            raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got '{text}'")
         return value

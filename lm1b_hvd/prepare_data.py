@@ -4,7 +4,9 @@ benchmark, or make a corpus in its layout from your own plain text.
   python -m lm1b_hvd.prepare_data demo
   python -m lm1b_hvd.prepare_data lm1b --outdir /data/lm1b
   python -m lm1b_hvd.prepare_data text --input 'manuals/*.txt' transcripts.txt.gz --outdir /data/mine
+  zcat dump.txt.gz | python -m lm1b_hvd.prepare_data text --input - --outdir /data/dump
 """
+import math
 import sys
 import time
 
@@ -26,12 +28,13 @@ def main(argv=None):
     real.add_argument("--min_count", type=int, default=3, help="a word's training count to enter the vocabulary")
     real.add_argument("--keep_archive", action="store_true", help="keep the downloaded archive after extracting")
     text = commands.add_parser(
-        "text", help="plain text (one sentence or paragraph a line; .gz too) to a corpus in lm1b's layout",
+        "text", help="plain text (one sentence or paragraph a line; .gz, .bz2, .xz too) to a corpus in lm1b's layout",
         description="Tokenizes (Moses' rules, as lm1b), drops duplicate sentences, shuffles with --seed, holds "
                     "out --heldout, writes training and heldout shards, a vocabulary and prepare.json (the recipe "
                     "`score` and `sample` apply to raw text). Example: python -m lm1b_hvd.prepare_data text "
                     "--input 'manuals/*.txt' --outdir /data/mine --heldout 5000")
-    text.add_argument("--input", nargs="+", required=True, help="files or globs (quote globs); .gz is read as gzip")
+    text.add_argument("--input", nargs="+", required=True,
+                      help="files or globs (quote globs); .gz, .bz2 and .xz are decompressed; - reads standard input")
     text.add_argument("--outdir", required=True, help="a new or empty folder for the corpus")
     text.add_argument("--tokenizer", choices=TOKENIZERS, default="moses",
                       help="moses: Moses' rules via sacremoses; none: the text is tokens already")
@@ -49,13 +52,26 @@ def main(argv=None):
     return console.run_main(lambda: prepare(args))
 
 
-def prepare_text(args):
-    if args.heldout <= 0 or (args.heldout >= 1 and args.heldout != int(args.heldout)):
+MAX_SHARDS = 1000  # each an open file while the shards are written
+MAX_WORKERS = 1024
+
+
+def check_text_options(args):
+    """Every option of `text` checked before anything is read or written: one line naming it."""
+    if not (math.isfinite(args.heldout) and args.heldout > 0) or (args.heldout >= 1 and args.heldout != int(args.heldout)):
         raise text_corpus.PrepareError(f"--heldout {args.heldout:g}: a fraction between 0 and 1, or a whole count")
-    if args.min_count < 1 or args.max_vocab < 0 or args.shards < 0 or not 0 <= args.seed < 2 ** 63:
-        raise text_corpus.PrepareError("--min_count must be >= 1; --max_vocab, --shards and --seed >= 0")
-    files = text_corpus.input_files(args.input)
+    for flag, value, low, high in (("--min_count", args.min_count, 1, None), ("--max_vocab", args.max_vocab, 0, None),
+                                   ("--shards", args.shards, 0, MAX_SHARDS), ("--seed", args.seed, 0, 2 ** 63 - 1),
+                                   ("--workers", args.workers, 0, MAX_WORKERS)):
+        if value < low or (high is not None and value > high):
+            raise text_corpus.PrepareError(f"{flag} {value}: must be {low} or more"
+                                           + (f" and at most {high:,}" if high is not None else ""))
     text_corpus.check_outdir(args.outdir)
+
+
+def prepare_text(args):
+    check_text_options(args)
+    files = text_corpus.input_files(args.input)
     recipe = TextRecipe(args.tokenizer, args.language, args.lowercase, args.unicode)
     started = time.monotonic()
     counts = text_corpus.prepare(files, args.outdir, recipe, text_corpus.Split(args.heldout, args.shards, args.seed),

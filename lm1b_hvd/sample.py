@@ -13,6 +13,7 @@ Examples:
   python -m lm1b_hvd.sample --logdir runs/demo --num 5
   python -m lm1b_hvd.sample --logdir L --datadir /data/lm1b --prefix "the president said" --temperature 0.8 --top_k 40
 """
+import math
 import sys
 
 from lm1b_hvd import console, inference
@@ -44,8 +45,9 @@ def main(argv=None):
     parser.add_argument("--allow_unk", action="store_true", help="let <UNK> be drawn")
     parser.add_argument("--tokens", action="store_true", help="print tokens, not text")
     args = parser.parse_args(argv)
-    if args.num < 1 or args.max_words < 1 or args.temperature <= 0 or args.top_k < 0:
-        parser.error("--num and --max_words must be >= 1, --temperature > 0, --top_k >= 0")
+    if (args.num < 1 or args.max_words < 1 or not 0 < args.temperature < math.inf or args.top_k < 0
+            or not 0 <= args.seed < 2 ** 63):
+        parser.error("--num and --max_words must be >= 1, --temperature a finite number > 0, --top_k and --seed >= 0")
     return console.run_main(lambda: run(args))
 
 

@@ -3,6 +3,7 @@ stderr naming the file, line or key at fault, a non-zero exit, and every file al
 log directory left exactly as it was."""
 import re
 import shutil
+import sys
 
 import pytest
 
@@ -100,6 +101,9 @@ CASES = {
     "negative step timeout": (
         lambda c, t: dict(extra=["--step_timeout", "-5"]),
         r"error: argument --step_timeout: must be at least 0.0, got '-5' \(see python -m lm1b_hvd.train --help\)"),
+    "a time that is not a number": (
+        lambda c, t: dict(extra=["--max_time", "nan"]),
+        r"error: argument --max_time: must be a finite number, got 'nan' \(see python -m lm1b_hvd.train --help\)"),
     "no checkpoint to keep": (
         lambda c, t: dict(extra=["--keep_checkpoints", "0"]),
         r"error: argument --keep_checkpoints: must be at least 1, got '0' \(see python -m lm1b_hvd.train --help\)"),
@@ -153,3 +157,14 @@ def test_bad_input_is_one_line_a_non_zero_exit_and_no_damage(trained, tmp_path, 
     assert snapshot(logdir, but=("run.lock",)) == before, "files already in the log directory were changed"
     if file_in_the_way.is_file():
         assert file_in_the_way.read_text() == "I am a file\n"
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "nan"], ["--temperature", "inf"], ["--seed", "-1"],
+                                   ["--num", "0"]])
+def test_sample_refuses_its_flags_out_of_range_before_reading_a_model(tmp_path, flags):
+    """Each is argparse's one line and exit 2, before the log directory is looked at."""
+    result = run([sys.executable, "-m", "lm1b_hvd.sample", "--logdir", str(tmp_path / "none"), *flags], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --num and --max_words must be >= 1, --temperature a finite number > 0, --top_k and --seed >= 0 "
+        "(see python -m lm1b_hvd.sample --help)")

@@ -1,9 +1,12 @@
 """`prepare_data text`: a user's plain text to a corpus `train` reads, as a user runs it (a
 subprocess), and what it refuses. About 25 s in all."""
+import bz2
 import gzip
 import json
+import lzma
 import sys
 
+import numpy as np
 import pytest
 
 from lm1b_hvd.data import dataset, vocab
@@ -137,3 +140,105 @@ def test_bad_input_is_one_line_and_leaves_nothing_to_read(raw_text, tmp_path, ca
         assert [path.name for path in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     else:
         assert not out.exists()
+
+
+def corpus_files(outdir):
+    """A corpus's shards and vocabulary: what the same text must give byte for byte."""
+    return {path.relative_to(outdir): path.read_bytes() for path in sorted(outdir.rglob("*"))
+            if path.is_file() and path.name != "prepare.json"}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A few kilobytes of text and its corpus."""
+    folder = tmp_path_factory.mktemp("plain")
+    text = "\n".join(LINES) + "\n"
+    (folder / "plain.txt").write_text(text, encoding="utf-8")
+    result = prepare(["--input", folder / "plain.txt", "--outdir", folder / "corpus", "--heldout", 20])
+    assert result.returncode == 0, result.stderr
+    return folder, text, corpus_files(folder / "corpus")
+
+
+@pytest.mark.parametrize("form", ["gz", "bz2", "xz", "standard input", "utf-8 with a mark", "utf-16"])
+def test_compressed_marked_and_piped_text_gives_the_plain_corpus(plain, tmp_path, form):
+    """The same text compressed (gzip, bzip2, xz), on standard input, with a UTF-8 mark (dropped,
+    not a word) or in UTF-16 gives the plain file's corpus, and prepare.json says what was read."""
+    folder, text, expected = plain
+    writers = {"gz": lambda data: gzip.compress(data), "bz2": bz2.compress, "xz": lzma.compress,
+               "standard input": lambda data: data, "utf-8 with a mark": lambda data: b"\xef\xbb\xbf" + data}
+    data = text.encode("utf-16") if form == "utf-16" else writers[form](text.encode("utf-8"))
+    path = tmp_path / ("text.txt" + (f".{form}" if form in ("gz", "bz2", "xz") else ""))
+    path.write_bytes(data)
+    piped = form == "standard input"
+    result = run([sys.executable, "-m", "lm1b_hvd.prepare_data", "text", "--input", "-" if piped else str(path),
+                  "--outdir", str(tmp_path / "corpus"), "--heldout", "20"], timeout=120,
+                 stdin_text=text if piped else None)
+    assert result.returncode == 0, result.stderr
+    assert corpus_files(tmp_path / "corpus") == expected
+    read = json.loads((tmp_path / "corpus" / "prepare.json").read_text())["read"]
+    assert read == [{"input": "-" if piped else path.name,
+                     "compression": {"gz": "gzip", "bz2": "bzip2", "xz": "xz"}.get(form, "none"),
+                     "encoding": form if form.startswith("utf") else "utf-8", "bytes": len(data)}]
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_damaged_compressed_input_is_one_line_or_the_right_corpus(plain, tmp_path, capsys, monkeypatch,
+                                                                   compression):
+    """Truncations and byte flips of a compressed file: each is one line naming the file (exit
+    1, nothing left behind) or, where the damage falls where the format does not look, the plain
+    corpus; never a traceback. In-process (prepare_data.main), to try many in seconds."""
+    from lm1b_hvd import prepare_data
+    folder, text, expected = plain
+    monkeypatch.chdir(tmp_path)
+    whole = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compression](text.encode("utf-8"))
+    rng = np.random.default_rng(0)
+    damaged = [whole[:size] for size in (1, 5, len(whole) // 2, len(whole) - 1)]
+    for position in rng.choice(len(whole), 8, replace=False):
+        flipped = bytearray(whole)
+        flipped[position] ^= 0xFF
+        damaged.append(bytes(flipped))
+    refused = 0
+    for index, data in enumerate(damaged):
+        path, outdir = tmp_path / f"damaged{index}.txt.{compression}", tmp_path / f"corpus{index}"
+        path.write_bytes(data)
+        status = prepare_data.main(["text", "--input", str(path), "--outdir", str(outdir), "--heldout", "20",
+                                    "--workers", "1"])
+        err = capsys.readouterr().err
+        if status == 0:
+            assert corpus_files(outdir) == expected, f"damage {index} gave another corpus"
+            continue
+        refused += 1
+        assert status == 1 and err.count("\n") == 1 and not outdir.exists(), err
+        assert err.startswith(f"error: {path}: ") and ("ends early" in err or "is damaged" in err), err
+    assert refused >= 8  # every truncation, and most flips
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("negative workers", "error: --workers -1: must be 0 or more and at most 1,024"),
+    ("heldout between counts", "error: --heldout 1.5: a fraction between 0 and 1, or a whole count"),
+    ("too many shards", "error: --shards 5000: must be 0 or more and at most 1,000"),
+    ("outdir under a file", "error: --outdir {tmp}/a-file/corpus: cannot be made: {tmp}/a-file is a file"),
+    ("a folder as input", "error: --input {tmp}: matches no file (a folder: name the files in it, or a glob)"),
+    ("standard input twice", "error: --input -: standard input named twice"),
+    ("utf-16 broken", "error: {tmp}/broken.txt: not UTF-16 after its byte-order mark (truncated data); convert it "
+                      "to UTF-8 first: iconv -f UTF-16 -t UTF-8 IN > OUT"),
+])
+def test_options_and_odd_inputs_are_checked_first(plain, tmp_path, case, expected):
+    """Each is one line naming the option or the file, exit 1, and no output folder."""
+    folder, _, _ = plain
+    inputs, flags = [folder / "plain.txt"], []
+    (tmp_path / "a-file").write_text("mine")
+    outdir = tmp_path / ("a-file/corpus" if case == "outdir under a file" else "corpus")
+    flags = {"negative workers": ["--workers", -1], "heldout between counts": ["--heldout", 1.5],
+             "too many shards": ["--shards", 5000]}.get(case, [])
+    if case == "a folder as input":
+        inputs = [tmp_path]
+    elif case == "standard input twice":
+        inputs = ["-", "-"]
+    elif case == "utf-16 broken":
+        (tmp_path / "broken.txt").write_bytes("a line of text .\n".encode("utf-16") * 50 + b"\x00")
+        inputs = [tmp_path / "broken.txt"]
+    result = prepare(["--input", *inputs, "--outdir", outdir, *flags])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [expected.format(tmp=tmp_path)]
+    assert not outdir.exists() and (tmp_path / "a-file").read_text() == "mine"

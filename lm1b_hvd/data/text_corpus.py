@@ -17,7 +17,6 @@ and options give the same bytes.
 import collections
 import dataclasses
 import glob
-import gzip
 import hashlib
 import math
 import multiprocessing
@@ -25,17 +24,13 @@ import os
 import shutil
 
 from lm1b_hvd import console
-from lm1b_hvd.data import dataset, vocab
+from lm1b_hvd.data import dataset, text_inputs, vocab
+from lm1b_hvd.data.text_inputs import STDIN, PrepareError  # noqa: F401 (PrepareError: prepare_data's)
 from lm1b_hvd.data.text_recipe import write_recipe
 
 BUCKETS = 256
 CHUNK_BYTES = 1 << 20  # lines a worker tokenizes at once
 SHARD_BYTES = 64 << 20  # the training text per shard, about
-BINARY_PROBE = 8192  # bytes of a file looked at for a NUL
-
-
-class PrepareError(console.UserError):
-    """Input or an output folder that `prepare_data text` cannot use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,47 +66,53 @@ class Counts:
 
 
 def input_files(patterns):
-    """The files the --input patterns name (a path or a glob each), sorted within a pattern, each
-    once; a pattern that matches nothing, or a file that is binary, is an error naming it."""
-    files = []
+    """The inputs the --input patterns name (a path or a glob each, or '-' for standard input,
+    once), sorted within a pattern, each once: a TextInput per file, STDIN as it is (it is read
+    when the work starts). A pattern that matches nothing, or a file that cannot be read, is
+    damaged at its start or is binary, is an error naming it."""
+    names = []
     for pattern in patterns:
+        if pattern == STDIN:
+            if STDIN in names:
+                raise PrepareError("--input -: standard input named twice")
+            names.append(STDIN)
+            continue
         matched = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
         if not matched:
-            raise PrepareError(f"--input {pattern}: matches no file")
-        files += [path for path in matched if path not in files]
-    for path in files:
-        with _open(path) as handle:
-            try:
-                head = handle.read(BINARY_PROBE)
-            except (OSError, EOFError) as err:
-                raise PrepareError(f"{path}: cannot be read ({err})") from None
-        if b"\0" in head:
-            raise PrepareError(f"{path}: a binary file (a NUL byte in its first {BINARY_PROBE:,} bytes), not text")
-    return files
-
-
-def _open(path):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+            raise PrepareError(f"--input {pattern}: matches no file"
+                               + (" (a folder: name the files in it, or a glob)" if os.path.isdir(pattern) else ""))
+        names += [path for path in matched if path not in names]
+    return [name if name == STDIN else text_inputs.examine(name) for name in names]
 
 
 def check_outdir(outdir):
-    """The output folder must be new or empty: prepare_data never deletes a user's files."""
+    """The output folder must be new or empty (prepare_data never deletes a user's files), and
+    makeable: the nearest folder above it that exists is a folder, and writable."""
     if os.path.exists(outdir) and (not os.path.isdir(outdir) or os.listdir(outdir)):
         raise PrepareError(f"--outdir {outdir}: {'is a file' if not os.path.isdir(outdir) else 'is not empty'}; "
                            "prepare_data writes into a new or empty folder only")
+    above = os.path.abspath(outdir)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise PrepareError(f"--outdir {outdir}: cannot be made: {above} is a file")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise PrepareError(f"--outdir {outdir}: cannot be made: {above} is not writable")
 
 
-def prepare(files, outdir, recipe, split, rule, workers=0, say=console.say):
-    """Makes the corpus under `outdir` from `files` with `workers` tokenizing processes (0: one
-    per core); returns its Counts."""
+def prepare(inputs, outdir, recipe, split, rule, workers=0, say=console.say):
+    """Makes the corpus under `outdir` from `inputs` (input_files') with `workers` tokenizing
+    processes (0: one per core); returns its Counts."""
     created = not os.path.exists(outdir)
     os.makedirs(outdir, exist_ok=True)
     work = os.path.join(outdir, ".prepare-work")
     os.makedirs(work)
     try:
-        counts = Counts(input_bytes=sum(os.path.getsize(path) for path in files))
+        inputs = [text_inputs.examine(text_inputs.copy_standard_input(work), STDIN) if entry == STDIN else entry
+                  for entry in inputs]
+        counts = Counts(input_bytes=sum(os.path.getsize(entry.path) for entry in inputs))
         buckets = [os.path.join(work, f"bucket-{index:03d}") for index in range(BUCKETS)]
-        tokenize_into_buckets(files, buckets, recipe, split.seed, workers or os.cpu_count() or 1, counts, say)
+        tokenize_into_buckets(inputs, buckets, recipe, split.seed, workers or os.cpu_count() or 1, counts, say)
         word_counts = split_into_shards(buckets, work, split, counts, say)
         vocabulary = vocab.from_counts(word_counts, counts.training_sentences, rule.min_count, rule.max_vocab)
         if len(vocabulary) <= 2:
@@ -125,7 +126,8 @@ def prepare(files, outdir, recipe, split, rule, workers=0, say=console.say):
             os.replace(os.path.join(work, name), os.path.join(outdir, name))
         write_recipe(outdir, recipe, split=dict(heldout=split.heldout, shards=split.shards),
                      vocabulary=dataclasses.asdict(rule), seed=split.seed,
-                     inputs=[os.path.basename(path) for path in files], counts=dataclasses.asdict(counts),
+                     inputs=[os.path.basename(entry.name) for entry in inputs],
+                     read=[entry.record() for entry in inputs], counts=dataclasses.asdict(counts),
                      version=_version())
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -144,38 +146,36 @@ def _version():
 
 # Pass 1: lines to tokens, on every core, into buckets by hash.
 
-def tokenize_into_buckets(files, buckets, recipe, seed, workers, counts, say):
+def tokenize_into_buckets(inputs, buckets, recipe, seed, workers, counts, say):
     handles = [open(path, "wb") for path in buckets]
     meter = console.Meter("tokenizing", counts.input_bytes, "MB", scale=1e6, report=say)
     done_before = 0
     with multiprocessing.get_context("fork").Pool(workers, _start_worker, (recipe, seed)) as pool:
         pending = collections.deque()
-        for path in files:
-            for chunk, position in _chunks(path):
+        for text_input in inputs:
+            for chunk, position in _chunks(text_input):
                 pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
                 while len(pending) > 2 * workers:  # at most this many chunks in memory
                     _write_records(pending.popleft().get(), handles, counts)
                 meter.update(done_before + position)
-            done_before += os.path.getsize(path)
+            done_before += os.path.getsize(text_input.path)
         while pending:
             _write_records(pending.popleft().get(), handles, counts)
     for handle in handles:
         handle.close()
 
 
-def _chunks(path):
+def _chunks(text_input):
     """(lines, how far into the file on disk) of about CHUNK_BYTES each."""
-    with open(path, "rb") as raw:
-        source = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        chunk, size = [], 0
-        for line in source:
-            chunk.append(line)
-            size += len(line)
-            if size >= CHUNK_BYTES:
-                yield chunk, raw.tell()
-                chunk, size = [], 0
-        if chunk:
-            yield chunk, raw.tell()
+    chunk, size, position = [], 0, 0
+    for line, position in text_inputs.lines(text_input):
+        chunk.append(line)
+        size += len(line)
+        if size >= CHUNK_BYTES:
+            yield chunk, position
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, position
 
 
 _worker = {}
