@@ -95,12 +95,16 @@ def prepare(args):
     if args.command == "text":
         return prepare_text(args)
     if args.command == "demo":
+        if args.seed < 0:
+            raise text_corpus.PrepareError(f"--seed {args.seed}: must be 0 or more")
         corpus = demo_corpus.ensure_demo_corpus(args.cache_dir, args.seed)
         oracle = demo_corpus.read_oracle(corpus)
         console.say(f"demo corpus: {corpus}")
         console.say(f"oracle heldout perplexity: {oracle['oracle_perplexity']:.2f} over "
                     f"{oracle['heldout_predictions']} predictions; {oracle['train_words']} training words")
         return
+    if args.min_count < 1:
+        raise text_corpus.PrepareError(f"--min_count {args.min_count}: must be 1 or more")
     datadir = lm1b_download.fetch_lm1b(args.outdir, args.url, args.sha256, args.min_count, args.keep_archive)
     console.say(f"lm1b ready: --datadir {datadir}")
 

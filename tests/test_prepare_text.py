@@ -242,3 +242,14 @@ def test_options_and_odd_inputs_are_checked_first(plain, tmp_path, case, expecte
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines() == [expected.format(tmp=tmp_path)]
     assert not outdir.exists() and (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["demo", "--seed", "-3"], "error: --seed -3: must be 0 or more"),
+    (["lm1b", "--outdir", "{tmp}/lm1b", "--min_count", "0"], "error: --min_count 0: must be 1 or more"),
+])
+def test_the_other_commands_check_their_numbers_first(tmp_path, command, expected):
+    result = run([sys.executable, "-m", "lm1b_hvd.prepare_data", *[part.format(tmp=tmp_path) for part in command]],
+                 timeout=60)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [expected], result.stderr
+    assert not (tmp_path / "lm1b").exists()
