@@ -97,9 +97,10 @@ def plot(curves, words_per_step, title, path):
     axes.set_ylabel("heldout perplexity")
     axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")  # below the curves
-    figure.tight_layout()
-    figure.savefig(path)
+    long_labels = max(len(label(setting)) for setting in curves) > 45  # one column, or they are cut off
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1 if long_labels else 2,
+                fontsize="small")  # below the curves
+    figure.savefig(path, bbox_inches="tight")
 
 
 def main():
