@@ -56,16 +56,23 @@ MAX_SHARDS = 1000  # each an open file while the shards are written
 MAX_WORKERS = 1024
 
 
+def check_range(flag, value, low, high=None):
+    """A number option within [low, high] (no upper bound without `high`), or one line naming it."""
+    if value < low or (high is not None and value > high):
+        raise text_corpus.PrepareError(f"{flag} {value}: must be {low} or more"
+                                       + (f" and at most {high:,}" if high is not None else ""))
+
+
 def check_text_options(args):
     """Every option of `text` checked before anything is read or written: one line naming it."""
-    if not (math.isfinite(args.heldout) and args.heldout > 0) or (args.heldout >= 1 and args.heldout != int(args.heldout)):
-        raise text_corpus.PrepareError(f"--heldout {args.heldout:g}: a fraction between 0 and 1, or a whole count")
-    for flag, value, low, high in (("--min_count", args.min_count, 1, None), ("--max_vocab", args.max_vocab, 0, None),
-                                   ("--shards", args.shards, 0, MAX_SHARDS), ("--seed", args.seed, 0, 2 ** 63 - 1),
-                                   ("--workers", args.workers, 0, MAX_WORKERS)):
-        if value < low or (high is not None and value > high):
-            raise text_corpus.PrepareError(f"{flag} {value}: must be {low} or more"
-                                           + (f" and at most {high:,}" if high is not None else ""))
+    heldout = args.heldout
+    if not (math.isfinite(heldout) and heldout > 0) or (heldout >= 1 and heldout != int(heldout)):
+        raise text_corpus.PrepareError(f"--heldout {heldout:g}: a fraction between 0 and 1, or a whole count")
+    check_range("--min_count", args.min_count, 1)
+    check_range("--max_vocab", args.max_vocab, 0)
+    check_range("--shards", args.shards, 0, MAX_SHARDS)
+    check_range("--seed", args.seed, 0, 2 ** 63 - 1)
+    check_range("--workers", args.workers, 0, MAX_WORKERS)
     text_corpus.check_outdir(args.outdir)
 
 
@@ -95,16 +102,14 @@ def prepare(args):
     if args.command == "text":
         return prepare_text(args)
     if args.command == "demo":
-        if args.seed < 0:
-            raise text_corpus.PrepareError(f"--seed {args.seed}: must be 0 or more")
+        check_range("--seed", args.seed, 0)
         corpus = demo_corpus.ensure_demo_corpus(args.cache_dir, args.seed)
         oracle = demo_corpus.read_oracle(corpus)
         console.say(f"demo corpus: {corpus}")
         console.say(f"oracle heldout perplexity: {oracle['oracle_perplexity']:.2f} over "
                     f"{oracle['heldout_predictions']} predictions; {oracle['train_words']} training words")
         return
-    if args.min_count < 1:
-        raise text_corpus.PrepareError(f"--min_count {args.min_count}: must be 1 or more")
+    check_range("--min_count", args.min_count, 1)
     datadir = lm1b_download.fetch_lm1b(args.outdir, args.url, args.sha256, args.min_count, args.keep_archive)
     console.say(f"lm1b ready: --datadir {datadir}")
 

@@ -24,7 +24,8 @@ import zlib
 from lm1b_hvd import console
 
 STDIN = "-"
-COMPRESSIONS = {".gz": ("gzip", gzip.GzipFile), ".bz2": ("bzip2", bz2.BZ2File), ".xz": ("xz", lzma.LZMAFile)}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}  # by the name's suffix
+READERS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}  # each takes an open file
 UTF8_MARK = b"\xef\xbb\xbf"
 UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
 BINARY_PROBE = 8192  # bytes of a file looked at for a NUL
@@ -53,8 +54,7 @@ class TextInput:
 
 
 def compression_of(path):
-    suffix = os.path.splitext(path)[1].lower()
-    return COMPRESSIONS.get(suffix, ("none", None))
+    return COMPRESSIONS.get(os.path.splitext(path)[1].lower(), "none")
 
 
 def copy_standard_input(folder):
@@ -70,9 +70,12 @@ def examine(path, name=None):
     """The TextInput of the file at `path` (given as `name`), from its first bytes; a file that
     cannot be read, is damaged at its start or is binary is a PrepareError."""
     name = name or path
-    compression, _ = compression_of(path) if name != STDIN else ("none", None)
-    with _decompressed(path, compression, name) as handle:
-        head = _read(handle, BINARY_PROBE, name, compression)
+    compression = compression_of(path) if name != STDIN else "none"
+    with _opened(path, name) as raw:
+        try:
+            head = _decompressed(raw, compression).read(BINARY_PROBE)
+        except DAMAGED as err:
+            raise _damaged(name, compression, err) from None
     if head.startswith(UTF16_MARKS):
         return TextInput(path, name, compression, "utf-16")
     if b"\0" in head:
@@ -83,60 +86,36 @@ def examine(path, name=None):
 def lines(text_input):
     """(a line in UTF-8 bytes, how far into the file on disk) for each line of `text_input`."""
     name, compression = text_input.name, text_input.compression
-    with open(text_input.path, "rb") as raw:
-        with _decompressed(raw, compression, name) as source:
-            reader = io.TextIOWrapper(source, encoding="utf-16") if text_input.encoding == "utf-16" else source
-            first = True
-            try:
-                for line in reader:
-                    if isinstance(line, str):
-                        line = line.encode("utf-8", "surrogatepass")
-                    elif first and line.startswith(UTF8_MARK):
-                        line = line[len(UTF8_MARK):]
-                    first = False
-                    yield line, raw.tell()
-            except UnicodeDecodeError as err:
-                raise PrepareError(f"{name}: not UTF-16 after its byte-order mark ({err.reason}); convert it to "
-                                   "UTF-8 first: iconv -f UTF-16 -t UTF-8 IN > OUT") from None
-            except DAMAGED as err:
-                raise _damaged(name, compression, err) from None
-
-
-class _decompressed:
-    """The decompressed bytes of `source` (a path or an open file) as a context manager; an input
-    that cannot be opened is a PrepareError naming it."""
-
-    def __init__(self, source, compression, name):
-        self.source, self.compression, self.name, self.opened = source, compression, name, []
-
-    def __enter__(self):
+    with _opened(text_input.path, name) as raw:
+        source = _decompressed(raw, compression)
+        reader = io.TextIOWrapper(source, encoding="utf-16") if text_input.encoding == "utf-16" else source
+        first = True
         try:
-            raw = open(self.source, "rb") if isinstance(self.source, str) else self.source
-        except OSError as err:
-            raise PrepareError(f"{self.name}: cannot be read ({err.strerror})") from None
-        if raw is not self.source:
-            self.opened.append(raw)
-        reader = next((opener for kind, opener in COMPRESSIONS.values() if kind == self.compression), None)
-        if reader is None:
-            return raw
-        handle = reader(fileobj=raw) if reader is gzip.GzipFile else reader(raw)
-        self.opened.insert(0, handle)
-        return handle
-
-    def __exit__(self, *exc):
-        for handle in self.opened:
-            try:
-                handle.close()
-            except DAMAGED:
-                pass  # closing a damaged reader: the error that matters is already raised
-        return False
+            for line in reader:
+                if isinstance(line, str):
+                    line = line.encode("utf-8", "surrogatepass")
+                elif first and line.startswith(UTF8_MARK):
+                    line = line[len(UTF8_MARK):]
+                first = False
+                yield line, raw.tell()
+        except UnicodeDecodeError as err:
+            raise PrepareError(f"{name}: not UTF-16 after its byte-order mark ({err.reason}); convert it to "
+                               "UTF-8 first: iconv -f UTF-16 -t UTF-8 IN > OUT") from None
+        except DAMAGED as err:
+            raise _damaged(name, compression, err) from None
 
 
-def _read(handle, size, name, compression):
+def _opened(path, name):
+    """The file at `path`, open for reading bytes; one that cannot be opened is a PrepareError naming it."""
     try:
-        return handle.read(size)
-    except DAMAGED as err:
-        raise _damaged(name, compression, err) from None
+        return open(path, "rb")
+    except OSError as err:
+        raise PrepareError(f"{name}: cannot be read ({err.strerror})") from None
+
+
+def _decompressed(raw, compression):
+    """The decompressed bytes of the open file `raw` (closed with it)."""
+    return READERS[compression](raw, "rb") if compression in READERS else raw
 
 
 def _damaged(name, compression, err):

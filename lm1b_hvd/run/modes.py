@@ -376,7 +376,8 @@ class TwoLevel(SyncMode):
         # An overlapped exchange is not free: the steps it travels beside take longer (on the
         # CPU its thread and the MPI progress share the cores), and the bench's median would hide that.
         beside, alone = self._steps_beside_exchanges(step_times)
-        slowed = sum(max(0.0, seconds - statistics.median(alone)) for seconds in beside) if beside and alone else 0.0
+        usual = statistics.median(alone) if alone else 0.0
+        slowed = sum(max(0.0, seconds - usual) for seconds in beside) if alone else 0.0
         return sum(timing.seconds for timing in self.timings) + slowed
 
     def timeline(self, origin):
