@@ -26,8 +26,10 @@ def instructions(name):
     return [(item.split(None, 1)[0].upper(), item.split(None, 1)[1] if " " in item else "") for item in logical]
 
 
-def pins():
-    lines = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+def pins(stack="2.15"):
+    """The pins of a stack of stacks/: 2.15 is the images' (Debian bookworm's Python 3.11 and
+    NVIDIA's TensorFlow 2.15 container)."""
+    lines = (REPO_ROOT / "stacks" / stack / "requirements.txt").read_text().splitlines()
     return dict(line.split("==") for line in lines if "==" in line)
 
 
@@ -44,7 +46,7 @@ def test_ngc_dockerfile_pins_its_base_and_adds_only_the_package_and_sacremoses()
             packages = [w for w in words if not w.startswith("-")]
             assert packages == ["."] or (packages[0] == f"sacremoses=={pins()['sacremoses']}"
                                          and set(packages[1:]) <= {"regex", "joblib", "click", "tqdm"}), command
-    # The build refuses a base that drifted from requirements.txt's pins.
+    # The build refuses a base that drifted from the stack's pins.
     check = next(command for command in runs if "python -c" in command)
     tf_minor = ".".join(pins()["tensorflow-cpu"].split(".")[:2])
     assert f"tf.__version__.startswith('{tf_minor}')" in check

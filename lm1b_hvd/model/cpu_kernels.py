@@ -25,15 +25,22 @@ from lm1b_hvd.model import ops
 REBUILD = "reinstall the package with `pip install --no-build-isolation .` (bash install.sh does)"
 
 
+def library_name():
+    """The op library of this TensorFlow's stack: setup.py builds one per stack
+    (lm1b_hvd.model._kernels_tf2_15, _kernels_tf2_20), so that environments of one checkout on
+    different stacks do not load each other's."""
+    return "lm1b_hvd.model._kernels_tf" + "_".join(tf.__version__.split(".")[:2])
+
+
 def built():
-    """Whether setup.py built the op library lm1b_hvd.model._kernels into this installation."""
-    return importlib.util.find_spec("lm1b_hvd.model._kernels") is not None
+    """Whether setup.py built this stack's op library into this installation."""
+    return importlib.util.find_spec(library_name()) is not None
 
 
 @functools.lru_cache(maxsize=None)
 def load():
     """The op library that setup.py builds from lm1b_hvd/model/kernels/*.cc."""
-    spec = importlib.util.find_spec("lm1b_hvd.model._kernels")
+    spec = importlib.util.find_spec(library_name())
     if spec is None:
         raise console.UserError(f"lm1b_hvd's CPU kernels are not built: {REBUILD}, "
                                 "or train with --hpconfig kernels=portable")

@@ -11,7 +11,7 @@ import math
 import os
 import time
 
-from lm1b_hvd import console, devices, hparams
+from lm1b_hvd import console, devices, hparams, pinned_stack
 from lm1b_hvd.data import dataset, demo_corpus, vocab
 from lm1b_hvd.exchange import collectives
 from lm1b_hvd.run import checkpoints, evaluation, init_from, reporting, stack, stop_requests, watchdog
@@ -125,8 +125,8 @@ class Run:
     def log_start(self):
         """What the run is: ranks, data, devices (a collective: every rank calls it), hparams,
         plan, and how the ranks keep together."""
-        self.log(f"lm1b_hvd: {self.ranks.size} rank(s), data {self.datadir}, vocabulary {len(self.vocab)}, "
-                 f"logdir {self.config.logdir}")
+        self.log(f"lm1b_hvd: {self.ranks.size} rank(s), {pinned_stack.describe_stack()}, data {self.datadir}, "
+                 f"vocabulary {len(self.vocab)}, logdir {self.config.logdir}")
         description = devices.describe(collectives.cores_per_rank())
         for line in collectives.device_report(self.ranks, description, devices.on_gpu()):
             self.log(line)

@@ -11,6 +11,7 @@ tests/test_training_state.py fails when a variable a step writes is in no piece.
 """
 import tensorflow as tf
 
+from lm1b_hvd import pinned_stack
 from lm1b_hvd.data.dataset import StreamPosition
 from lm1b_hvd.model import tables
 from lm1b_hvd.model.pieces import ACCUMULATOR_SUFFIX, ModelWeights, Piece, Travel
@@ -73,7 +74,7 @@ class TrainingState(ModelWeights):
         restores at all (its objects must all match). `loss_scaler` is the wrapper, or None."""
         if self.loss_scaler is None and self.model.hps.precision == "fp16":
             before = {variable.ref() for variable in _variables_of(self.optimizer)}
-            self.loss_scaler = tf.keras.mixed_precision.LossScaleOptimizer(self.optimizer, initial_scale=2 ** 10)
+            self.loss_scaler = pinned_stack.dynamic_loss_scaling(self.optimizer, initial_scale=2 ** 10)
             # Keras attaches the scale to the optimizer: what the optimizer holds now and did not before.
             self._loss_scale_variables.extend(variable for variable in _variables_of(self.optimizer)
                                               if variable.ref() not in before)
