@@ -286,9 +286,9 @@ keras2_env=(); [ -z "$keras2" ] || keras2_env=(TF_USE_LEGACY_KERAS=1)
 quiet "$VENV/bin/horovodrun" --check-build
 quiet "$VENV/bin/python" -c "import horovod.tensorflow as hvd; assert hvd.mpi_built() and hvd.gloo_built()"
 summary=$(env TF_CPP_MIN_LOG_LEVEL=3 "${keras2_env[@]}" "$VENV/bin/python" -c "
-import tensorflow as tf, horovod, horovod.tensorflow as hvd
+import importlib.metadata, tensorflow as tf, horovod, horovod.tensorflow as hvd
 nccl = hvd.nccl_built()
-keras = tf.keras.__version__
+keras = importlib.metadata.version(tf.keras.optimizers.Adagrad.__module__.split('.')[0].replace('_', '-'))
 if $gpu:
     info = tf.sysconfig.get_build_info()
     assert tf.test.is_built_with_cuda() and nccl, 'the GPU stack lacks CUDA or NCCL'

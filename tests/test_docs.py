@@ -40,5 +40,4 @@ def test_the_readme_is_a_guide_of_at_most_250_lines():
     for command in set(re.findall(r"python -m (lm1b_hvd\.\w+)", readme)):
         assert (REPO_ROOT / (command.replace(".", "/") + ".py")).exists(), command
     assert ".venv/bin/python -m pytest -v tests" in readme
-    assert ".venv/bin/python -m pytest -v tests" in (REPO_ROOT / ".ci" / "run").read_text().replace(
-        "LM1B_REQUIRE_SLURM=1 LM1B_REQUIRE_PODMAN=1 LM1B_REQUIRE_MOUNT=1 LM1B_REQUIRE_CLUSTER=1 ", "")
+    assert "  .venv/bin/python -m pytest -v tests\n" in (REPO_ROOT / ".ci" / "run").read_text()

@@ -25,6 +25,7 @@ def discovery_script(tmp_path):
     return script
 
 
+@pytest.mark.every_stack
 def test_a_killed_rank_leaves_the_survivor_to_finish_from_the_last_commit(tiny_corpus, tmp_path, discovery_script):
     logdir = tmp_path / "log"
     command = [HOROVODRUN, "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",

@@ -28,6 +28,7 @@ def unbroken(tiny_corpus, tmp_path_factory):
     return saved_variables(logdir, 2 * K)
 
 
+@pytest.mark.every_stack
 def test_stopped_at_k_and_resumed_equals_the_unbroken_run(tiny_corpus, unbroken, tmp_path):
     logdir = tmp_path / "log"
     train_to(tiny_corpus, logdir, K)

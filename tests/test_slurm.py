@@ -55,7 +55,7 @@ TRAIN_RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--c
                    "--time=10"]
 
 
-@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+@pytest.mark.parametrize("launcher", [pytest.param("srun", marks=pytest.mark.every_stack), "mpirun"])
 def test_sbatch_train_sh_then_eval_sh(cluster, tiny_corpus, tmp_path, launcher):
     logdir = tmp_path / "log"
     train_id = submit(cluster, tmp_path, "train.sh", TRAIN_RESOURCES,

@@ -35,6 +35,7 @@ def weight_names(saved):
     return lstm + [name for name in TABLES if f"start/{name}" in saved]
 
 
+@pytest.mark.every_stack
 def test_each_outer_step_is_the_average_of_the_nodes_deltas_with_nesterov_momentum(tmp_path):
     result = horovodrun(["-m", "tests.workers.outer_step", str(tmp_path), str(H), str(OUTER_LR), str(OUTER_MOMENTUM)],
                         np_=4, timeout=600)
