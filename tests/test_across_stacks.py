@@ -1,7 +1,7 @@
 """A checkpoint written on one stack restores on the other, both ways: its weights evaluate alike on
 both, and a run continues on the other stack from where it stopped. The other stack's Python is
-LM1B_OTHER_STACK_PYTHON (.ci/run sets it to the second environment it installs); without it the
-test is skipped, unless LM1B_REQUIRE_OTHER_STACK=1 makes that a failure."""
+LM1B_OTHER_STACK_PYTHON (.ci/run runs it on the second stack, the first stack's Python given); without
+it the test is skipped, unless LM1B_REQUIRE_OTHER_STACK=1 makes that a failure."""
 import os
 import re
 import sys
@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import run, train_flags
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.every_stack]
 
 
 def other_stack_python():
@@ -18,7 +18,7 @@ def other_stack_python():
     if python:
         return python
     if os.environ.get("LM1B_REQUIRE_OTHER_STACK") == "1":
-        pytest.fail("LM1B_OTHER_STACK_PYTHON is not set (the other stack's environment, e.g. .venv-2.20/bin/python)")
+        pytest.fail("LM1B_OTHER_STACK_PYTHON is not set (the other stack's Python, e.g. .venv/bin/python)")
     pytest.skip("LM1B_OTHER_STACK_PYTHON (the other stack's Python) is not set")
 
 

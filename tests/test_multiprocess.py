@@ -84,7 +84,6 @@ def test_every_rank_gets_rank_0s_state(tmp_path):
 REPORT_OFTEN = ["--log_every", 2, "--summary_every", 2, "--checkpoint_steps", 3]
 
 
-@pytest.mark.every_stack
 @pytest.mark.slow
 def test_run_resume_and_separate_evaluator(tmp_path, tiny_corpus):
     logdir = tmp_path / "log"
