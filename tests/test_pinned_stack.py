@@ -91,3 +91,12 @@ def test_a_failed_horovod_ops_text_gives_its_kind_and_cause():
                "Advice follows.\n\t [[{{node HorovodAllgather_grads_0}}]]")
     assert pinned_stack.horovod_failure_cause(message) == (
         "HorovodAllgather: Timed out waiting 30000ms for recv operation to complete")
+
+
+def test_loss_scaling_attached_after_the_optimizer_was_listed_is_in_its_checkpoint(tmp_path):
+    optimizer = tf.keras.optimizers.Adagrad(0.1)
+    tf.train.TrackableView(optimizer).descendants()  # a listing, as a restore or a count of its variables makes
+    pinned_stack.dynamic_loss_scaling(optimizer, initial_scale=2 ** 10)
+    prefix = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(prefix)]
+    assert any(name.startswith("optimizer/loss_scale/") for name in names), names
