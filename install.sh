@@ -57,8 +57,14 @@ if [ -n "$stack" ] && [ -z "$(stack_pythons "$stack")" ]; then
 fi
 
 # Which Python, and so which stack: decided before anything is installed. A missing python3 is
-# Debian's to install (below); a Python named in $PYTHON must run.
+# Debian's to install (below); a Python named in $PYTHON must run. pyenv's shim of a version that
+# pyenv has but has not selected does not run: that version's own python3.X is taken instead.
 python_version=""
+if ! "$PYTHON" -c pass >/dev/null 2>&1 && [[ "$PYTHON" =~ ^python3\.[0-9]+$ ]] && command -v pyenv >/dev/null; then
+  for candidate in "$(pyenv root)"/versions/${PYTHON#python}.*/bin/"$PYTHON"; do
+    if [ -x "$candidate" ]; then PYTHON=$candidate; break; fi
+  done
+fi
 if command -v "$PYTHON" >/dev/null 2>&1; then
   python_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
     || refuse "PYTHON=$PYTHON does not run here; name a Python that does, e.g. PYTHON=python3.12"
