@@ -79,7 +79,7 @@ def test_one_process_prints_consistent_figures():
     assert got.words == pytest.approx(hps.batch_size * hps.num_steps / (got.step_ms / 1e3), rel=0.02)
     flops = training_flops_per_word(hps, 500)
     assert f"model FLOPs per word: {flops / 1e6:,.1f} M" in result.stdout
-    assert got.achieved == pytest.approx(got.words * flops / 1e9, rel=0.02)
+    assert got.achieved == pytest.approx(got.words * flops / 1e9, rel=0.02, abs=0.05)  # printed to 0.1 GFLOP/s
     # The 3 timed steps in blocks, each block's MFU against the peak measured around it.
     assert got.blocks == len(got.block_mfu) and (got.blocks - 1) * got.steps_per_block < 3 <= got.blocks * got.steps_per_block
     assert got.mfu == pytest.approx(float(np.median(got.block_mfu)), abs=0.11)
