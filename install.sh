@@ -39,6 +39,7 @@ while [ $# -gt 0 ]; do
     --system-only) system_only=1 ;;
     --with-test-tools) test_tools=1 ;;
     --gpu) gpu=1 ;;
+    -h|--help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     --stack=*) stack=${1#--stack=} ;;
     --stack) [ $# -ge 2 ] || { echo "install.sh: --stack needs a stack: 2.15 or 2.20" >&2; exit 2; }
              stack=$2; shift ;;

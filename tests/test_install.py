@@ -92,3 +92,9 @@ def test_a_horovod_patch_that_does_not_apply_names_its_hunk_and_leaves_the_envir
     assert result.returncode == 1, line
     assert (record.read_text(), library.stat().st_mtime_ns, sorted(os.listdir(venv))) == before
     assert not (venv / "horovod-source" / "horovod-0.28.1").exists()
+
+
+def test_help_says_the_stacks_and_an_example(tmp_path):
+    result = install(tmp_path, "--help")
+    assert result.returncode == 0 and "--stack 2.20" in result.stdout and "PYTHON=python3.12" in result.stdout
+    assert not (tmp_path / "venv").exists()
