@@ -61,13 +61,14 @@ fi
 # Debian's to install (below); a Python named in $PYTHON must run. pyenv's shim of a version that
 # pyenv has but has not selected does not run: that version's own python3.X is taken instead.
 python_version=""
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 if ! "$PYTHON" -c pass >/dev/null 2>&1 && [[ "$PYTHON" =~ ^python3\.[0-9]+$ ]] && command -v pyenv >/dev/null; then
   for candidate in "$(pyenv root)"/versions/${PYTHON#python}.*/bin/"$PYTHON"; do
     if [ -x "$candidate" ]; then PYTHON=$candidate; break; fi
   done
 fi
 if command -v "$PYTHON" >/dev/null 2>&1; then
-  python_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) \
+  python_version=$(version_of "$PYTHON" 2>/dev/null) \
     || refuse "PYTHON=$PYTHON does not run here; name a Python that does, e.g. PYTHON=python3.12"
 elif [ -n "$python_given" ]; then
   refuse "PYTHON=$PYTHON: no such command; name a Python that runs here, e.g. PYTHON=python3.12"
@@ -82,7 +83,7 @@ choose_stack() {
       "name one with PYTHON=, e.g. PYTHON=python3.11, or leave out --stack"
   fi
   if [ -x "$VENV/bin/python" ]; then
-    venv_version=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    venv_version=$(version_of "$VENV/bin/python")
     [ "$venv_version" = "$python_version" ] || refuse "$VENV was made with Python $venv_version, not" \
       "$python_version ($PYTHON); give another VENV=, or remove $VENV"
   fi
@@ -145,7 +146,7 @@ else
   done_stage "already installed"
 fi
 if [ -z "$python_version" ]; then
-  python_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  python_version=$(version_of "$PYTHON")
   choose_stack
 fi
 
